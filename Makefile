@@ -1,0 +1,50 @@
+# metaflow-ray-serve: `make demo` (train, deploy, predict) and `make test` (the whole suite).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# "-e" for an editable install (development); CI sets EDITABLE= to test a regular install.
+EDITABLE ?= -e
+# Metaflow refuses to run without a user name.
+export USERNAME ?= $(or $(USER),$(LOGNAME),ci)
+
+.PHONY: install demo test unit integration lint format cluster-down clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip setuptools wheel
+	$(PY) -m pip install -q $(EDITABLE) ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) flows/train_flow.py --no-pylint run
+	@echo
+	@echo "The run has ended; the model still answers:"
+	$(PY) flows/predict_sample.py 3
+	@echo
+	@echo "Try: curl -s -H 'Content-Type: application/json' http://127.0.0.1:8000/cancer   (GET describes the app)"
+	@echo "     $(VENV)/bin/ray-deploy status      |  make cluster-down   (stops the local Ray head)"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest tests
+
+unit: install
+	$(PY) -m pytest tests/unit
+
+integration: install
+	$(PY) -m pytest tests/integration
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+cluster-down: install
+	$(VENV)/bin/ray-deploy cluster down
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,95 @@
+import json
+
+from metaflow._vendor import click
+from metaflow.exception import MetaflowException
+
+from ray_deploy import DeploymentSpec, RayDeployError, app_status, delete_app
+
+
+class RayServeCommandError(MetaflowException):
+    headline = "ray-serve"
+
+    def __init__(self, error):
+        self.headline = getattr(error, "headline", self.headline)
+        super().__init__(str(error))
+
+
+def _flow_apps(flow):
+    """App name -> spec for every @ray_serve step of the flow."""
+    apps = {}
+    for step in flow:
+        for deco in getattr(step, "decorators", []):
+            if deco.name != "ray_serve" or not deco.attributes.get("app"):
+                continue
+            options = {k: v for k, v in deco.attributes.items() if v is not None}
+            try:
+                apps[options["app"]] = DeploymentSpec.from_options(options)
+            except RayDeployError as error:
+                raise RayServeCommandError(error)
+    return apps
+
+
+@click.group()
+def cli():
+    pass
+
+
+@cli.group(help="Inspect and manage the Ray Serve apps this flow's @ray_serve steps deploy.")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or the local head).")
+@click.pass_obj
+def ray_serve(obj, address=None):
+    obj.ray_serve_apps = _flow_apps(obj.flow)
+    obj.ray_serve_address = address
+    if not obj.ray_serve_apps:
+        raise MetaflowException("This flow has no @ray_serve step.")
+
+
+def _selected(obj, app):
+    if app is None:
+        return sorted(obj.ray_serve_apps)
+    if app not in obj.ray_serve_apps:
+        raise MetaflowException(
+            "No @ray_serve step of this flow deploys app %r; its apps: %s"
+            % (app, ", ".join(sorted(obj.ray_serve_apps)))
+        )
+    return [app]
+
+
+def _address(obj, app):
+    return obj.ray_serve_address or obj.ray_serve_apps[app].address
+
+
+@ray_serve.command(help="Show the state, URL and variants of this flow's apps.")
+@click.option("--app", default=None, help="Only this app.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
+@click.pass_obj
+def status(obj, app=None, as_json=False):
+    rows = []
+    for name in _selected(obj, app):
+        try:
+            rows.extend(app_status(name, address=_address(obj, name)))
+        except RayDeployError as error:
+            rows.append({"app": name, "status": "NOT DEPLOYED", "detail": str(error)})
+    if as_json:
+        obj.echo_always(json.dumps(rows, indent=2), err=False)
+        return
+    for row in rows:
+        obj.echo_always("%s: %s %s" % (row["app"], row["status"], row.get("url", row.get("detail", ""))), err=False)
+        for variant in row.get("variants", []):
+            obj.echo_always(
+                "  %s (%g%%): %s via %s"
+                % (variant["name"], variant["weight"], variant["model_uri"], variant["predictor"]),
+                err=False,
+            )
+
+
+@ray_serve.command(help="Delete this flow's apps from the cluster.")
+@click.option("--app", default=None, help="Only this app.")
+@click.pass_obj
+def delete(obj, app=None):
+    for name in _selected(obj, app):
+        try:
+            existed = delete_app(name, address=_address(obj, name))
+        except RayDeployError as error:
+            raise RayServeCommandError(error)
+        obj.echo("Deleted app *%s*." % name if existed else "App *%s* was not deployed." % name)

@@ -1,0 +1,157 @@
+"""Model references: where a model lives and the hash it must have.
+
+A replica never receives a pickled model from the driver. It receives a ``ModelRef`` and loads
+the model itself, which is what lets a restart on another node, a rollback or an exported Serve
+config rebuild exactly the same thing without re-running the flow.
+
+Two kinds of reference exist:
+
+* ``metaflow``: a step artifact, named by its pathspec (``Flow/run/step/task/artifact``) and by
+  its content address in the flow's datastore (the key Metaflow itself stores it under). The
+  replica reads the blob from that datastore root (a local path or ``s3://...``) and checks its
+  sha256 before unpickling it.
+* ``mlflow``: an MLflow model URI (``models:/name/1``, ``runs:/id/path``), loaded as a pyfunc.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ray_deploy.errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+METAFLOW_SCHEME = "metaflow://"
+
+
+class ModelRef(BaseModel):
+    """Where a model lives, and the hash its bytes must have."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["metaflow", "mlflow"] = Field(description="Where the model is stored.")
+    uri: str = Field(description="metaflow://Flow/run/step/task/artifact, or an MLflow model URI.")
+    sha256: str | None = Field(None, description="sha256 of the stored bytes; checked before loading.")
+    blob_key: str | None = Field(None, description="Content address of the artifact in the Metaflow datastore.")
+    datastore_type: str | None = Field(None, description="Metaflow datastore type, e.g. 'local' or 's3'.")
+    datastore_root: str | None = Field(None, description="Metaflow datastore root the blob lives under.")
+    python_type: str | None = Field(None, description="Fully qualified type of the model object.")
+
+    @property
+    def pathspec(self) -> str | None:
+        """``Flow/run/step/task/artifact`` for Metaflow artifacts."""
+        return self.uri[len(METAFLOW_SCHEME) :] if self.kind == "metaflow" else None
+
+    @property
+    def flow_name(self) -> str | None:
+        return self.pathspec.split("/", 1)[0] if self.pathspec else None
+
+    @property
+    def artifact_name(self) -> str | None:
+        return self.pathspec.rsplit("/", 1)[1] if self.pathspec else None
+
+
+def python_type_name(value: Any) -> str:
+    kind = type(value)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def metaflow_model_ref(task_datastore: Any, flow_datastore: Any, name: str, value: Any) -> ModelRef:
+    """Store a step's artifact now (as Metaflow will at the end of the task) and reference it.
+
+    The artifact is saved through the task's own datastore so its bytes and content address are
+    exactly those Metaflow records for it; saving it again when the task persists is a no-op.
+
+    Args:
+        task_datastore: the running task's ``TaskDataStore`` (mode 'w').
+        flow_datastore: the flow's ``FlowDataStore``.
+        name: artifact name, e.g. ``"model"``.
+        value: the artifact's current value.
+
+    Returns:
+        A ``ModelRef`` whose sha256 covers the stored (serialized) bytes.
+    """
+    task_datastore.save_artifacts(iter([(name, value)]), len_hint=1)
+    # keys_for_artifacts() is only allowed once the task is done (mode 'r'); while it runs the
+    # content address is in _objects, where save_artifacts just put it.
+    blob_key = task_datastore._objects[name]
+    blob = _read_blob(flow_datastore.ca_store, blob_key, where=name)
+    pathspec = f"{flow_datastore.flow_name}/{task_datastore.pathspec}/{name}"
+    return ModelRef(
+        kind="metaflow",
+        uri=METAFLOW_SCHEME + pathspec,
+        sha256=hashlib.sha256(blob).hexdigest(),
+        blob_key=blob_key,
+        datastore_type=flow_datastore.TYPE,
+        datastore_root=flow_datastore.datastore_root,
+        python_type=python_type_name(value),
+    )
+
+
+def read_model_bytes(ref: ModelRef) -> bytes:
+    """The stored bytes of a Metaflow artifact, checked against the reference's sha256.
+
+    Raises:
+        ArtifactError: the datastore cannot be read, the blob is missing, or its hash differs.
+    """
+    if ref.kind != "metaflow" or not (ref.blob_key and ref.datastore_type and ref.datastore_root):
+        raise ArtifactError(f"{ref.uri}: not a Metaflow artifact reference with a content address")
+    from metaflow.datastore.content_addressed_store import ContentAddressedStore
+    from metaflow.plugins import DATASTORES
+
+    storage_classes = {cls.TYPE: cls for cls in DATASTORES}
+    if ref.datastore_type not in storage_classes:
+        raise ArtifactError(
+            f"{ref.uri}: datastore type {ref.datastore_type!r} is not available on this node "
+            f"(known: {', '.join(sorted(storage_classes))})"
+        )
+    storage = storage_classes[ref.datastore_type](ref.datastore_root)
+    store = ContentAddressedStore(storage.path_join(ref.flow_name, "data"), storage)
+    blob = _read_blob(store, ref.blob_key, where=f"{ref.uri} under {ref.datastore_root}")
+    verify_sha256(ref, blob)
+    return blob
+
+
+def verify_sha256(ref: ModelRef, blob: bytes) -> None:
+    """Refuse bytes whose sha256 is not the one recorded in the reference."""
+    if ref.sha256 is None:
+        return
+    actual = hashlib.sha256(blob).hexdigest()
+    if actual != ref.sha256:
+        raise ArtifactError(
+            f"{ref.uri}: sha256 mismatch, recorded {ref.sha256} but the stored bytes hash to {actual}; "
+            "refusing to load a model that changed after it was recorded"
+        )
+
+
+def load_model(ref: ModelRef) -> Any:
+    """Load the model a reference points at (hash checked first for Metaflow artifacts)."""
+    if ref.kind == "mlflow":
+        try:
+            import mlflow.pyfunc
+        except ImportError:
+            raise ArtifactError(f"{ref.uri}: loading MLflow models needs mlflow: pip install mlflow") from None
+        return mlflow.pyfunc.load_model(ref.uri)
+    blob = read_model_bytes(ref)
+    try:
+        # The bytes were hash-checked above: only the exact artifact the flow recorded is unpickled.
+        return pickle.loads(blob)
+    except Exception as exc:
+        raise ArtifactError(
+            f"{ref.uri}: could not unpickle the model ({type(exc).__name__}: {exc}); "
+            "the serving environment may lack the library the model was built with"
+        ) from exc
+
+
+def _read_blob(store: Any, key: str, where: str) -> bytes:
+    try:
+        for _, blob in store.load_blobs([key]):
+            return blob
+    except Exception as exc:
+        raise ArtifactError(f"{where}: cannot read blob {key} ({type(exc).__name__}: {exc})") from exc
+    raise ArtifactError(f"{where}: blob {key} is missing from the datastore")

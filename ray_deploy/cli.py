@@ -1,0 +1,110 @@
+"""``ray-deploy``: manage the local Ray head and the apps deployed on a cluster.
+
+    ray-deploy cluster up|down|status      the persistent local Ray head (status works for any cluster)
+    ray-deploy status [APP]                apps, their state, URL and variants
+    ray-deploy predict APP --data JSON     send one scoring request and print the answer
+    ray-deploy delete APP                  remove an app
+
+Errors print as ``ErrorName: message`` and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from ray_deploy.cluster import cluster_status, start_local_cluster, stop_local_cluster
+from ray_deploy.deploy import app_status, delete_app
+from ray_deploy.errors import RayDeployError
+
+
+def _print(value: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(value, indent=2, sort_keys=True, default=str))
+        return
+    rows = value if isinstance(value, list) else [value]
+    for row in rows:
+        if "app" in row:
+            print(f"{row['app']}: {row['status']} {row['url']}")
+            for variant in row["variants"]:
+                print(
+                    f"  {variant['name']} ({variant['weight']:g}%): {variant['model_uri']} via {variant['predictor']}"
+                )
+        else:
+            print(json.dumps(row, indent=2, sort_keys=True, default=str))
+
+
+def _cluster(args: argparse.Namespace) -> None:
+    if args.action == "up":
+        info = start_local_cluster(autoscaling_config=args.config)
+        _print(info.to_dict(), args.json)
+    elif args.action == "down":
+        stopped = stop_local_cluster()
+        print("stopped the local Ray head" if stopped else "no local Ray head was running")
+    else:
+        _print(cluster_status(args.address), args.json)
+
+
+def _status(args: argparse.Namespace) -> None:
+    _print(app_status(args.app, address=args.address), args.json)
+
+
+def _delete(args: argparse.Namespace) -> None:
+    existed = delete_app(args.app, address=args.address)
+    print(f"deleted app {args.app!r}" if existed else f"app {args.app!r} was not deployed")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    (row,) = app_status(args.app, address=args.address)
+    body = args.data.encode("utf-8") if args.data != "-" else sys.stdin.buffer.read()
+    request = urllib.request.Request(row["url"], data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            print(answer.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        raise RayDeployError(f"{row['url']} answered {exc.code}: {exc.read().decode('utf-8', 'replace')}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-deploy", description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or the local head)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cluster = commands.add_parser("cluster", parents=[common], help="start, stop or inspect the Ray cluster")
+    cluster.add_argument("action", choices=["up", "down", "status"])
+    cluster.add_argument("--config", default=None, help="autoscaler YAML for 'up' (e.g. the fake multi-node provider)")
+    cluster.set_defaults(run=_cluster)
+
+    status = commands.add_parser("status", parents=[common], help="state, URL and variants of deployed apps")
+    status.add_argument("app", nargs="?", default=None)
+    status.set_defaults(run=_status)
+
+    predict = commands.add_parser("predict", parents=[common], help="send one scoring request to an app")
+    predict.add_argument("app")
+    predict.add_argument("--data", required=True, help="request JSON, e.g. '{\"instances\": [[...]]}', or - for stdin")
+    predict.set_defaults(run=_predict)
+
+    delete = commands.add_parser("delete", parents=[common], help="remove an app from the cluster")
+    delete.add_argument("app")
+    delete.set_defaults(run=_delete)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except RayDeployError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Reaching Ray: an explicit address, ``RAY_ADDRESS``, or a persistent local head.
+
+With no address anywhere, ``connect()`` starts (or reuses) a local head with ``ray start
+--head`` so that Serve apps outlive the process that deployed them. Token authentication stays
+on: a token is created at Ray's default path (``~/.ray/auth_token``) if none exists, the head
+starts with ``RAY_AUTH_MODE=token``, and every client here presents the token.
+
+Local head settings come from the environment (defaults in brackets):
+``RAY_DEPLOY_GCS_PORT`` [6379], ``RAY_DEPLOY_DASHBOARD_PORT`` [8265], ``RAY_DEPLOY_HTTP_PORT``
+[8000], ``RAY_DEPLOY_HTTP_HOST`` [127.0.0.1: Serve answers on loopback only unless told
+otherwise], ``RAY_DEPLOY_NUM_CPUS`` [all cores], ``RAY_DEPLOY_NUM_GPUS`` [0].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ray_deploy.errors import ClusterError, ClusterUnreachable
+from ray_deploy.progress import report
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+CONNECT_TIMEOUT_S = 3.0
+_START_TIMEOUT_S = 180.0
+_CODE_EXCLUDES = [".metaflow", ".venv", ".git", "__pycache__", "*.pyc", "mlruns", "*.db", "node_modules"]
+
+
+@dataclass(frozen=True)
+class LocalClusterSettings:
+    """Ports and resources of the local head."""
+
+    gcs_port: int = 6379
+    dashboard_port: int = 8265
+    http_port: int = 8000
+    http_host: str = LOOPBACK
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+
+    @classmethod
+    def from_env(cls) -> LocalClusterSettings:
+        def number(name: str, kind: type, default: Any) -> Any:
+            raw = os.environ.get(name)
+            if raw in (None, ""):
+                return default
+            try:
+                return kind(raw)
+            except ValueError:
+                raise ClusterError(f"{name}: expected a number, got {raw!r}") from None
+
+        return cls(
+            gcs_port=number("RAY_DEPLOY_GCS_PORT", int, cls.gcs_port),
+            dashboard_port=number("RAY_DEPLOY_DASHBOARD_PORT", int, cls.dashboard_port),
+            http_port=number("RAY_DEPLOY_HTTP_PORT", int, cls.http_port),
+            http_host=os.environ.get("RAY_DEPLOY_HTTP_HOST") or LOOPBACK,
+            num_cpus=number("RAY_DEPLOY_NUM_CPUS", float, None),
+            num_gpus=number("RAY_DEPLOY_NUM_GPUS", float, None),
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.gcs_port}"
+
+    @property
+    def temp_dir(self) -> str:
+        # One Ray temp dir per head, so that stopping it touches no other Ray on the machine.
+        # Kept short: Ray puts Unix sockets under it, and their paths are limited to 107 bytes.
+        return os.path.join(tempfile.gettempdir(), f"ray-deploy-{self.gcs_port}")
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.dashboard_port}"
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """Where a cluster answers: its Ray address, dashboard and Serve HTTP base URL."""
+
+    address: str
+    dashboard_url: str | None
+    http_url: str
+    local: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_address(address: str | None = None) -> str | None:
+    """The address to use: the explicit one, else ``RAY_ADDRESS``, else None (the local head)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def auth_token_path() -> Path:
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def read_auth_token() -> str | None:
+    """The Ray auth token clients present: ``RAY_AUTH_TOKEN``, else the token file."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        return token.strip()
+    path = auth_token_path()
+    return path.read_text().strip() if path.is_file() else None
+
+
+def ensure_auth_token() -> None:
+    """Create a token at Ray's default path if none is available (as ``ray get-auth-token --generate``)."""
+    if read_auth_token():
+        return
+    path = auth_token_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    report(f"created a Ray auth token at {path}")
+
+
+def auth_headers() -> dict[str, str]:
+    """HTTP headers for Ray's dashboard REST API."""
+    token = read_auth_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def is_listening(host: str, port: int, timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise ClusterError(
+            f"Ray address {address!r} is not host:port, ray://host:port or 'auto'; e.g. 127.0.0.1:6379 or ray://head:10001"
+        )
+    return parsed.hostname, parsed.port
+
+
+def check_reachable(address: str) -> None:
+    """Fail fast, naming the address, when nothing listens there (ray.init would retry for a minute)."""
+    if address == "auto":
+        return
+    host, port = _host_port(address)
+    if not is_listening(host, port):
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} (tried a TCP connection to {host}:{port} for {CONNECT_TIMEOUT_S:g}s); "
+            "check RAY_ADDRESS or the address option, or unset both to use a local head"
+        )
+
+
+def _ray_executable() -> str:
+    candidate = Path(sys.executable).with_name("ray")
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("ray")
+    if not found:
+        raise ClusterError("cannot find the 'ray' command next to this Python or on PATH; pip install 'ray[serve]'")
+    return found
+
+
+def _token_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    return env
+
+
+def start_local_cluster(
+    settings: LocalClusterSettings | None = None, autoscaling_config: str | None = None
+) -> ClusterInfo:
+    """Start a persistent local Ray head, or reuse the one already listening on the GCS port.
+
+    Args:
+        settings: ports and resources; default ``LocalClusterSettings.from_env()``.
+        autoscaling_config: path to an autoscaler YAML (e.g. the fake multi-node provider).
+
+    Raises:
+        ClusterError: ``ray start`` failed; the message carries the end of its output.
+    """
+    settings = settings or LocalClusterSettings.from_env()
+    info = ClusterInfo(
+        address=settings.address,
+        dashboard_url=settings.dashboard_url,
+        http_url=f"http://{LOOPBACK}:{settings.http_port}",
+        local=True,
+    )
+    if is_listening(LOOPBACK, settings.gcs_port, timeout_s=1.0):
+        logger.info("reusing the local Ray head at %s", settings.address)
+        return info
+    ensure_auth_token()
+    command = [
+        _ray_executable(),
+        "start",
+        "--head",
+        f"--port={settings.gcs_port}",
+        f"--node-ip-address={LOOPBACK}",
+        f"--dashboard-host={LOOPBACK}",
+        f"--dashboard-port={settings.dashboard_port}",
+        f"--temp-dir={settings.temp_dir}",
+        "--disable-usage-stats",
+    ]
+    if settings.num_cpus is not None:
+        command.append(f"--num-cpus={settings.num_cpus:g}")
+    if settings.num_gpus is not None:
+        command.append(f"--num-gpus={settings.num_gpus:g}")
+    if autoscaling_config:
+        command.append(f"--autoscaling-config={autoscaling_config}")
+    report(f"starting a local Ray head at {settings.address} (dashboard {settings.dashboard_url}) ...")
+    started = time.monotonic()
+    try:
+        result = subprocess.run(
+            command, env=_token_env(), capture_output=True, text=True, timeout=_START_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise ClusterError(f"'ray start --head' did not finish within {_START_TIMEOUT_S:g}s") from None
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise ClusterError(f"'ray start --head' failed (exit {result.returncode}):\n{tail}")
+    report(f"local Ray head is up after {time.monotonic() - started:.1f}s")
+    return info
+
+
+def stop_local_cluster(settings: LocalClusterSettings | None = None, grace_s: float = 10.0) -> bool:
+    """Stop the local head started here, and only it; its Serve apps go away.
+
+    ``ray stop`` would end every Ray process on the machine; this ends the processes that run
+    under this head's temp dir. Returns True if any were running.
+    """
+    settings = settings or LocalClusterSettings.from_env()
+    pids = _processes_using(settings)
+    if not pids:
+        return False
+    report(f"stopping the local Ray head at {settings.address} ({len(pids)} processes) ...")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and (pids := [p for p in pids if _alive(p)]):
+            time.sleep(0.2)
+        if not pids:
+            break
+    return True
+
+
+def _processes_using(settings: LocalClusterSettings) -> list[int]:
+    """Processes of this head: those naming its temp dir or GCS port, and all their descendants.
+
+    Ray renames some of its processes (their command lines no longer show the temp dir), but
+    they descend from ones that do.
+    """
+    port_flag = re.compile(rf"--(?:gcs-)?address=[\w.\-]+:{settings.gcs_port}(?:\s|$)")
+    parents: dict[int, int] = {}
+    matched: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            parents[pid] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if settings.temp_dir in cmdline or port_flag.search(cmdline):
+            matched.add(pid)
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in matched} - matched
+        matched |= children
+        grew = bool(children)
+    return sorted(matched)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@contextlib.contextmanager
+def connect(address: str | None = None, code_dir: str | None = None, start_local: bool = True) -> Iterator[ClusterInfo]:
+    """Connect this process to Ray and Serve for the duration of the block.
+
+    Args:
+        address: a Ray address; default ``RAY_ADDRESS``, else the local head.
+        code_dir: a directory shipped to the cluster (``runtime_env.working_dir``) for user predictors.
+        start_local: start the local head if it is not running (else fail with its address).
+
+    Raises:
+        ClusterUnreachable: nothing answers at the address; the message names it.
+    """
+    _use_token_auth()
+    import ray
+    from ray import serve
+
+    resolved = resolve_address(address)
+    settings = LocalClusterSettings.from_env()
+    if resolved is None:
+        if start_local:
+            info = start_local_cluster(settings)
+        else:
+            check_reachable(settings.address)
+            info = ClusterInfo(
+                settings.address, settings.dashboard_url, f"http://{LOOPBACK}:{settings.http_port}", True
+            )
+        target = info.address
+    else:
+        check_reachable(resolved)
+        target = resolved
+        info = None
+    _use_token_auth()
+    runtime_env = {"working_dir": code_dir, "excludes": _CODE_EXCLUDES} if code_dir else None
+    # Serve logs "connecting to existing Serve app" at INFO on every connect: not news to our users.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    already = ray.is_initialized()
+    if not already:
+        try:
+            context = ray.init(
+                address=target,
+                runtime_env=runtime_env,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        except Exception as exc:
+            raise ClusterUnreachable(f"could not connect to the Ray cluster at {target}: {exc}") from exc
+        dashboard = getattr(context, "dashboard_url", None)
+    else:
+        dashboard = None
+    try:
+        if info is None:
+            http_port = settings.http_port
+            host = _host_port(target)[0] if target != "auto" else LOOPBACK
+            info = ClusterInfo(
+                address=target,
+                dashboard_url=f"http://{dashboard}" if dashboard and "://" not in dashboard else dashboard,
+                http_url=f"http://{host}:{http_port}",
+                local=False,
+            )
+        serve.start(http_options={"host": settings.http_host, "port": _port_of(info.http_url)})
+        yield info
+    finally:
+        if not already:
+            ray.shutdown()
+
+
+def _use_token_auth() -> None:
+    """Present the token when one is available (a cluster started here always requires it).
+
+    Ray reads RAY_AUTH_MODE into a cached config when it is imported, so the cache is refreshed
+    when Ray was imported before the token existed (as Ray's own ``ray.init`` does).
+    """
+    if os.environ.get("RAY_AUTH_MODE") or not read_auth_token():
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if "ray" in sys.modules:
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+def _port_of(url: str) -> int:
+    return urlparse(url).port or 80
+
+
+def cluster_status(address: str | None = None) -> dict[str, Any]:
+    """Nodes, resources and Serve apps of the cluster (without starting a local head)."""
+    import ray
+    from ray import serve
+
+    with connect(address, start_local=False) as info:
+        nodes = [
+            {
+                "node_id": node["NodeID"],
+                "alive": node["Alive"],
+                "address": node["NodeManagerAddress"],
+                "resources": node.get("Resources", {}),
+            }
+            for node in ray.nodes()
+        ]
+        apps = {name: str(app.status.value) for name, app in serve.status().applications.items()}
+        return {
+            **info.to_dict(),
+            "nodes": nodes,
+            "resources": ray.cluster_resources(),
+            "available": ray.available_resources(),
+            "applications": apps,
+        }

@@ -1,0 +1,52 @@
+"""Errors raised by ray_deploy.
+
+Every error carries a ``headline`` (a short title that the Metaflow glue shows as the
+exception's headline) and a message that says what came in, what was expected and the fix.
+
+    RayDeployError
+    ├── SpecError                 an option or config value is invalid
+    ├── ArtifactError             a model artifact is missing, unreadable or fails its hash check
+    ├── PredictorError            a predictor cannot be found, imported or built
+    ├── ClusterError              Ray cannot be reached or started
+    │   └── ClusterUnreachable    nothing answers at the address tried
+    └── DeployError               the app did not become healthy; the previous version keeps serving
+"""
+
+from __future__ import annotations
+
+
+class RayDeployError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    headline = "ray-deploy error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SpecError(RayDeployError):
+    headline = "Invalid @ray_serve option"
+
+
+class ArtifactError(RayDeployError):
+    headline = "Model artifact problem"
+
+
+class PredictorError(RayDeployError):
+    headline = "Predictor problem"
+
+
+class ClusterError(RayDeployError):
+    headline = "Ray cluster problem"
+
+
+class ClusterUnreachable(ClusterError):
+    headline = "Ray cluster unreachable"
+
+
+class DeployError(RayDeployError):
+    headline = "Deployment failed"

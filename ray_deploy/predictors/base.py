@@ -1,0 +1,64 @@
+"""The predictor protocol, in the spirit of Cortex.
+
+A predictor is a small class::
+
+    class MyPredictor:
+        payload_format = "array"          # or "dataframe" or "json"
+
+        def __init__(self, model, config):
+            self.model = model            # loaded once per replica, by reference
+            self.threshold = config.get("threshold", 0.5)
+
+        def predict(self, payload):
+            return (self.model.predict_proba(payload)[:, 1] > self.threshold).astype(int)
+
+``__init__`` receives the loaded model and the ``predictor_config`` dict; ``predict`` receives the
+request's rows and returns one prediction per row (a list, a numpy array or a pandas object).
+What ``payload`` is depends on ``payload_format``:
+
+* ``"array"`` (default): a 2-D float64 numpy array; requests with non-numeric or non-finite
+  values are refused with 400 before ``predict`` is called.
+* ``"dataframe"``: a pandas DataFrame (column names when the request gave them).
+* ``"json"``: the parsed request body, untouched; return any JSON-serializable value.
+
+Set ``n_features`` (an int) to have rows of the wrong width refused with 400. Raise
+``RequestError`` from ``predict`` to answer a client mistake with a 4xx.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RequestError(Exception):
+    """A client mistake: answered with ``status`` (4xx) and a JSON ``{"error": message}``."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class Predictor:
+    """Base class for predictors; subclassing it is optional (any class with the protocol works)."""
+
+    payload_format: ClassVar[str] = "array"
+    n_features: int | None = None
+    device: str = "cpu"
+
+    def __init__(self, model: Any, config: dict[str, Any]):
+        self.model = model
+        self.config = dict(config)
+
+    def predict(self, payload: Any) -> Any:
+        raise NotImplementedError
+
+
+def config_choice(config: dict[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:
+    """Read an enumerated predictor_config entry, refusing values outside ``allowed``."""
+    from ray_deploy.errors import PredictorError
+
+    value = config.get(key, default)
+    if value not in allowed:
+        raise PredictorError(f"predictor_config.{key}: got {value!r}; expected one of {', '.join(allowed)}")
+    return value

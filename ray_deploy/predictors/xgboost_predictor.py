@@ -1,0 +1,45 @@
+"""Built-in predictor for XGBoost models (scikit-learn API estimators and raw Boosters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ray_deploy.errors import PredictorError
+from ray_deploy.predictors.base import Predictor, config_choice
+
+
+class XGBoostPredictor(Predictor):
+    """Serves ``xgboost.XGBModel`` subclasses and ``xgboost.Booster``.
+
+    predictor_config:
+        output: "label" (default; class labels for classifiers, values for regressors),
+            "probability" (``predict_proba`` rows), or "raw" (the booster's output as is).
+    """
+
+    def __init__(self, model: Any, config: dict[str, Any]):
+        super().__init__(model, config)
+        import xgboost
+
+        self.output = config_choice(self.config, "output", ("label", "probability", "raw"), "label")
+        if isinstance(model, xgboost.XGBModel):
+            self.booster = model.get_booster()
+            self.estimator = model
+        elif isinstance(model, xgboost.Booster):
+            self.booster = model
+            self.estimator = None
+        else:
+            raise PredictorError(
+                f"predictor 'xgboost' needs an xgboost.XGBModel or xgboost.Booster, got {type(model).__name__}"
+            )
+        self.n_features = int(self.booster.num_features())
+        if self.output == "probability" and not hasattr(self.estimator, "predict_proba"):
+            raise PredictorError("predictor_config.output='probability' needs an XGBoost classifier")
+
+    def predict(self, payload: np.ndarray) -> Any:
+        if self.estimator is None or self.output == "raw":
+            return self.booster.inplace_predict(payload)
+        if self.output == "probability":
+            return self.estimator.predict_proba(payload)
+        return self.estimator.predict(payload)

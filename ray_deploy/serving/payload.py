@@ -1,0 +1,196 @@
+"""Request parsing: the JSON scoring protocol of ``mlflow models serve``.
+
+Accepted bodies (one of these keys, nothing else at the top level but ``params``)::
+
+    {"instances": [[1.0, 2.0], [3.0, 4.0]]}              rows as lists
+    {"instances": [{"a": 1.0, "b": 2.0}]}                rows as objects
+    {"inputs": [[1.0, 2.0]]}  or  {"inputs": {"a": [1.0], "b": [2.0]}}
+    {"dataframe_split": {"columns": ["a", "b"], "data": [[1.0, 2.0]]}}
+    {"dataframe_records": [{"a": 1.0, "b": 2.0}]}
+
+Answers are ``{"predictions": [...]}``. Every refusal is a ``RequestError`` whose message names
+the problem (the row and column of a bad value, the widths seen, the keys allowed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ray_deploy.predictors.base import RequestError
+
+INPUT_KEYS = ("instances", "inputs", "dataframe_split", "dataframe_records")
+_EXAMPLE = '{"instances": [[1.0, 2.0, 3.0]]}'
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """Rows of one request: values row by row, with column names when the request named them."""
+
+    rows: list[list[Any]]
+    columns: list[str] | None
+    body: Any
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to_array(self, n_features: int | None = None) -> np.ndarray:
+        """A 2-D float64 array, refusing non-numeric, non-finite or wrongly sized rows."""
+        width = len(self.rows[0])
+        for index, row in enumerate(self.rows):
+            if len(row) != width:
+                raise RequestError(
+                    f"row {index} has {len(row)} values but row 0 has {width}; all rows need the same width"
+                )
+            for column, value in enumerate(row):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise RequestError(
+                        f"row {index}, column {self._column_name(column)}: expected a number, got {_shown(value)}"
+                    )
+                if not math.isfinite(value):
+                    raise RequestError(
+                        f"row {index}, column {self._column_name(column)}: expected a finite number, got {value}"
+                    )
+        if n_features is not None and width != n_features:
+            raise RequestError(f"each row needs {n_features} features, got {width}")
+        return np.asarray(self.rows, dtype=np.float64)
+
+    def to_dataframe(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.rows, columns=self.columns)
+
+    def _column_name(self, index: int) -> str:
+        return f"{index} ({self.columns[index]!r})" if self.columns and index < len(self.columns) else str(index)
+
+
+def parse_body(body: bytes) -> Any:
+    """Decode a JSON request body, refusing what is not UTF-8 JSON."""
+    if not body or not body.strip():
+        raise RequestError(f"empty request body; send JSON such as {_EXAMPLE}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"request body is not UTF-8 text (byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
+    except ValueError as exc:
+        message = getattr(exc, "msg", str(exc))
+        where = f" at line {exc.lineno}, column {exc.colno}" if hasattr(exc, "lineno") else ""
+        raise RequestError(f"request body is not valid JSON: {message}{where}") from None
+
+
+def parse_model_input(payload: Any) -> ModelInput:
+    """Turn a decoded scoring request into rows."""
+    if not isinstance(payload, dict):
+        raise RequestError(f"request body must be a JSON object with one of {', '.join(INPUT_KEYS)}; e.g. {_EXAMPLE}")
+    present = [key for key in INPUT_KEYS if key in payload]
+    unknown = sorted(set(payload) - set(INPUT_KEYS) - {"params"})
+    if unknown:
+        raise RequestError(
+            f"unknown top-level key(s) {', '.join(map(repr, unknown))}; expected one of {', '.join(INPUT_KEYS)}"
+        )
+    if len(present) != 1:
+        found = f"got {', '.join(present)}" if present else "got none"
+        raise RequestError(f"request needs exactly one of {', '.join(INPUT_KEYS)} ({found}); e.g. {_EXAMPLE}")
+    key = present[0]
+    value = payload[key]
+    if key == "dataframe_split":
+        rows, columns = _dataframe_split(value)
+    elif key == "dataframe_records":
+        rows, columns = _records(value, key)
+    elif key == "inputs" and isinstance(value, dict):
+        rows, columns = _columnar(value)
+    else:
+        rows, columns = _rows(value, key)
+    if not rows:
+        raise RequestError(f"{key} is empty; send at least one row")
+    return ModelInput(rows=rows, columns=columns, body=payload)
+
+
+def _rows(value: Any, key: str) -> tuple[list[list[Any]], list[str] | None]:
+    if not isinstance(value, list):
+        raise RequestError(f"{key} must be a list of rows, got {_type_name(value)}")
+    if value and all(isinstance(row, dict) for row in value):
+        return _records(value, key)
+    for index, row in enumerate(value):
+        if not isinstance(row, list):
+            hint = f"; wrap a single row in a list: {{{json.dumps(key)}: [[...]]}}" if index == 0 else ""
+            raise RequestError(f"{key}[{index}] must be a list of values, got {_type_name(row)}{hint}")
+        if not row:
+            raise RequestError(f"{key}[{index}] is an empty row")
+    return value, None
+
+
+def _records(value: Any, key: str) -> tuple[list[list[Any]], list[str]]:
+    if not isinstance(value, list):
+        raise RequestError(f"{key} must be a list of objects, got {_type_name(value)}")
+    if not value:
+        return [], []
+    columns: list[str] | None = None
+    rows = []
+    for index, record in enumerate(value):
+        if not isinstance(record, dict):
+            raise RequestError(f"{key}[{index}] must be an object mapping column to value, got {_type_name(record)}")
+        if columns is None:
+            columns = list(record)
+            if not columns:
+                raise RequestError(f"{key}[0] is an empty object")
+        elif set(record) != set(columns):
+            raise RequestError(f"{key}[{index}] has columns {sorted(record)} but {key}[0] has {sorted(columns)}")
+        rows.append([record[c] for c in columns])
+    return rows, columns
+
+
+def _columnar(value: dict[str, Any]) -> tuple[list[list[Any]], list[str]]:
+    columns = list(value)
+    if not columns:
+        return [], []
+    lengths = {}
+    for column in columns:
+        if not isinstance(value[column], list):
+            raise RequestError(f"inputs[{column!r}] must be a list of values, got {_type_name(value[column])}")
+        lengths[column] = len(value[column])
+    if len(set(lengths.values())) != 1:
+        raise RequestError(f"inputs columns have different lengths: {lengths}")
+    return [list(values) for values in zip(*(value[c] for c in columns))], columns
+
+
+def _dataframe_split(value: Any) -> tuple[list[list[Any]], list[str] | None]:
+    if not isinstance(value, dict) or "data" not in value:
+        raise RequestError('dataframe_split must be an object with "data" (and usually "columns")')
+    unknown = sorted(set(value) - {"columns", "data", "index"})
+    if unknown:
+        raise RequestError(f"dataframe_split has unknown key(s) {', '.join(map(repr, unknown))}")
+    columns = value.get("columns")
+    if columns is not None and (not isinstance(columns, list) or not all(isinstance(c, str) for c in columns)):
+        raise RequestError("dataframe_split.columns must be a list of strings")
+    rows, _ = _rows(value["data"], "dataframe_split.data")
+    if columns is not None:
+        for index, row in enumerate(rows):
+            if len(row) != len(columns):
+                raise RequestError(
+                    f"dataframe_split.data[{index}] has {len(row)} values but there are {len(columns)} columns"
+                )
+    return rows, columns
+
+
+def _refuse_constant(name: str) -> Any:
+    raise RequestError(f"request body contains {name}, which is not valid JSON; send finite numbers")
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return f"{_type_name(value)} {text[:40] + '...' if len(text) > 40 else text}"

@@ -1,0 +1,226 @@
+"""The ModelServer Serve deployment: loads variants by reference and answers scoring requests.
+
+Routes, relative to the app's route prefix:
+
+* ``POST /`` or ``POST /invocations``: score; body and answer follow ``mlflow models serve``.
+* ``GET /``: what this app serves (variants, weights, model references, predictors).
+* ``GET /-/healthz``: 200 once the models are loaded.
+
+A client mistake is answered with a 4xx and ``{"error": "..."}``; the replica keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from ray_deploy.artifacts import load_model
+from ray_deploy.errors import RayDeployError
+from ray_deploy.predictors import build_predictor
+from ray_deploy.predictors.base import RequestError
+from ray_deploy.serving.app import ServingConfig, VariantConfig
+from ray_deploy.serving.payload import ModelInput, parse_body, parse_model_input
+
+logger = logging.getLogger("ray.serve")
+
+VARIANT_HEADER = "X-Ray-Deploy-Variant"
+REQUEST_KEY_HEADER = "X-Request-Key"
+_SCORE_PATHS = ("", "/", "/invocations")
+
+
+@dataclass
+class LoadedVariant:
+    config: VariantConfig
+    predictor: Any
+
+    @property
+    def payload_format(self) -> str:
+        return getattr(self.predictor, "payload_format", "array")
+
+    @property
+    def n_features(self) -> int | None:
+        return getattr(self.predictor, "n_features", None)
+
+    def make_payload(self, model_input: ModelInput) -> Any:
+        if self.payload_format == "json":
+            return model_input.body
+        if self.payload_format == "dataframe":
+            return model_input.to_dataframe()
+        return model_input.to_array(self.n_features)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "weight": self.config.weight,
+            "predictor": self.config.predictor,
+            "model": self.config.model.uri,
+            "sha256": self.config.model.sha256,
+            "n_features": self.n_features,
+            "device": getattr(self.predictor, "device", "cpu"),
+        }
+
+
+def load_variant(config: VariantConfig, cache: dict[str, LoadedVariant] | None = None) -> LoadedVariant:
+    """Load one variant's model by reference and wrap it in its predictor (reusing an identical one)."""
+    key = config.model_dump_json()
+    if cache and key in cache:
+        return cache[key]
+    model = load_model(config.model)
+    predictor = build_predictor(config.predictor, model, config.predictor_config, code_dir=os.getcwd())
+    return LoadedVariant(config=config, predictor=predictor)
+
+
+def choose_variant(variants: list[LoadedVariant], request_key: str | None = None) -> LoadedVariant:
+    """Pick a variant by weight; the same request key always lands on the same variant."""
+    if len(variants) == 1:
+        return variants[0]
+    total = sum(v.config.weight for v in variants)
+    if request_key is None:
+        point = random.random() * total
+    else:
+        digest = hashlib.sha256(request_key.encode("utf-8")).digest()
+        point = int.from_bytes(digest[:8], "big") / 2**64 * total
+    for variant in variants:
+        point -= variant.config.weight
+        if point < 0 and variant.config.weight > 0:
+            return variant
+    return next(v for v in reversed(variants) if v.config.weight > 0)
+
+
+def to_jsonable(predictions: Any) -> Any:
+    """Predictions as plain JSON values (numpy and pandas included; NaN becomes null)."""
+    if hasattr(predictions, "to_dict") and hasattr(predictions, "columns"):
+        predictions = predictions.to_dict(orient="records")
+    elif hasattr(predictions, "tolist"):
+        predictions = predictions.tolist()
+    return _finite(predictions)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return _finite(value.item())
+    return value
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+@serve.deployment
+class ModelServer:
+    """Serves every variant of one app from this replica; configured through ``user_config``."""
+
+    def __init__(self) -> None:
+        self.config: ServingConfig | None = None
+        self.variants: list[LoadedVariant] = []
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = ServingConfig.model_validate(user_config)
+        previous = {v.config.model_dump_json(): v for v in self.variants}
+        self.variants = [load_variant(v, previous) for v in config.variants]
+        self.config = config
+        self._predict_batched.set_max_batch_size(config.max_batch_size)
+        self._predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        logger.info(
+            "ray-deploy: serving %s", ", ".join(f"{v.config.name} <- {v.config.model.uri}" for v in self.variants)
+        )
+
+    async def __call__(self, request: Request) -> JSONResponse:
+        path = request.url.path[len(request.scope.get("root_path", "")) :]
+        if request.method == "GET":
+            if path == "/-/healthz":
+                return JSONResponse({"status": "ok"})
+            if path in _SCORE_PATHS:
+                return JSONResponse(self.describe())
+            return error_response(404, f"no route {path!r}; POST {self.config.route_prefix} to predict")
+        if request.method != "POST":
+            return error_response(405, f"method {request.method} not allowed; POST JSON to predict, GET to describe")
+        if path not in _SCORE_PATHS:
+            return error_response(404, f"no route {path!r}; POST to {self.config.route_prefix} or its /invocations")
+        try:
+            return await self._score(request)
+        except RequestError as exc:
+            return error_response(exc.status, exc.message)
+        except RayDeployError as exc:
+            logger.exception("ray-deploy: prediction failed")
+            return error_response(500, str(exc))
+        except Exception as exc:
+            logger.exception("ray-deploy: prediction failed")
+            return error_response(500, f"prediction failed: {type(exc).__name__}: {exc}")
+
+    def describe(self) -> dict[str, Any]:
+        assert self.config is not None
+        return {
+            "app": self.config.app,
+            "route_prefix": self.config.route_prefix,
+            "variants": [v.describe() for v in self.variants],
+            "source": self.config.source,
+            "replica": {"id": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid()},
+        }
+
+    async def _score(self, request: Request) -> JSONResponse:
+        assert self.config is not None
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type not in ("application/json", "") and not content_type.endswith("+json"):
+            raise RequestError(
+                f"content type {content_type!r} is not supported; send Content-Type: application/json", 415
+            )
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(f"request body is {declared} bytes; the limit is {limit} (max_request_bytes)", 413)
+        body = await _read_body(request, limit)
+        model_input = parse_model_input(parse_body(body))
+        variant = choose_variant(self.variants, request.headers.get(REQUEST_KEY_HEADER))
+        payload = variant.make_payload(model_input)
+        if self.config.max_batch_size > 1 and variant.payload_format == "array":
+            predictions = await self._predict_batched((variant, payload))
+        else:
+            predictions = variant.predictor.predict(payload)
+        return JSONResponse({"predictions": to_jsonable(predictions)}, headers={VARIANT_HEADER: variant.config.name})
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _predict_batched(self, items: list[tuple[LoadedVariant, np.ndarray]]) -> list[Any]:
+        """One predict call per variant for all rows that arrived together, split back per request."""
+        results: list[Any] = [None] * len(items)
+        by_variant: dict[int, list[int]] = {}
+        for index, (variant, _) in enumerate(items):
+            by_variant.setdefault(id(variant), []).append(index)
+        for indices in by_variant.values():
+            variant = items[indices[0]][0]
+            arrays = [items[i][1] for i in indices]
+            stacked = variant.predictor.predict(np.concatenate(arrays))
+            offset = 0
+            for i, array in zip(indices, arrays):
+                results[i] = stacked[offset : offset + len(array)]
+                offset += len(array)
+        await asyncio.sleep(0)
+        return results
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"request body exceeds {limit} bytes (max_request_bytes)", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,256 @@
+"""Typed, validated deployment specs: the one source of truth for every option.
+
+The ``@ray_serve`` decorator, the ``ray-deploy`` CLI and the engine all build a
+``DeploymentSpec``; an invalid value fails here with a ``SpecError`` naming the option,
+what came in and what is allowed. This module imports nothing else from the package.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ray_deploy.errors import SpecError
+
+BUILTIN_PREDICTORS = ("auto", "xgboost", "onnx", "python", "mlflow")
+"""Predictor names that need no import path; anything else must be ``module:Class``."""
+
+MLFLOW_URI_PREFIXES = ("models:/", "runs:/")
+_APP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_VARIANT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _parse_json_string(value: Any, field: str) -> Any:
+    """Options given on the command line (``--with ray_serve:x=...``) may arrive as JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{field} must be a JSON object, got text that is not JSON: {value!r} ({exc.msg})"
+            ) from None
+    return value
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class VariantSpec(_Spec):
+    """One model served behind an app's route, with its share of the traffic."""
+
+    name: str = Field("default", description="Variant name: letters, digits, '-' or '_'; shown in responses.")
+    model: str = Field(
+        "model",
+        description="Name of the step artifact that holds the model, or an MLflow URI (models:/..., runs:/...).",
+    )
+    predictor: str = Field(
+        "auto",
+        description="Built-in predictor (auto, xgboost, onnx, python, mlflow) or a user class as 'module:Class'.",
+    )
+    predictor_config: dict[str, Any] = Field(
+        default_factory=dict, description="JSON-serializable dict passed to the predictor's __init__ as config."
+    )
+    weight: float = Field(100.0, ge=0, le=100, description="Percent of requests routed to this variant.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_slug(cls, value: str) -> str:
+        if not _VARIANT_NAME.match(value):
+            raise ValueError(f"variant name {value!r} must be 1-63 letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_artifact_name(cls, value: str) -> str:
+        if not (_IDENTIFIER.match(value) or value.startswith(MLFLOW_URI_PREFIXES)):
+            raise ValueError(
+                f"model {value!r} must name a step artifact (a Python identifier such as 'model') "
+                "or be an MLflow model URI (models:/name/1, runs:/<run_id>/model)"
+            )
+        return value
+
+    @property
+    def is_mlflow_uri(self) -> bool:
+        return self.model.startswith(MLFLOW_URI_PREFIXES)
+
+    @field_validator("predictor")
+    @classmethod
+    def _predictor_is_known(cls, value: str) -> str:
+        if value in BUILTIN_PREDICTORS or _IMPORT_PATH.match(value):
+            return value
+        raise ValueError(
+            f"predictor {value!r} is neither a built-in ({', '.join(BUILTIN_PREDICTORS)}) "
+            "nor an import path of the form 'module:Class' (e.g. 'my_predictors:ScaledPredictor')"
+        )
+
+    @field_validator("predictor_config", mode="before")
+    @classmethod
+    def _predictor_config_from_text(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        value = _parse_json_string(value, "predictor_config")
+        try:
+            json.dumps(value)
+        except TypeError as exc:
+            raise ValueError(f"predictor_config must be JSON-serializable ({exc})") from None
+        return value
+
+    @property
+    def is_user_predictor(self) -> bool:
+        return ":" in self.predictor
+
+
+class DeploymentSpec(_Spec):
+    """Everything needed to serve one Ray Serve application."""
+
+    app: str = Field(description="Ray Serve application name: lowercase letters, digits, '-' or '_'.")
+    route_prefix: str | None = Field(None, description="HTTP route of the app; defaults to '/<app>'.")
+    variants: tuple[VariantSpec, ...] = Field(min_length=1, description="Models served behind the route.")
+    num_replicas: int = Field(1, ge=1, le=256, description="Replicas of the serving deployment.")
+    num_cpus: float = Field(1.0, ge=0, le=512, description="CPUs reserved by each replica (fractions allowed).")
+    num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs reserved by each replica (fractions allowed).")
+    max_ongoing_requests: int = Field(32, ge=1, le=10_000, description="Requests one replica handles at once.")
+    max_batch_size: int = Field(
+        1, ge=1, le=4096, description="Requests merged into one predict call; 1 turns server-side batching off."
+    )
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=10, description="Longest a request waits for a batch to fill, in seconds."
+    )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body accepted; larger ones get 413."
+    )
+    address: str | None = Field(
+        None,
+        description="Ray cluster address (host:port, ray://host:10001 or auto); default: RAY_ADDRESS or a local head.",
+    )
+    deploy_timeout_s: float = Field(
+        300.0, gt=0, le=24 * 3600, description="Longest wait for replicas to become healthy before the deploy fails."
+    )
+
+    @field_validator("app")
+    @classmethod
+    def _app_is_slug(cls, value: str) -> str:
+        if not _APP_NAME.match(value):
+            raise ValueError(
+                f"app {value!r} must be 1-63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _route_prefix_is_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/") or any(c in value for c in "{}?#* ") or (len(value) > 1 and value.endswith("/")):
+            raise ValueError(
+                f"route_prefix {value!r} must be a path such as '/cancer': starts with '/', no trailing '/'"
+            )
+        return value
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variants_from_text(cls, value: Any) -> Any:
+        value = _parse_json_string(value, "variants")
+        if isinstance(value, dict):
+            # {"xgb": {...}, "onnx": {...}}: the key is the variant name.
+            return [dict(options, name=name) for name, options in value.items()]
+        return value
+
+    @model_validator(mode="after")
+    def _variant_names_unique(self) -> DeploymentSpec:
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"variants: names must be unique, {', '.join(duplicates)} appear more than once")
+        return self
+
+    @model_validator(mode="after")
+    def _weights_sum_to_100(self) -> DeploymentSpec:
+        total = sum(v.weight for v in self.variants)
+        if abs(total - 100.0) > 1e-6:
+            shares = ", ".join(f"{v.name}={v.weight:g}" for v in self.variants)
+            raise ValueError(f"variants: weights sum to {total:g} ({shares}); make them add up to 100")
+        return self
+
+    @property
+    def route(self) -> str:
+        """The HTTP route this app answers on."""
+        return self.route_prefix or f"/{self.app}"
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> DeploymentSpec:
+        """Build a spec from flat options (the decorator's attributes or CLI flags).
+
+        ``model``, ``predictor`` and ``predictor_config`` describe a single variant and are
+        shorthand for ``variants=[{"name": "default", ...}]``.
+
+        Raises:
+            SpecError: naming each invalid option, what came in and what is allowed.
+
+        Example:
+            >>> DeploymentSpec.from_options({"app": "cancer", "model": "clf", "num_replicas": "2"}).num_replicas
+            2
+        """
+        options = {k: v for k, v in options.items() if v is not None}
+        single = {k: options.pop(k) for k in ("model", "predictor", "predictor_config") if k in options}
+        shorthand = "variants" not in options
+        if shorthand:
+            options["variants"] = [single]
+        elif single:
+            raise SpecError(
+                f"{', '.join(sorted(single))}: set these inside each entry of 'variants', not beside it "
+                f"(got both variants and {', '.join(sorted(single))})"
+            )
+        # Errors inside the shorthand variant are reported under the option the user wrote.
+        rename = {("variants", 0): ()} if shorthand else {}
+        return build_spec(cls, options, rename)
+
+
+def build_spec(model: type[BaseModel], options: dict[str, Any], rename: dict[tuple, tuple] | None = None) -> Any:
+    """Validate ``options`` into ``model``, turning pydantic's errors into one ``SpecError``."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as exc:
+        raise SpecError(describe_validation_error(exc, rename)) from None
+
+
+def describe_validation_error(exc: ValidationError, rename: dict[tuple, tuple] | None = None) -> str:
+    """One line per problem: the option's dotted name, what was wrong and the value given."""
+    lines = []
+    errors = exc.errors()
+    locations = [tuple(e["loc"]) for e in errors]
+    for error in errors:
+        loc = tuple(error["loc"])
+        if error["type"] == "too_short" and any(other[: len(loc)] == loc and other != loc for other in locations):
+            continue  # the items themselves were invalid; their errors say why
+        for prefix, replacement in (rename or {}).items():
+            if loc[: len(prefix)] == prefix:
+                loc = replacement + loc[len(prefix) :]
+        location = ".".join(str(part) for part in loc)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{location}: unknown option (got {error['input']!r})")
+            continue
+        given = error.get("input")
+        shown = "" if isinstance(given, dict) or location == "" else f" (got {given!r})"
+        lines.append(f"{location + ': ' if location else ''}{message}{shown}")
+    return "\n".join(lines)
+
+
+def option_defaults() -> dict[str, Any]:
+    """The decorator's option list with defaults, derived from the spec's fields."""
+    defaults: dict[str, Any] = {}
+    for name, field in DeploymentSpec.model_fields.items():
+        defaults[name] = None if field.is_required() else field.get_default()
+        if name == "app":
+            # The single-variant shorthand reads best right after the app name.
+            for short in ("model", "predictor", "predictor_config"):
+                default = VariantSpec.model_fields[short].get_default(call_default_factory=True)
+                defaults[short] = default if default != {} else None
+    return defaults

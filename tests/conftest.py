@@ -1,0 +1,20 @@
+"""Shared test environment: isolated Metaflow datastore, test-only Ray ports, a user name.
+
+Set before anything imports Metaflow or Ray, so every process the tests start (flows run with
+Metaflow's Runner, the Ray head, ray-deploy) sees the same settings.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+STATE_DIR = Path(os.environ.get("RAY_DEPLOY_TEST_STATE") or tempfile.mkdtemp(prefix="ray-deploy-tests-"))
+os.environ.setdefault("USERNAME", "ci")
+os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(STATE_DIR / "metaflow")
+# Test-only ports, so a developer's own local head (6379/8265/8000) is left alone.
+os.environ.setdefault("RAY_DEPLOY_GCS_PORT", "6399")
+os.environ.setdefault("RAY_DEPLOY_DASHBOARD_PORT", "8299")
+os.environ.setdefault("RAY_DEPLOY_HTTP_PORT", "8099")
+# Logical CPUs: several 0.25-0.5 CPU replicas fit on a 2-core machine.
+os.environ.setdefault("RAY_DEPLOY_NUM_CPUS", "4")
+os.environ.pop("RAY_ADDRESS", None)

@@ -1,0 +1,67 @@
+"""Bad requests get a 4xx JSON error naming the problem, and the same replica keeps serving."""
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROW = [1.0] * 30
+BAD_REQUESTS = [
+    ("malformed JSON", {"content": b'{"instances": [[1, 2'}, 400, "not valid JSON"),
+    ("not JSON at all", {"content": b"hello"}, 400, "not valid JSON"),
+    ("empty body", {"content": b""}, 400, "empty request body"),
+    ("wrong feature count", {"json": {"instances": [[1.0, 2.0, 3.0]]}}, 400, "needs 30 features, got 3"),
+    ("non-numeric value", {"json": {"instances": [ROW[:29] + ["x"]]}}, 400, "row 0, column 29: expected a number"),
+    ("null value", {"json": {"instances": [ROW[:29] + [None]]}}, 400, "got null"),
+    ("empty instances", {"json": {"instances": []}}, 400, "instances is empty"),
+    ("ragged rows", {"json": {"instances": [ROW, ROW[:5]]}}, 400, "row 1 has 5 values"),
+    ("NaN literal", {"content": b'{"instances": [[NaN]]}'}, 400, "contains NaN"),
+    ("unknown key", {"json": {"rows": [ROW]}}, 400, "unknown top-level key"),
+    ("flat row", {"json": {"instances": ROW}}, 400, "wrap a single row"),
+    ("wrong content type", {"content": b"a,b", "headers": {"Content-Type": "text/csv"}}, 415, "text/csv"),
+    ("oversized body", {"content": b'{"instances": [' + b"[1.0]," * 2_000_000 + b"[1.0]]}"}, 413, "max_request_bytes"),
+    (
+        "deeply nested",
+        {"content": b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"},
+        400,
+        "nested too deeply",
+    ),
+]
+
+
+def replica_of(http, url):
+    return http.get(url).json()["replica"]
+
+
+@pytest.mark.parametrize(
+    ("case", "request_kwargs", "status", "expected"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_request_gets_4xx_json(cancer_url, http, case, request_kwargs, status, expected):
+    headers = (
+        {"Content-Type": "application/json", **request_kwargs.pop("headers", {})}
+        if "json" not in request_kwargs
+        else {}
+    )
+    answer = http.post(cancer_url, headers=headers, **request_kwargs)
+    assert answer.status_code == status, answer.text[:300]
+    assert answer.headers["content-type"].startswith("application/json")
+    assert expected in answer.json()["error"]
+
+
+def test_replica_survives_bad_requests(cancer_url, http):
+    before = replica_of(http, cancer_url)
+    for _, request_kwargs, _, _ in BAD_REQUESTS:
+        kwargs = dict(request_kwargs)
+        headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})} if "json" not in kwargs else {}
+        assert http.post(cancer_url, headers=headers, **kwargs).status_code < 500
+    assert replica_of(http, cancer_url) == before
+    answer = http.post(cancer_url, json={"instances": [ROW]})
+    assert answer.status_code == 200 and len(answer.json()["predictions"]) == 1
+
+
+def test_unknown_route_and_method(cancer_url, http):
+    assert http.get(f"{cancer_url}/nothing-here").status_code == 404
+    answer = http.put(cancer_url, content=json.dumps({"instances": [ROW]}))
+    assert answer.status_code == 405 and "POST" in answer.json()["error"]
+    assert http.get(f"{cancer_url}/-/healthz").json() == {"status": "ok"}

@@ -1,0 +1,167 @@
+"""Decorator options are checked before any step runs; user predictors travel with the deployment."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, TRAIN_FLOW, run_flow
+
+pytestmark = pytest.mark.integration
+
+FLOW_TEMPLATE = """
+from metaflow import FlowSpec, step, ray_serve
+
+
+class OptionsFlow(FlowSpec):
+    @step
+    def start(self):
+        from pathlib import Path
+        Path({marker!r}).write_text("trained")
+        from sklearn.datasets import load_iris
+        from sklearn.linear_model import LogisticRegression
+        X, y = load_iris(return_X_y=True)
+        self.model = LogisticRegression(max_iter=1000).fit(X, y)
+        self.next(self.deploy)
+
+    @ray_serve({options})
+    @step
+    def deploy(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    OptionsFlow()
+"""
+
+
+def write_flow(directory: Path, options: str) -> tuple[Path, Path]:
+    marker = directory / "trained.txt"
+    flow = directory / "options_flow.py"
+    flow.write_text(FLOW_TEMPLATE.format(marker=str(marker), options=options))
+    return flow, marker
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ('app="iris", num_replicas=-1', "num_replicas: Input should be greater than or equal to 1"),
+        ('app="iris", predictor="sklearn"', "predictor: predictor 'sklearn' is neither a built-in"),
+        ('app="iris", bogus=1', "bogus"),
+        ("num_cpus=0.25", "app: required"),
+        ('app="iris", predictor="missing_module:Thing"', "cannot import module 'missing_module'"),
+    ],
+)
+def test_bad_option_stops_the_run_before_training(tmp_path, options, expected):
+    flow, marker = write_flow(tmp_path, options)
+    finished = run_flow(flow)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode != 0
+    assert expected in output, output[-2000:]
+    assert not marker.exists(), "the start step ran although an option was invalid"
+
+
+def test_unreachable_cluster_fails_the_step_naming_the_address(tmp_path):
+    flow, marker = write_flow(tmp_path, 'app="iris", num_cpus=0.25')
+    finished = run_flow(flow, env={"RAY_ADDRESS": "127.0.0.1:1"})
+    output = finished.stdout + finished.stderr
+    assert finished.returncode != 0
+    assert "Ray cluster unreachable" in output and "127.0.0.1:1" in output, output[-2000:]
+    assert marker.exists()
+
+
+def test_user_predictor_ships_with_the_flow(tmp_path, ray_head, http):
+    (tmp_path / "iris_predictors.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+
+            NAMES = np.array(["setosa", "versicolor", "virginica"])
+
+
+            class SpeciesNames:
+                n_features = 4
+
+                def __init__(self, model, config):
+                    self.model = model
+                    self.prefix = config.get("prefix", "")
+
+                def predict(self, payload):
+                    return [self.prefix + name for name in NAMES[self.model.predict(payload)]]
+            """
+        )
+    )
+    flow, _ = write_flow(
+        tmp_path,
+        'app="iris", predictor="iris_predictors:SpeciesNames", predictor_config={"prefix": "iris-"}, num_cpus=0.25',
+    )
+    finished = run_flow(flow)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    answer = http.post(f"{ray_head.http_url}/iris", json={"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["predictions"] == ["iris-setosa", "iris-virginica"]
+    wrong = http.post(f"{ray_head.http_url}/iris", json={"instances": [[1.0, 2.0]]})
+    assert wrong.status_code == 400 and "needs 4 features" in wrong.json()["error"]
+
+
+def test_flow_cli_and_console_script_show_the_app(train_run, ray_head):
+    flow_status = subprocess.run(
+        [sys.executable, str(TRAIN_FLOW), "--no-pylint", "ray-serve", "status", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert flow_status.returncode == 0, flow_status.stderr[-2000:]
+    (app,) = json.loads(flow_status.stdout)
+    assert app["app"] == "cancer" and app["status"] == "RUNNING"
+    assert app["variants"][0]["model_uri"] == f"metaflow://{train_run['deploy'].task.pathspec}/model"
+
+    ray_deploy = Path(sys.executable).with_name("ray-deploy")
+    console = subprocess.run(
+        [str(ray_deploy), "status", "cancer", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert console.returncode == 0, console.stderr[-2000:]
+    assert json.loads(console.stdout) == [app]
+
+    predicted = subprocess.run(
+        [str(ray_deploy), "predict", "cancer", "--data", json.dumps({"instances": [[1.0] * 30]})],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(json.loads(predicted.stdout)["predictions"]) == 1
+
+    missing = subprocess.run([str(ray_deploy), "status", "nope"], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and missing.stderr.startswith("DeployError: no app 'nope'")
+
+
+def test_cluster_status_reports_token_auth_and_resources(ray_head):
+    ray_deploy = Path(sys.executable).with_name("ray-deploy")
+    status = subprocess.run(
+        [str(ray_deploy), "cluster", "status", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert status.returncode == 0, status.stderr[-2000:]
+    described = json.loads(status.stdout)
+    assert described["address"] == ray_head.address
+    assert described["resources"]["CPU"] >= 1
+
+
+def test_dashboard_requires_the_token_and_shows_the_app(train_run, ray_head, http):
+    from ray_deploy.cluster import auth_headers
+
+    url = f"{ray_head.dashboard_url}/api/serve/applications/"
+    assert http.get(url).status_code == 401
+    answer = http.get(url, headers=auth_headers())
+    assert answer.status_code == 200
+    deployment = answer.json()["applications"]["cancer"]["deployments"]["ModelServer"]
+    source = deployment["deployment_config"]["user_config"]["source"]
+    assert source["task"] == train_run["deploy"].task.pathspec

@@ -1,0 +1,61 @@
+"""The distribution Metaflow will load: namespace layout, plugin registration, console script."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_wheel_ships_a_namespace_extension(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("metaflow_ray_serve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "metaflow_extensions/ray_serve/plugins/mfextinit_ray_serve.py" in names
+    assert "metaflow_extensions/ray_serve/config/mfextinit_ray_serve.py" in names
+    assert "ray_deploy/serving/server.py" in names
+    # Metaflow refuses extensions that are not implicit namespace packages.
+    assert "metaflow_extensions/__init__.py" not in names
+    assert "metaflow_extensions/ray_serve/__init__.py" not in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "ray-deploy = ray_deploy.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_metaflow_lists_the_extension():
+    from metaflow.extension_support import dump_module_info
+    from metaflow.metaflow_version import get_version
+
+    assert "+ray_serve(" in get_version()
+    _, (packages, extension_points) = dump_module_info()
+    assert any("metaflow-ray-serve" in package for package in packages)
+    assert {"plugins", "config", "toplevel"} <= set(extension_points)
+
+
+def test_decorator_importable_from_metaflow():
+    import metaflow
+
+    assert callable(metaflow.ray_serve)
+
+
+def test_ray_deploy_help():
+    ray_deploy = Path(sys.executable).with_name("ray-deploy")
+    shown = subprocess.run([str(ray_deploy), "--help"], capture_output=True, text=True, check=True)
+    for command in ("cluster", "status", "predict", "delete"):
+        assert command in shown.stdout

@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+
+from ray_deploy.predictors.base import RequestError
+from ray_deploy.serving.payload import parse_body, parse_model_input
+
+
+def rows_of(payload):
+    return parse_model_input(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "columns"),
+    [
+        ({"instances": [[1, 2.5], [3, 4]]}, None),
+        ({"inputs": [[1, 2.5], [3, 4]]}, None),
+        ({"inputs": {"a": [1, 3], "b": [2.5, 4]}}, ["a", "b"]),
+        ({"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2.5], [3, 4]]}}, ["a", "b"]),
+        ({"dataframe_records": [{"a": 1, "b": 2.5}, {"a": 3, "b": 4}]}, ["a", "b"]),
+        ({"instances": [{"a": 1, "b": 2.5}, {"a": 3, "b": 4}]}, ["a", "b"]),
+    ],
+)
+def test_every_mlflow_scoring_format_gives_the_same_rows(payload, columns):
+    model_input = rows_of(payload)
+    assert model_input.columns == columns
+    np.testing.assert_array_equal(model_input.to_array(2), [[1, 2.5], [3, 4]])
+    assert list(model_input.to_dataframe().shape) == [2, 2]
+
+
+BAD = [
+    (b"", "empty request body"),
+    (b"   ", "empty request body"),
+    (b"{", "not valid JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b'{"instances": [[NaN]]}', "contains NaN"),
+    (b'{"instances": [[Infinity]]}', "contains Infinity"),
+    (b"[" * 5000 + b"]" * 5000, None),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), BAD)
+def test_bad_bodies(body, expected):
+    with pytest.raises(RequestError) as raised:
+        parse_model_input(parse_body(body))
+    assert raised.value.status == 400
+    if expected:
+        assert expected in raised.value.message
+
+
+BAD_PAYLOADS = [
+    ([[1, 2]], "must be a JSON object"),
+    ({}, "exactly one of"),
+    ({"instances": [[1]], "inputs": [[1]]}, "got instances, inputs"),
+    ({"rows": [[1]]}, "unknown top-level key(s) 'rows'"),
+    ({"instances": []}, "instances is empty"),
+    ({"instances": [1, 2, 3]}, "wrap a single row"),
+    ({"instances": [[]]}, "empty row"),
+    ({"instances": "1,2"}, "must be a list of rows"),
+    ({"dataframe_split": {"columns": ["a"], "data": [[1, 2]]}}, "2 values but there are 1 columns"),
+    ({"dataframe_split": [[1]]}, 'must be an object with "data"'),
+    ({"dataframe_records": [{"a": 1}, {"b": 2}]}, "has columns ['b']"),
+    ({"inputs": {"a": [1, 2], "b": [1]}}, "different lengths"),
+]
+
+
+@pytest.mark.parametrize(("payload", "expected"), BAD_PAYLOADS)
+def test_bad_payload_shapes(payload, expected):
+    with pytest.raises(RequestError) as raised:
+        parse_model_input(payload)
+    assert expected in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"instances": [[1, "a"]]}, "row 0, column 1: expected a number, got a string"),
+        ({"instances": [[1, True]]}, "expected a number, got a boolean"),
+        ({"instances": [[1, None]]}, "got null"),
+        ({"instances": [[1, 2], [3]]}, "row 1 has 1 values but row 0 has 2"),
+        ({"instances": [[1, 2, 3]]}, "each row needs 2 features, got 3"),
+        ({"dataframe_records": [{"age": "old", "b": 1}]}, "column 0 ('age')"),
+        ({"instances": [[1, 1e400]]}, "finite number"),
+    ],
+)
+def test_rows_that_cannot_be_numbers(payload, expected):
+    with pytest.raises(RequestError) as raised:
+        parse_model_input(payload).to_array(2)
+    assert expected in raised.value.message

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import xgboost as xgb
+from sklearn.datasets import load_breast_cancer
+from sklearn.linear_model import LogisticRegression
+
+from ray_deploy import PredictorError, choose_predictor, load_predictor_class
+from ray_deploy.predictors import build_predictor
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, y = load_breast_cancer(return_X_y=True)
+    return X[:400], y[:400], X[400:]
+
+
+@pytest.fixture(scope="module")
+def classifier(data):
+    X, y, _ = data
+    return xgb.XGBClassifier(n_estimators=20, max_depth=3, n_jobs=1).fit(X, y)
+
+
+def test_xgboost_predictor_answers_like_the_model(classifier, data):
+    rows = data[2]
+    labels = build_predictor("xgboost", classifier, {})
+    probabilities = build_predictor("xgboost", classifier, {"output": "probability"})
+    assert labels.n_features == 30
+    np.testing.assert_array_equal(labels.predict(rows), classifier.predict(rows))
+    np.testing.assert_allclose(probabilities.predict(rows), classifier.predict_proba(rows))
+
+
+def test_xgboost_booster_is_served_raw(classifier, data):
+    booster = classifier.get_booster()
+    predictor = build_predictor("xgboost", booster, {})
+    np.testing.assert_allclose(predictor.predict(data[2]), classifier.predict_proba(data[2])[:, 1], rtol=1e-6)
+
+
+def test_onnx_predictor_matches_xgboost(classifier, data):
+    from onnxmltools import convert_xgboost
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    onnx_model = convert_xgboost(classifier, initial_types=[("input", FloatTensorType([None, 30]))])
+    rows = data[2]
+    as_bytes = build_predictor("onnx", onnx_model.SerializeToString(), {})
+    as_proto = build_predictor("onnx", onnx_model, {"output": "probability"})
+    assert as_bytes.n_features == 30
+    np.testing.assert_array_equal(as_bytes.predict(rows), classifier.predict(rows))
+    np.testing.assert_allclose(as_proto.predict(rows), classifier.predict_proba(rows), rtol=1e-5, atol=1e-6)
+
+
+def test_python_predictor_uses_predict_and_predict_proba(data):
+    X, y, rows = data
+    model = LogisticRegression(max_iter=5000).fit(X, y)
+    np.testing.assert_array_equal(build_predictor("python", model, {}).predict(rows), model.predict(rows))
+    np.testing.assert_allclose(
+        build_predictor("python", model, {"output": "probability"}).predict(rows), model.predict_proba(rows)
+    )
+
+
+def test_auto_picks_by_type(classifier):
+    assert choose_predictor(classifier) == "xgboost"
+    assert choose_predictor(classifier.get_booster()) == "xgboost"
+    assert choose_predictor(b"\x08\x07") == "onnx"
+    assert choose_predictor(LogisticRegression()) == "python"
+    with pytest.raises(PredictorError, match=r"predictor='auto' cannot serve a builtins.dict"):
+        choose_predictor({"weights": [1, 2]})
+
+
+@pytest.mark.parametrize(
+    ("name", "model", "config", "expected"),
+    [
+        ("xgboost", "not a model", {}, "needs an xgboost.XGBModel"),
+        ("onnx", b"not onnx", {}, "onnxruntime cannot load"),
+        ("onnx", 42, {}, "needs ONNX bytes"),
+        ("python", object(), {}, "predict() method"),
+        ("xgboost", None, {"output": "logits"}, "predictor_config.output: got 'logits'"),
+    ],
+)
+def test_predictor_refuses_what_it_cannot_serve(name, model, config, expected, classifier):
+    with pytest.raises(PredictorError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        build_predictor(name, classifier if model is None else model, config)
+
+
+def test_user_predictor_from_a_code_dir(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "class Doubler:\n"
+        "    payload_format = 'json'\n"
+        "    def __init__(self, model, config):\n"
+        "        self.factor = config.get('factor', 2)\n"
+        "    def predict(self, payload):\n"
+        "        return [x * self.factor for x in payload['instances']]\n"
+    )
+    predictor = build_predictor("mine:Doubler", None, {"factor": 3}, code_dir=str(tmp_path))
+    assert predictor.predict({"instances": [1, 2]}) == [3, 6]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("nowhere_module_xyz:Thing", "cannot import module 'nowhere_module_xyz'"),
+        ("json:Missing", "has no class 'Missing'"),
+        ("json:JSONDecodeError", "has no predict(self, payload) method"),
+    ],
+)
+def test_user_predictor_errors_name_the_problem(name, expected):
+    with pytest.raises(PredictorError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_predictor_class(name)

@@ -1,0 +1,99 @@
+import re
+
+import pytest
+from metaflow.plugins import STEP_DECORATORS
+
+from ray_deploy import DeploymentSpec, SpecError, option_defaults
+
+# Looked up the way Metaflow finds it: through the extension's plugin registration.
+RayServeDecorator = next(deco for deco in STEP_DECORATORS if deco.name == "ray_serve")
+
+
+def spec(**options):
+    return DeploymentSpec.from_options({"app": "cancer", **options})
+
+
+def test_defaults_serve_one_variant_at_app_route():
+    built = spec()
+    assert built.route == "/cancer"
+    assert [(v.name, v.model, v.predictor, v.weight) for v in built.variants] == [("default", "model", "auto", 100.0)]
+    assert (built.num_replicas, built.num_cpus, built.num_gpus, built.max_batch_size) == (1, 1.0, 0.0, 1)
+
+
+def test_command_line_strings_are_coerced_once():
+    # `--with ray_serve:num_replicas=2,...` can deliver text for every option.
+    built = spec(num_replicas="2", num_cpus="0.5", predictor_config='{"output": "probability"}', route_prefix="/c")
+    assert built.num_replicas == 2
+    assert built.num_cpus == 0.5
+    assert built.variants[0].predictor_config == {"output": "probability"}
+    assert built.route == "/c"
+
+
+def test_variants_by_name_with_weights():
+    built = spec(
+        variants={
+            "xgb": {"model": "model", "weight": 70},
+            "onnx": {"model": "model_onnx", "predictor": "onnx", "weight": 30},
+        }
+    )
+    assert [(v.name, v.weight, v.predictor) for v in built.variants] == [("xgb", 70, "auto"), ("onnx", 30, "onnx")]
+
+
+def test_mlflow_uri_is_a_model():
+    built = spec(model="models:/cancer/3")
+    assert built.variants[0].is_mlflow_uri
+
+
+BAD_OPTIONS = [
+    ({"num_replicas": -1}, "num_replicas", "greater than or equal to 1"),
+    ({"num_replicas": "many"}, "num_replicas", "valid integer"),
+    ({"num_cpus": -0.5}, "num_cpus", "greater than or equal to 0"),
+    ({"num_gpus": "x"}, "num_gpus", "valid number"),
+    ({"predictor": "sklearn"}, "predictor", "module:Class"),
+    ({"model": "my-model"}, "model", "step artifact"),
+    ({"route_prefix": "cancer"}, "route_prefix", "starts with '/'"),
+    ({"route_prefix": "/cancer/"}, "route_prefix", "no trailing"),
+    ({"max_batch_size": 0}, "max_batch_size", "greater than or equal to 1"),
+    ({"batch_wait_timeout_s": -1}, "batch_wait_timeout_s", "greater than or equal to 0"),
+    ({"deploy_timeout_s": 0}, "deploy_timeout_s", "greater than 0"),
+    ({"predictor_config": "{not json"}, "predictor_config", "not JSON"),
+    ({"predictor_config": [1, 2]}, "predictor_config", "dictionary"),
+    ({"bogus": 1}, "bogus", "unknown option"),
+    ({"variants": {"a": {"weight": 60}, "b": {"weight": 30}}}, "variants", "weights sum to 90 (a=60, b=30)"),
+    ({"variants": {"a": {"weight": 100}}, "model": "m"}, "model", "inside each entry of 'variants'"),
+    ({"variants": {"a": {"weight": 100, "colour": "red"}}}, "variants.0.colour", "unknown option"),
+]
+
+
+@pytest.mark.parametrize(("options", "option", "expected"), BAD_OPTIONS, ids=[o[1] for o in BAD_OPTIONS])
+def test_bad_option_names_itself(options, option, expected):
+    with pytest.raises(SpecError) as raised:
+        spec(**options)
+    message = str(raised.value)
+    assert re.search(rf"(^|\n){re.escape(option)}[:,]", message), message
+    assert expected in message, message
+    assert raised.value.headline == "Invalid @ray_serve option"
+
+
+def test_bad_app_name():
+    with pytest.raises(SpecError, match=r"^app: app 'My App' must be"):
+        DeploymentSpec.from_options({"app": "My App"})
+
+
+def test_decorator_options_come_from_the_spec():
+    assert RayServeDecorator.defaults == option_defaults()
+    assert list(RayServeDecorator.defaults)[0] == "app"
+
+
+def test_decorator_docstring_documents_every_option():
+    # Metaflow's stub generator reads "name : type, default ..." lines: each option needs one.
+    documented = re.findall(r"^    (\w+) : ", RayServeDecorator.__doc__, flags=re.M)
+    assert documented == list(RayServeDecorator.defaults)
+
+
+def test_spec_example_in_docstring_runs():
+    import doctest
+
+    import ray_deploy.spec
+
+    assert doctest.testmod(ray_deploy.spec).failed == 0
