@@ -31,13 +31,13 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(PY) -m pytest tests
+	$(VENV)/bin/pytest tests
 
 unit: install
-	$(PY) -m pytest tests/unit
+	$(VENV)/bin/pytest tests/unit
 
 integration: install
-	$(PY) -m pytest tests/integration
+	$(VENV)/bin/pytest tests/integration
 
 format: install
 	$(VENV)/bin/ruff check --fix .

@@ -44,15 +44,24 @@ def http():
         yield client
 
 
-def run_flow(flow_file: Path, *args: str, env: dict | None = None, timeout: int = 300):
-    """Run a flow with `python flow.py run` and return the finished process."""
+@pytest.fixture(scope="session")
+def run_flow():
+    """Run a flow with `python flow.py run ...`; returns the finished process."""
     import subprocess
 
-    return subprocess.run(
-        [sys.executable, str(flow_file), "--no-pylint", "run", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=str(flow_file.parent),
-    )
+    def run(flow_file: Path, *args: str, env: dict | None = None, timeout: int = 300):
+        return subprocess.run(
+            [sys.executable, str(flow_file), "--no-pylint", "run", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
+            cwd=str(flow_file.parent),
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def repo():
+    return REPO

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, TRAIN_FLOW, run_flow
-
 pytestmark = pytest.mark.integration
 
 FLOW_TEMPLATE = """
@@ -59,7 +57,7 @@ def write_flow(directory: Path, options: str) -> tuple[Path, Path]:
         ('app="iris", predictor="missing_module:Thing"', "cannot import module 'missing_module'"),
     ],
 )
-def test_bad_option_stops_the_run_before_training(tmp_path, options, expected):
+def test_bad_option_stops_the_run_before_training(tmp_path, run_flow, options, expected):
     flow, marker = write_flow(tmp_path, options)
     finished = run_flow(flow)
     output = finished.stdout + finished.stderr
@@ -68,7 +66,7 @@ def test_bad_option_stops_the_run_before_training(tmp_path, options, expected):
     assert not marker.exists(), "the start step ran although an option was invalid"
 
 
-def test_unreachable_cluster_fails_the_step_naming_the_address(tmp_path):
+def test_unreachable_cluster_fails_the_step_naming_the_address(tmp_path, run_flow):
     flow, marker = write_flow(tmp_path, 'app="iris", num_cpus=0.25')
     finished = run_flow(flow, env={"RAY_ADDRESS": "127.0.0.1:1"})
     output = finished.stdout + finished.stderr
@@ -77,7 +75,7 @@ def test_unreachable_cluster_fails_the_step_naming_the_address(tmp_path):
     assert marker.exists()
 
 
-def test_user_predictor_ships_with_the_flow(tmp_path, ray_head, http):
+def test_user_predictor_ships_with_the_flow(tmp_path, run_flow, ray_head, http):
     (tmp_path / "iris_predictors.py").write_text(
         textwrap.dedent(
             """
@@ -111,12 +109,12 @@ def test_user_predictor_ships_with_the_flow(tmp_path, ray_head, http):
     assert wrong.status_code == 400 and "needs 4 features" in wrong.json()["error"]
 
 
-def test_flow_cli_and_console_script_show_the_app(train_run, ray_head):
+def test_flow_cli_and_console_script_show_the_app(train_run, ray_head, repo):
     flow_status = subprocess.run(
-        [sys.executable, str(TRAIN_FLOW), "--no-pylint", "ray-serve", "status", "--json"],
+        [sys.executable, str(repo / "flows" / "train_flow.py"), "--no-pylint", "ray-serve", "status", "--json"],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=repo,
         timeout=120,
     )
     assert flow_status.returncode == 0, flow_status.stderr[-2000:]
