@@ -338,13 +338,14 @@ def connect(address: str | None = None, code_dir: str | None = None, start_local
     already = ray.is_initialized()
     if not already:
         try:
-            context = ray.init(
-                address=target,
-                runtime_env=runtime_env,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+            with _declared_code_only():
+                context = ray.init(
+                    address=target,
+                    runtime_env=runtime_env,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
         except Exception as exc:
             raise ClusterUnreachable(f"could not connect to the Ray cluster at {target}: {exc}") from exc
         dashboard = getattr(context, "dashboard_url", None)
@@ -365,6 +366,30 @@ def connect(address: str | None = None, code_dir: str | None = None, start_local
     finally:
         if not already:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _declared_code_only() -> Iterator[None]:
+    """Keep the driver's directories off the cluster workers' import path during ``ray.init``.
+
+    Ray otherwise adds the driver's script directory and current directory to every worker's
+    ``sys.path``: replicas would import whatever happens to sit where the flow was started (in a
+    checkout of this repo, a second copy of the Metaflow extension, which Metaflow refuses).
+    Code a deployment needs travels explicitly, as its ``runtime_env.working_dir``.
+    """
+    script_directory = os.path.dirname(os.path.realpath(sys.argv[0])) if sys.argv and sys.argv[0] else None
+    saved_path = list(sys.path)
+    saved_cwd = os.getcwd()
+    if script_directory:
+        sys.path[:] = [entry for entry in sys.path if entry != script_directory]
+    neutral = tempfile.mkdtemp(prefix="ray-deploy-driver-")
+    os.chdir(neutral)
+    try:
+        yield
+    finally:
+        os.chdir(saved_cwd)
+        sys.path[:] = saved_path
+        shutil.rmtree(neutral, ignore_errors=True)
 
 
 def _use_token_auth() -> None:

@@ -9,7 +9,9 @@ exception's headline) and a message that says what came in, what was expected an
     ├── PredictorError            a predictor cannot be found, imported or built
     ├── ClusterError              Ray cannot be reached or started
     │   └── ClusterUnreachable    nothing answers at the address tried
-    └── DeployError               the app did not become healthy; the previous version keeps serving
+    ├── DeployError               the app did not become healthy; the previous version keeps serving
+    └── LineageError              the MLflow registry refused a write or a lineage hop does not check out
+        └── RegistryUnreachable   the registry does not answer at the URI tried
 """
 
 from __future__ import annotations
@@ -50,3 +52,11 @@ class ClusterUnreachable(ClusterError):
 
 class DeployError(RayDeployError):
     headline = "Deployment failed"
+
+
+class LineageError(RayDeployError):
+    headline = "MLflow lineage problem"
+
+
+class RegistryUnreachable(LineageError):
+    headline = "MLflow registry unreachable"

@@ -101,7 +101,7 @@ def test_user_predictor_ships_with_the_flow(tmp_path, run_flow, ray_head, http):
         'app="iris", predictor="iris_predictors:SpeciesNames", predictor_config={"prefix": "iris-"}, num_cpus=0.25',
     )
     finished = run_flow(flow)
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]
     answer = http.post(f"{ray_head.http_url}/iris", json={"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]})
     assert answer.status_code == 200, answer.text
     assert answer.json()["predictions"] == ["iris-setosa", "iris-virginica"]

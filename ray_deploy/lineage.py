@@ -1,0 +1,327 @@
+"""MLflow registry reads and writes: every deployed variant is a registered model version.
+
+A version's tags lead back to the Metaflow run, step, task, artifact (and its sha256) and the
+input data, and forward to the Ray app that serves it. Aliases follow the truth: the version
+serving all traffic holds ``production``, one serving part of it holds ``canary``.
+
+Tag names (all strings, as MLflow stores them)::
+
+    metaflow.flow  metaflow.run_id  metaflow.step  metaflow.task  metaflow.user  metaflow.code_version
+    metaflow.artifact  metaflow.artifact_uri  metaflow.artifact_sha256  metaflow.artifact_blob_key
+    metaflow.datastore_type  metaflow.datastore_root
+    metaflow.data.<name>  (JSON: pathspec, sha256, blob_key of each input data artifact)
+    ray.variant  ray.app  ray.deployment  ray.route  ray.url  ray.address  ray.dashboard_url
+    ray.deployed_at  ray.traffic_weight  ray_deploy.status  (registered, serving, failed)
+
+The registry is ``MLFLOW_REGISTRY_URI``, else ``MLFLOW_TRACKING_URI``, else a SQLite file at
+``$RAY_DEPLOY_HOME/mlflow/mlflow.db`` (``RAY_DEPLOY_HOME`` defaults to ``~/.ray_deploy``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ray_deploy.artifacts import ModelRef
+from ray_deploy.errors import LineageError, RegistryUnreachable
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRODUCTION_ALIAS = "production"
+DEFAULT_CANARY_ALIAS = "canary"
+_CONNECT_TIMEOUT_S = 3.0
+
+
+def ray_deploy_home() -> Path:
+    return Path(os.environ.get("RAY_DEPLOY_HOME") or Path.home() / ".ray_deploy")
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the embedded SQLite store under RAY_DEPLOY_HOME."""
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if configured:
+        return configured
+    directory = ray_deploy_home() / "mlflow"
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def registry_uri() -> str:
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri()
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """An input data artifact the model was trained from."""
+
+    name: str
+    pathspec: str
+    sha256: str | None = None
+    blob_key: str | None = None
+
+    def to_tag(self) -> str:
+        return json.dumps({"pathspec": self.pathspec, "sha256": self.sha256, "blob_key": self.blob_key})
+
+
+@dataclass(frozen=True)
+class LineageSource:
+    """Where the deployed models came from (filled in by the Metaflow glue)."""
+
+    flow: str
+    run_id: str
+    step: str
+    task: str
+    user: str
+    code_version: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    data: tuple[DataRef, ...] = ()
+
+    @property
+    def run_pathspec(self) -> str:
+        return f"{self.flow}/{self.run_id}"
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """A registered model version: ``name/version``."""
+
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def artifact_uri(ref: ModelRef) -> str:
+    """Where the artifact's bytes live in the Metaflow datastore (file:// or s3:// ...)."""
+    if ref.kind != "metaflow" or not ref.datastore_root or not ref.blob_key:
+        return ref.uri
+    root = ref.datastore_root.rstrip("/")
+    path = f"{root}/{ref.flow_name}/data/{ref.blob_key[:2]}/{ref.blob_key}"
+    return path if "://" in path else f"file://{path}"
+
+
+class Registry:
+    """The MLflow registry, reached through ``MlflowClient``; every call names the URI on failure."""
+
+    def __init__(self, tracking: str | None = None, registry: str | None = None):
+        self.tracking_uri = tracking or tracking_uri()
+        self.registry_uri = registry or (registry_uri() if tracking is None else tracking)
+        self._client = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            try:
+                from mlflow import MlflowClient
+            except ImportError:
+                raise LineageError("recording lineage needs MLflow: pip install 'mlflow>=3'") from None
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri)
+        return self._client
+
+    def check_reachable(self) -> None:
+        """Fail fast, naming the URI, when the registry cannot be reached.
+
+        Raises:
+            RegistryUnreachable: a server does not answer, or a SQLite file cannot be created.
+        """
+        for uri in dict.fromkeys((self.tracking_uri, self.registry_uri)):
+            parsed = urlparse(uri)
+            if parsed.scheme in ("http", "https"):
+                port = parsed.port or (443 if parsed.scheme == "https" else 80)
+                try:
+                    with socket.create_connection((parsed.hostname, port), timeout=_CONNECT_TIMEOUT_S):
+                        pass
+                except OSError as exc:
+                    raise RegistryUnreachable(
+                        f"MLflow registry unreachable at {uri} ({exc}); start the server or set "
+                        "MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI"
+                    ) from None
+            elif parsed.scheme == "sqlite":
+                path = Path(uri[len("sqlite:///") :])
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise RegistryUnreachable(
+                        f"MLflow registry at {uri}: cannot create {path.parent} ({exc})"
+                    ) from None
+        try:
+            self.client.search_registered_models(max_results=1)
+        except LineageError:
+            raise
+        except Exception as exc:
+            raise RegistryUnreachable(f"MLflow registry at {self.registry_uri} did not answer: {exc}") from None
+
+    def mirror_run(self, source: LineageSource) -> str:
+        """The MLflow run mirroring a Metaflow run (created once): params and metrics of the flow."""
+        client = self.client
+        experiment_name = f"metaflow/{source.flow}"
+        experiment = client.get_experiment_by_name(experiment_name)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`metaflow.run` = '{source.run_pathspec}'", max_results=1
+        )
+        if found:
+            run_id = found[0].info.run_id
+        else:
+            run = client.create_run(
+                experiment_id,
+                run_name=f"{source.flow}-{source.run_id}",
+                tags={
+                    "metaflow.run": source.run_pathspec,
+                    "metaflow.flow": source.flow,
+                    "metaflow.run_id": source.run_id,
+                    "metaflow.user": source.user,
+                    "mlflow.user": source.user,
+                    **({"metaflow.code_version": source.code_version} if source.code_version else {}),
+                },
+            )
+            run_id = run.info.run_id
+            for name, value in sorted(source.parameters.items()):
+                client.log_param(run_id, name, value)
+            client.set_terminated(run_id)
+        for name, value in sorted(source.metrics.items()):
+            client.log_metric(run_id, name, value)
+        return run_id
+
+    def register_version(
+        self, name: str, variant: str, ref: ModelRef, source: LineageSource, run_id: str, predictor: str
+    ) -> VersionRef:
+        """Register one variant's model; a retry of the same task reuses the version it made."""
+        client = self.client
+        existing = self.find_version(name, source.task, variant, ref.sha256)
+        if existing is not None:
+            return existing
+        try:
+            client.create_registered_model(name, tags={"ray_deploy.managed": "true"})
+        except Exception as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                raise
+        tags = {
+            "metaflow.flow": source.flow,
+            "metaflow.run_id": source.run_id,
+            "metaflow.step": source.step,
+            "metaflow.task": source.task,
+            "metaflow.user": source.user,
+            "metaflow.artifact": ref.artifact_name or "",
+            "metaflow.artifact_pathspec": ref.pathspec or "",
+            "metaflow.artifact_uri": artifact_uri(ref),
+            "metaflow.artifact_sha256": ref.sha256 or "",
+            "metaflow.artifact_blob_key": ref.blob_key or "",
+            "metaflow.datastore_type": ref.datastore_type or "",
+            "metaflow.datastore_root": ref.datastore_root or "",
+            "metaflow.python_type": ref.python_type or "",
+            "ray.variant": variant,
+            "ray_deploy.predictor": predictor,
+            "ray_deploy.status": "registered",
+        }
+        if source.code_version:
+            tags["metaflow.code_version"] = source.code_version
+        for data in source.data:
+            tags[f"metaflow.data.{data.name}"] = data.to_tag()
+        description = f"{ref.uri} (variant {variant!r}), trained by {source.task}"
+        version = None
+        for candidate in (artifact_uri(ref), ref.uri):
+            try:
+                version = client.create_model_version(
+                    name, candidate, run_id=run_id, tags=tags, description=description
+                )
+                break
+            except Exception as exc:
+                # An MLflow server refuses local paths as sources; the metaflow:// URI names the
+                # same artifact and the datastore location stays in metaflow.artifact_uri.
+                if "Invalid model version source" not in str(exc) or candidate == ref.uri:
+                    raise
+        return VersionRef(name, str(version.version))
+
+    def find_version(self, name: str, task: str, variant: str, sha256: str | None) -> VersionRef | None:
+        try:
+            found = self.client.search_model_versions(
+                f"name = '{name}' and tags.`metaflow.task` = '{task}' and tags.`ray.variant` = '{variant}'"
+            )
+        except Exception:
+            return None
+        for version in sorted(found, key=lambda v: int(v.version)):
+            if version.tags.get("metaflow.artifact_sha256") == (sha256 or ""):
+                return VersionRef(name, str(version.version))
+        return None
+
+    def set_tags(self, version: VersionRef, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(version.name, version.version, key, str(value))
+
+    def set_alias(self, version: VersionRef, alias: str) -> None:
+        self.client.set_registered_model_alias(version.name, alias, version.version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        try:
+            self.client.delete_registered_model_alias(name, alias)
+        except Exception as exc:
+            logger.debug("no alias %s on %s: %s", alias, name, exc)
+
+    def version_tags(self, version: VersionRef) -> dict[str, str]:
+        return dict(self.client.get_model_version(version.name, version.version).tags)
+
+    def resolve(self, reference: str) -> VersionRef:
+        """``NAME/VERSION`` or ``NAME@ALIAS`` (or the same behind ``models:/``) to a version."""
+        text = reference.removeprefix("models:/")
+        if "@" in text:
+            name, alias = text.rsplit("@", 1)
+            try:
+                version = self.client.get_model_version_by_alias(name, alias)
+            except Exception as exc:
+                raise LineageError(f"no version of {name!r} holds alias {alias!r} in {self.registry_uri}: {exc}")
+            return VersionRef(name, str(version.version))
+        if "/" in text:
+            name, number = text.rsplit("/", 1)
+            if number.isdigit():
+                return VersionRef(name, number)
+        raise LineageError(
+            f"model reference {reference!r}: expected NAME/VERSION or NAME@ALIAS, e.g. cancer@production"
+        )
+
+
+def record_deployment(
+    registry: Registry,
+    versions: dict[str, VersionRef],
+    weights: dict[str, float],
+    deployment: dict[str, str],
+    production_alias: str,
+    canary_alias: str,
+) -> None:
+    """Tag each serving version with where it serves, and move the aliases to match the traffic."""
+    deployed_at = datetime.now(UTC).isoformat(timespec="seconds")
+    for variant, version in versions.items():
+        registry.set_tags(
+            version,
+            {
+                **deployment,
+                "ray.deployed_at": deployed_at,
+                "ray.traffic_weight": f"{weights[variant]:g}",
+                "ray_deploy.status": "serving",
+            },
+        )
+    for variant, version in versions.items():
+        if weights[variant] >= 100:
+            registry.set_alias(version, production_alias)
+        elif weights[variant] > 0:
+            registry.set_alias(version, canary_alias)
+    names = {v.name for v in versions.values()}
+    if all(weights[variant] >= 100 or weights[variant] == 0 for variant in versions):
+        for name in names:
+            registry.delete_alias(name, canary_alias)
+
+
+def recorded_at() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
