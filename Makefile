@@ -23,6 +23,9 @@ demo: install
 	@echo "The run has ended; the model still answers:"
 	$(PY) flows/predict_sample.py 3
 	@echo
+	@echo "Every hop from the serving app back to the training data, checked:"
+	$(VENV)/bin/ray-deploy lineage cancer
+	@echo
 	@echo "Try: curl -s -H 'Content-Type: application/json' http://127.0.0.1:8000/cancer   (GET describes the app)"
 	@echo "     $(VENV)/bin/ray-deploy status      |  make cluster-down   (stops the local Ray head)"
 

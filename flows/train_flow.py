@@ -75,7 +75,14 @@ class TrainFlow(FlowSpec):
         print("scores: %s; keeping %r" % (self.scores, self.best_strategy))
         self.next(self.deploy)
 
-    @ray_serve(app="cancer", model="model", predictor="xgboost", num_cpus=0.5)
+    @ray_serve(
+        app="cancer",
+        model="model",
+        predictor="xgboost",
+        num_cpus=0.5,
+        data=["dataset"],
+        metrics=["best_metrics", "scores"],
+    )
     @step
     def deploy(self):
         self.model = self.best_model
@@ -94,10 +101,21 @@ class TrainFlow(FlowSpec):
         )
         with urllib.request.urlopen(request, timeout=30) as answer:
             prediction = json.loads(answer.read())["predictions"][0]
-        print("run %s: model %r serves at %s" % (current.run_id, self.best_strategy, self.ray_serve["url"]))
+        record = self.ray_serve
+        print("run %s: model %r serves at %s" % (current.run_id, self.best_strategy, record["url"]))
         print(
             "live prediction for the first held-out row: %s (true label %s)" % (prediction, self.dataset["y_test"][0])
         )
+        print("lineage:")
+        for variant in record["variants"]:
+            print(
+                "  app %s -> variant %s -> MLflow model version %s (%s)"
+                % (record["app"], variant["name"], variant["model_version"], record["registry_uri"])
+            )
+            print("  -> artifact %s (sha256 %s...)" % (variant["model_uri"], variant["sha256"][:16]))
+        print("  -> trained by task %s" % record["lineage"]["task"])
+        for data in record["lineage"]["data"]:
+            print("  -> input data %s (sha256 %s...)" % (data["pathspec"], data["sha256"][:16]))
 
 
 if __name__ == "__main__":

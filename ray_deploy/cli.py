@@ -4,6 +4,8 @@
     ray-deploy status [APP]                apps, their state, URL and variants
     ray-deploy predict APP --data JSON     send one scoring request and print the answer
     ray-deploy delete APP                  remove an app
+    ray-deploy lineage APP                 app -> variant -> model version -> task -> artifact -> data, checked
+    ray-deploy lineage --model NAME@ALIAS  the same from the registry side (or NAME/VERSION)
 
 Errors print as ``ErrorName: message`` and exit with status 1.
 """
@@ -69,6 +71,37 @@ def _predict(args: argparse.Namespace) -> None:
         raise RayDeployError(f"{row['url']} answered {exc.code}: {exc.read().decode('utf-8', 'replace')}") from None
 
 
+def print_lineage(chains: dict[str, list[Any]], as_json: bool) -> int:
+    """Print lineage chains; 1 if any hop does not check out."""
+    from ray_deploy.trace import broken
+
+    if as_json:
+        print(json.dumps({name: [hop.to_dict() for hop in hops] for name, hops in chains.items()}, indent=2))
+    else:
+        for name, hops in chains.items():
+            print(name)
+            for depth, hop in enumerate(hops):
+                mark = "ok " if hop.ok else "BAD"
+                print(f"  {mark} {'  ' * depth}{hop.kind}: {hop.name}  ({hop.detail})")
+    failed = [hop for hops in chains.values() for hop in broken(hops)]
+    if failed:
+        print(f"LineageError: {len(failed)} hop(s) do not check out", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    from ray_deploy.trace import trace_app, trace_model
+
+    if args.model:
+        chains = {args.model: trace_model(args.model, address=args.address)}
+    elif args.app:
+        chains = trace_app(args.app, address=args.address)
+    else:
+        raise RayDeployError("lineage needs an APP or --model NAME/VERSION (or NAME@ALIAS)")
+    return print_lineage(chains, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-deploy", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
@@ -93,17 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("delete", parents=[common], help="remove an app from the cluster")
     delete.add_argument("app")
     delete.set_defaults(run=_delete)
+
+    lineage = commands.add_parser(
+        "lineage", parents=[common], help="trace an app or a model version, checking each hop"
+    )
+    lineage.add_argument("app", nargs="?", default=None)
+    lineage.add_argument("--model", default=None, help="NAME/VERSION or NAME@ALIAS in the MLflow registry")
+    lineage.set_defaults(run=_lineage)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except RayDeployError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

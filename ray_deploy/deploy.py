@@ -21,7 +21,8 @@ from typing import Any
 
 from ray_deploy.artifacts import ModelRef
 from ray_deploy.cluster import ClusterInfo, connect
-from ray_deploy.errors import DeployError, RayDeployError
+from ray_deploy.errors import DeployError, LineageError, RayDeployError
+from ray_deploy.lineage import LineageSource, Registry, VersionRef, record_deployment
 from ray_deploy.progress import Waiter, report
 from ray_deploy.serving.app import SERVER_DEPLOYMENT, ServingConfig, build_application, serving_config
 from ray_deploy.spec import DeploymentSpec
@@ -33,7 +34,7 @@ _POLL_S = 0.5
 
 @dataclass(frozen=True)
 class DeployResult:
-    """What was deployed and where it answers."""
+    """What was deployed, where it answers, and the model versions that record it."""
 
     app: str
     url: str
@@ -42,6 +43,8 @@ class DeployResult:
     config: ServingConfig
     seconds: float
     preflight: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, VersionRef] = field(default_factory=dict)
+    registry: Registry | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, as stored in the step's ``ray_serve`` artifact."""
@@ -51,6 +54,7 @@ class DeployResult:
             "route_prefix": self.route_prefix,
             "address": self.cluster.address,
             "dashboard_url": self.cluster.dashboard_url,
+            "registry_uri": self.registry.registry_uri if self.registry else None,
             "variants": [
                 {
                     "name": v.name,
@@ -58,6 +62,7 @@ class DeployResult:
                     "predictor": v.predictor,
                     "model_uri": v.model.uri,
                     "sha256": v.model.sha256,
+                    "model_version": v.model_version,
                     "model_ref": v.model.model_dump(mode="json"),
                 }
                 for v in self.config.variants
@@ -72,6 +77,7 @@ def deploy(
     predictors: dict[str, str] | None = None,
     source: dict[str, str] | None = None,
     code_dir: str | None = None,
+    lineage: LineageSource | None = None,
 ) -> DeployResult:
     """Serve ``models`` as the app ``spec`` describes, replacing any running version safely.
 
@@ -81,20 +87,32 @@ def deploy(
         predictors: variant name -> resolved predictor (defaults to each variant's own).
         source: provenance to show in the dashboard and the app's GET answer.
         code_dir: directory holding user predictor modules, shipped with the deployment.
+        lineage: where the models came from; with ``spec.lineage`` each variant becomes an MLflow
+            model version, tagged both ways, and the aliases follow the traffic.
 
     Returns:
-        A ``DeployResult`` with the URL the app answers on.
+        A ``DeployResult`` with the URL the app answers on (and the model versions).
 
     Raises:
+        RegistryUnreachable: the MLflow registry does not answer; nothing was changed.
         ClusterUnreachable: the cluster does not answer at the address tried.
         ArtifactError, PredictorError: a model failed its preflight; nothing was changed.
         DeployError: Serve did not bring the app up; the previous version was put back.
+        LineageError: recording the deployment failed; the previous version was put back.
     """
     started = time.monotonic()
     config = serving_config(spec, models, predictors or {}, source)
+    registry = Registry() if spec.lineage and lineage is not None else None
+    if registry is not None:
+        report(f"checking the MLflow registry at {registry.registry_uri} ...")
+        registry.check_reachable()
     with connect(spec.address, code_dir=code_dir) as cluster:
         report(f"checking {len(config.variants)} model(s) on the cluster before deploying {spec.app!r} ...")
         checked = preflight(config, timeout_s=spec.deploy_timeout_s)
+        versions: dict[str, VersionRef] = {}
+        if registry is not None:
+            versions = _register_versions(registry, spec, config, lineage)
+            config = config.with_versions({n: str(v) for n, v in versions.items()}, registry.registry_uri)
         previous = running_deployment_options(spec.app)
         url = cluster.http_url + spec.route
         report(f"deploying app {spec.app!r} at {url} ({spec.num_replicas} replica(s)) ...")
@@ -103,10 +121,58 @@ def deploy(
             _wait_until_serving(spec.app, url, config, spec.deploy_timeout_s)
         except DeployError as failure:
             _restore(spec.app, spec.route, previous)
+            _mark_failed(registry, versions, str(failure))
             raise failure
+        if registry is not None:
+            try:
+                record_deployment(
+                    registry,
+                    versions,
+                    {v.name: v.weight for v in config.variants},
+                    {
+                        "ray.app": spec.app,
+                        "ray.deployment": SERVER_DEPLOYMENT,
+                        "ray.route": spec.route,
+                        "ray.url": url,
+                        "ray.address": cluster.address,
+                        "ray.dashboard_url": cluster.dashboard_url or "",
+                    },
+                    spec.production_alias,
+                    spec.canary_alias,
+                )
+            except Exception as exc:
+                # Nothing may serve unrecorded: put the previous version back.
+                _restore(spec.app, spec.route, previous)
+                _mark_failed(registry, versions, f"registry write failed: {exc}")
+                raise LineageError(
+                    f"recording the deployment in the MLflow registry at {registry.registry_uri} failed ({exc}); "
+                    f"app {spec.app!r} was put back to its previous version"
+                ) from exc
+            for variant, version in versions.items():
+                report(f"variant {variant!r} is MLflow model version {version} ({registry.registry_uri})")
     seconds = time.monotonic() - started
     report(f"app {spec.app!r} is serving at {url} ({seconds:.1f}s)")
-    return DeployResult(spec.app, url, spec.route, cluster, config, seconds, checked)
+    return DeployResult(spec.app, url, spec.route, cluster, config, seconds, checked, versions, registry)
+
+
+def _register_versions(
+    registry: Registry, spec: DeploymentSpec, config: ServingConfig, lineage: LineageSource
+) -> dict[str, VersionRef]:
+    run_id = registry.mirror_run(lineage)
+    return {
+        v.name: registry.register_version(spec.model_name, v.name, v.model, lineage, run_id, v.predictor)
+        for v in config.variants
+    }
+
+
+def _mark_failed(registry: Registry | None, versions: dict[str, VersionRef], reason: str) -> None:
+    if registry is None:
+        return
+    for version in versions.values():
+        try:
+            registry.set_tags(version, {"ray_deploy.status": "failed", "ray_deploy.failure": reason[:4000]})
+        except Exception as exc:  # the registry may be the thing that failed
+            logger.warning("could not mark %s as failed: %s", version, exc)
 
 
 def preflight(config: ServingConfig, timeout_s: float) -> list[dict[str, Any]]:
@@ -289,15 +355,32 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                     "url": cluster.http_url + config.route_prefix,
                     "replicas": {d: dict(s.replica_states) for d, s in (status.deployments.items() if status else [])},
                     "variants": [
-                        {"name": v.name, "weight": v.weight, "predictor": v.predictor, "model_uri": v.model.uri}
+                        {
+                            "name": v.name,
+                            "weight": v.weight,
+                            "predictor": v.predictor,
+                            "model_uri": v.model.uri,
+                            "model_version": v.model_version,
+                        }
                         for v in config.variants
                     ],
                     "source": config.source,
+                    "config": user_config,
                 }
             )
         if app is not None and not apps:
             raise DeployError(f"no app {app!r} deployed by ray-deploy on {cluster.address}")
         return apps
+
+
+def app_serving_config(app: str, address: str | None = None) -> tuple[ServingConfig, str, str]:
+    """What a running app serves, read back from Serve: (config, status, URL).
+
+    Raises:
+        DeployError: no app of that name was deployed by ray-deploy on the cluster.
+    """
+    (row,) = app_status(app, address)
+    return ServingConfig.model_validate(row["config"]), row["status"], row["url"]
 
 
 def delete_app(app: str, address: str | None = None) -> bool:

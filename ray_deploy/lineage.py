@@ -325,3 +325,94 @@ def record_deployment(
 
 def recorded_at() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def flatten_metrics(name: str, value: Any) -> dict[str, float]:
+    """Metrics from an artifact: a number, or a (nested) dict of numbers, as dotted names.
+
+    Example:
+        >>> flatten_metrics("best", {"auc": 0.99, "by_class": {"0": 0.9}})
+        {'best.auc': 0.99, 'best.by_class.0': 0.9}
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} is a boolean, not a number")
+    if isinstance(value, int | float):
+        return {name: float(value)}
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return {name: float(value.item())}
+    if isinstance(value, dict):
+        flat: dict[str, float] = {}
+        for key, item in value.items():
+            flat.update(flatten_metrics(f"{name}.{key}", item))
+        return flat
+    raise ValueError(f"{name} is a {type(value).__name__}; metrics must be numbers or dicts of numbers")
+
+
+def code_version(directory: str | None) -> str | None:
+    """The git commit of the code directory (with ``-dirty`` when it has uncommitted changes)."""
+    import subprocess
+
+    if not directory:
+        return None
+    try:
+        commit = subprocess.run(
+            ["git", "-C", directory, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", directory, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit or None
+
+
+def data_ref_from_pathspec(pathspec: str, flow_datastore: Any | None = None) -> DataRef:
+    """An input data artifact of any finished run, by pathspec, with its content address and sha256."""
+    import hashlib
+
+    from metaflow import DataArtifact, namespace
+
+    from ray_deploy.artifacts import METAFLOW_SCHEME, read_model_bytes
+
+    namespace(None)
+    try:
+        artifact = DataArtifact(pathspec)
+        blob_key = artifact.sha
+    except Exception as exc:
+        raise LineageError(f"data: cannot find artifact {pathspec!r} through the Metaflow client ({exc})") from None
+    sha256 = None
+    if flow_datastore is not None:
+        ref = ModelRef(
+            kind="metaflow",
+            uri=METAFLOW_SCHEME + pathspec,
+            blob_key=blob_key,
+            datastore_type=flow_datastore.TYPE,
+            datastore_root=flow_datastore.datastore_root,
+        )
+        sha256 = hashlib.sha256(read_model_bytes(ref)).hexdigest()
+    return DataRef(name=pathspec.rsplit("/", 1)[1], pathspec=pathspec, sha256=sha256, blob_key=blob_key)
+
+
+def origin_of(flow: str, run_id: str, name: str, blob_key: str | None) -> str | None:
+    """The earliest finished task of a run holding artifact ``name`` with this content, as a pathspec."""
+    from metaflow import Run, namespace
+
+    if not blob_key:
+        return None
+    namespace(None)
+    try:
+        steps = list(Run(f"{flow}/{run_id}"))
+    except Exception:
+        return None
+    for step in reversed(steps):  # the client lists steps newest first
+        for task in step:
+            try:
+                if name in task and task[name].sha == blob_key:
+                    return f"{task.pathspec}/{name}"
+            except Exception:
+                continue
+    return None

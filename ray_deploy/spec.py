@@ -22,6 +22,8 @@ MLFLOW_URI_PREFIXES = ("models:/", "runs:/")
 _APP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _VARIANT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_REGISTERED_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -132,6 +134,19 @@ class DeploymentSpec(_Spec):
     deploy_timeout_s: float = Field(
         300.0, gt=0, le=24 * 3600, description="Longest wait for replicas to become healthy before the deploy fails."
     )
+    lineage: bool = Field(True, description="Record every deployed variant as an MLflow registered model version.")
+    registered_model: str | None = Field(
+        None, description="MLflow registered model name for the deployed versions; defaults to the app name."
+    )
+    data: tuple[str, ...] = Field(
+        (),
+        description="Input data the model came from: step artifact names, or pathspecs Flow/run/step/task/artifact.",
+    )
+    metrics: tuple[str, ...] = Field(
+        (), description="Step artifacts holding the model's metrics (a number or a dict of numbers)."
+    )
+    production_alias: str = Field("production", description="MLflow alias held by the version that serves all traffic.")
+    canary_alias: str = Field("canary", description="MLflow alias held by a version that serves part of the traffic.")
 
     @field_validator("app")
     @classmethod
@@ -152,6 +167,59 @@ class DeploymentSpec(_Spec):
                 f"route_prefix {value!r} must be a path such as '/cancer': starts with '/', no trailing '/'"
             )
         return value
+
+    @field_validator("data", "metrics", mode="before")
+    @classmethod
+    def _names_from_text(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str):
+            value = _parse_json_string(value, info.field_name) if value.startswith("[") else [value]
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _data_are_artifacts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            parts = entry.split("/")
+            if not (len(parts) == 1 and _IDENTIFIER.match(entry)) and not (len(parts) == 5 and all(parts)):
+                raise ValueError(
+                    f"data entry {entry!r} must be a step artifact name (e.g. 'dataset') "
+                    "or an artifact pathspec Flow/run/step/task/artifact"
+                )
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _metrics_are_artifacts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            if not _IDENTIFIER.match(entry):
+                raise ValueError(f"metrics entry {entry!r} must be a step artifact name such as 'scores'")
+        return value
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registered_model_name(cls, value: str | None) -> str | None:
+        if value is not None and not _REGISTERED_MODEL.match(value):
+            raise ValueError(
+                f"registered_model {value!r} must be 1-200 letters, digits, '.', '-' or '_' (no '/', ':' or spaces)"
+            )
+        return value
+
+    @field_validator("production_alias", "canary_alias")
+    @classmethod
+    def _alias_name(cls, value: str, info: Any) -> str:
+        if not _ALIAS.match(value) or value.lower() == "latest" or re.match(r"^v\d+$", value.lower()):
+            raise ValueError(
+                f"{info.field_name} {value!r} must be letters, digits, '-' or '_' and not 'latest' or v<number>"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _aliases_differ(self) -> DeploymentSpec:
+        if self.production_alias == self.canary_alias:
+            raise ValueError(
+                f"production_alias and canary_alias are both {self.canary_alias!r}; give them different names"
+            )
+        return self
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -182,6 +250,11 @@ class DeploymentSpec(_Spec):
     def route(self) -> str:
         """The HTTP route this app answers on."""
         return self.route_prefix or f"/{self.app}"
+
+    @property
+    def model_name(self) -> str:
+        """The MLflow registered model the deployed versions belong to."""
+        return self.registered_model or self.app
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> DeploymentSpec:
@@ -247,7 +320,8 @@ def option_defaults() -> dict[str, Any]:
     """The decorator's option list with defaults, derived from the spec's fields."""
     defaults: dict[str, Any] = {}
     for name, field in DeploymentSpec.model_fields.items():
-        defaults[name] = None if field.is_required() else field.get_default()
+        default = None if field.is_required() else field.get_default()
+        defaults[name] = list(default) if isinstance(default, tuple) else default
         if name == "app":
             # The single-variant shorthand reads best right after the app name.
             for short in ("model", "predictor", "predictor_config"):

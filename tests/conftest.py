@@ -18,3 +18,7 @@ os.environ.setdefault("RAY_DEPLOY_HTTP_PORT", "8099")
 # Logical CPUs: several 0.25-0.5 CPU replicas fit on a 2-core machine.
 os.environ.setdefault("RAY_DEPLOY_NUM_CPUS", "4")
 os.environ.pop("RAY_ADDRESS", None)
+# The embedded registry (a SQLite file under RAY_DEPLOY_HOME), unless a test points elsewhere.
+os.environ["RAY_DEPLOY_HOME"] = str(STATE_DIR / "home")
+for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    os.environ.pop(name, None)

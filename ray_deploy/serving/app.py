@@ -29,6 +29,7 @@ class VariantConfig(BaseModel):
     predictor: str = Field(description="Resolved predictor name (never 'auto') or 'module:Class'.")
     predictor_config: dict[str, Any] = Field(default_factory=dict)
     model: ModelRef
+    model_version: str | None = Field(None, description="MLflow registered model version, as name/version.")
 
 
 class ServingConfig(BaseModel):
@@ -45,6 +46,12 @@ class ServingConfig(BaseModel):
     source: dict[str, str] = Field(
         default_factory=dict, description="Where this deployment came from, e.g. the Metaflow task pathspec."
     )
+    registry_uri: str | None = Field(None, description="MLflow registry holding the variants' model versions.")
+
+    def with_versions(self, versions: dict[str, str], registry_uri: str) -> ServingConfig:
+        """The same config with each variant's registered model version filled in."""
+        variants = tuple(v.model_copy(update={"model_version": versions.get(v.name)}) for v in self.variants)
+        return self.model_copy(update={"variants": variants, "registry_uri": registry_uri})
 
 
 def serving_config(

@@ -59,3 +59,25 @@ def test_unreachable_cluster_fails_fast_with_the_address(current):
         deploy(spec, {"default": ref}, {"default": "xgboost"})
     # ray.init alone would retry for about a minute; we check the socket first.
     assert time.monotonic() - started < 20
+
+
+def test_server_side_batching_answers_each_request(train_run, ray_head, http):
+    """With batching on, concurrent requests are merged into one predict call and split back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = train_run["deploy"].task.data
+    (variant,) = data.ray_serve["variants"]
+    spec = DeploymentSpec.from_options(
+        {"app": "batched", "num_cpus": 0.25, "max_batch_size": 16, "batch_wait_timeout_s": 0.05}
+    )
+    result = deploy(spec, {"default": ModelRef(**variant["model_ref"])}, {"default": "xgboost"})
+    rows = data.dataset["X_test"][:40]
+    expected = data.model.predict(rows).tolist()
+
+    def ask(index):
+        body = {"instances": [rows[index].tolist(), rows[(index + 1) % len(rows)].tolist()]}
+        return http.post(result.url, json=body).json()["predictions"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(ask, range(len(rows))))
+    assert answers == [[expected[i], expected[(i + 1) % len(rows)]] for i in range(len(rows))]

@@ -4,6 +4,7 @@ from metaflow._vendor import click
 from metaflow.exception import MetaflowException
 
 from ray_deploy import DeploymentSpec, RayDeployError, app_status, delete_app
+from ray_deploy.cli import print_lineage
 
 
 class RayServeCommandError(MetaflowException):
@@ -93,3 +94,22 @@ def delete(obj, app=None):
         except RayDeployError as error:
             raise RayServeCommandError(error)
         obj.echo("Deleted app *%s*." % name if existed else "App *%s* was not deployed." % name)
+
+
+@ray_serve.command(help="Trace each app: variant -> model version -> task -> artifact -> data, checking each hop.")
+@click.option("--app", default=None, help="Only this app.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
+@click.pass_context
+def lineage(ctx, app=None, as_json=False):
+    from ray_deploy.trace import trace_app
+
+    obj = ctx.obj
+    failed = 0
+    for name in _selected(obj, app):
+        try:
+            chains = trace_app(name, address=_address(obj, name))
+        except RayDeployError as error:
+            raise RayServeCommandError(error)
+        failed |= print_lineage({"%s/%s" % (name, variant): hops for variant, hops in chains.items()}, as_json)
+    if failed:
+        ctx.exit(1)

@@ -6,15 +6,21 @@ from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
 
 from ray_deploy import (
+    DataRef,
     DeploymentSpec,
+    LineageSource,
     ModelRef,
     RayDeployError,
     SpecError,
     choose_predictor,
+    code_version,
+    data_ref_from_pathspec,
     deploy,
+    flatten_metrics,
     load_predictor_class,
     metaflow_model_ref,
     option_defaults,
+    origin_of,
 )
 
 
@@ -80,12 +86,30 @@ class RayServeDecorator(StepDecorator):
     deploy_timeout_s : float, default 300.0
         Longest wait for the replicas to become healthy; on timeout the step fails and the
         previous version of the app keeps serving.
+    lineage : bool, default True
+        Record every deployed variant as an MLflow registered model version whose tags lead back
+        to this run, step, task, artifact (with its sha256) and input data, and forward to the Ray
+        app. The registry is MLFLOW_REGISTRY_URI / MLFLOW_TRACKING_URI, else a SQLite file at
+        ~/.ray_deploy/mlflow/mlflow.db. An unreachable registry fails the step before Serve is touched.
+    registered_model : str, optional, default None
+        MLflow registered model name; defaults to the app name.
+    data : List[str], default []
+        The model's input data: artifact names of this run (e.g. ["dataset"]) or pathspecs of
+        another flow's artifacts ("DataFlow/12/end/34/table"); recorded with their hashes.
+    metrics : List[str], default []
+        Artifacts holding the model's metrics (a number or a dict of numbers), logged on the
+        MLflow run that mirrors this Metaflow run, e.g. ["best_metrics"].
+    production_alias : str, default "production"
+        MLflow alias held by the version serving all traffic.
+    canary_alias : str, default "canary"
+        MLflow alias held by a version serving part of the traffic.
     """
 
     name = "ray_serve"
     defaults = option_defaults()
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
+        _attach_card(decorators)
         self._step_name = step_name
         self._flow_datastore = flow_datastore
         self._code_dir = _flow_directory(flow)
@@ -125,32 +149,83 @@ class RayServeDecorator(StepDecorator):
         try:
             models, predictors = self._resolve_models(flow)
             uses_user_code = any(v.is_user_predictor for v in self.spec.variants)
+            source = self._lineage_source(flow, step_name)
             result = deploy(
                 self.spec,
                 models,
                 predictors,
                 source={
-                    "flow": flow.name,
-                    "run_id": str(self._run_id),
+                    "flow": source.flow,
+                    "run_id": source.run_id,
                     "step": step_name,
-                    "task": "%s/%s" % (flow.name, self._task_datastore.pathspec),
-                    "user": os.environ.get("USERNAME") or os.environ.get("USER") or "unknown",
+                    "task": source.task,
+                    "user": source.user,
                 },
                 code_dir=self._code_dir if uses_user_code else None,
+                lineage=source,
             )
         except RayDeployError as error:
             raise RayServeException(step_name, error)
-        flow.ray_serve = result.to_dict()
+        record = result.to_dict()
+        record["lineage"] = {
+            "task": source.task,
+            "code_version": source.code_version,
+            "parameters": source.parameters,
+            "metrics": source.metrics,
+            "data": [{"name": d.name, "pathspec": d.pathspec, "sha256": d.sha256} for d in source.data],
+        }
+        flow.ray_serve = record
         tags = ["attempt_id:%d" % retry_count]
-        self._metadata.register_metadata(
-            self._run_id,
-            step_name,
-            self._task_id,
-            [
-                MetaDatum(field="ray_serve_app", value=result.app, type="ray_serve", tags=tags),
-                MetaDatum(field="ray_serve_url", value=result.url, type="ray_serve", tags=tags),
-            ],
+        entries = [
+            MetaDatum(field="ray_serve_app", value=result.app, type="ray_serve", tags=tags),
+            MetaDatum(field="ray_serve_url", value=result.url, type="ray_serve", tags=tags),
+        ]
+        for variant, version in sorted(result.versions.items()):
+            entries.append(
+                MetaDatum(field="ray_serve_model_version.%s" % variant, value=str(version), type="ray_serve", tags=tags)
+            )
+        self._metadata.register_metadata(self._run_id, step_name, self._task_id, entries)
+
+    def _lineage_source(self, flow, step_name):
+        """Where the deployed models came from: this task, the flow's parameters, metrics and data."""
+        from metaflow import current
+
+        parameters = {name: getattr(flow, name) for name in getattr(current, "parameter_names", [])}
+        return LineageSource(
+            flow=flow.name,
+            run_id=str(self._run_id),
+            step=step_name,
+            task="%s/%s" % (flow.name, self._task_datastore.pathspec),
+            user=current.username or os.environ.get("USERNAME") or "unknown",
+            code_version=code_version(self._code_dir),
+            parameters={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in parameters.items()},
+            metrics=self._metrics(flow),
+            data=tuple(self._data_ref(flow, entry) for entry in self.spec.data),
         )
+
+    def _metrics(self, flow):
+        metrics = {}
+        for name in self.spec.metrics:
+            if not hasattr(flow, name):
+                raise SpecError("metrics: the step has no artifact named %r; set it or drop it from metrics" % name)
+            try:
+                metrics.update(flatten_metrics(name, getattr(flow, name)))
+            except ValueError as exc:
+                raise SpecError("metrics: %s" % exc)
+        return metrics
+
+    def _data_ref(self, flow, entry):
+        if "/" in entry:
+            return data_ref_from_pathspec(entry, self._flow_datastore)
+        if not hasattr(flow, entry):
+            raise SpecError(
+                "data: the step has no artifact named %r (nor did an earlier step); name the artifact that "
+                "holds the training data, or give another flow's artifact as Flow/run/step/task/name" % entry
+            )
+        ref = metaflow_model_ref(self._task_datastore, self._flow_datastore, entry, getattr(flow, entry))
+        # Point at the task that produced the data, not at this step's copy of it (same content).
+        origin = origin_of(flow.name, str(self._run_id), entry, ref.blob_key) or ref.pathspec
+        return DataRef(name=entry, pathspec=origin, sha256=ref.sha256, blob_key=ref.blob_key)
 
     def _resolve_models(self, flow):
         """Variant name -> ModelRef, and variant name -> predictor with 'auto' resolved."""
@@ -170,6 +245,21 @@ class RayServeDecorator(StepDecorator):
             predictors[variant.name] = choose_predictor(value) if variant.predictor == "auto" else variant.predictor
             models[variant.name] = metaflow_model_ref(self._task_datastore, self._flow_datastore, variant.model, value)
         return models, predictors
+
+
+def _attach_card(decorators):
+    """Give the step a `ray_serve` card (endpoint, variants, model versions, lineage) unless it has one.
+
+    Metaflow runs step_init over the step's decorator list as it iterates it, so a card decorator
+    appended here is initialised like one written in the flow.
+    """
+    if any(d.name == "card" and d.attributes.get("type") == "ray_serve" for d in decorators):
+        return
+    from metaflow.plugins.cards.card_decorator import CardDecorator
+
+    card = CardDecorator(attributes={"type": "ray_serve", "id": "ray_serve"}, statically_defined=False)
+    card.external_init()
+    decorators.append(card)
 
 
 def _flow_directory(flow):
