@@ -101,6 +101,14 @@ def deploy(
         LineageError: recording the deployment failed; the previous version was put back.
     """
     started = time.monotonic()
+    if source is None and lineage is not None:
+        source = {
+            "flow": lineage.flow,
+            "run_id": lineage.run_id,
+            "step": lineage.step,
+            "task": lineage.task,
+            "user": lineage.user,
+        }
     config = serving_config(spec, models, predictors or {}, source)
     registry = Registry() if spec.lineage and lineage is not None else None
     if registry is not None:

@@ -120,9 +120,11 @@ PROOF_FROM_REGISTRY = textwrap.dedent(
 )
 
 
-def _prove(registry_uri, reference):
+def _prove(registry_uri, reference, workdir):
+    # Run from a neutral directory: `python -c` puts its working directory on sys.path.
     finished = subprocess.run(
         [sys.executable, "-c", PROOF_FROM_REGISTRY, registry_uri, reference],
+        cwd=workdir,
         capture_output=True,
         text=True,
         timeout=180,
@@ -132,14 +134,14 @@ def _prove(registry_uri, reference):
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
-def test_proof_from_the_registry_alias_in_a_fresh_process(train_run, embedded_registry):
-    proved = _prove(embedded_registry.registry_uri, "models:/cancer@production")
+def test_proof_from_the_registry_alias_in_a_fresh_process(train_run, embedded_registry, tmp_path):
+    proved = _prove(embedded_registry.registry_uri, "models:/cancer@production", tmp_path)
     assert proved["task"] == train_run["deploy"].task.pathspec
     assert proved["rows"] == len(train_run["deploy"].task.data.dataset["X_test"])
     assert proved["accuracy"] > 0.9
 
 
-def test_proof_from_the_serve_app_in_the_dashboard(train_run, embedded_registry, ray_head, http):
+def test_proof_from_the_serve_app_in_the_dashboard(train_run, embedded_registry, ray_head, http, tmp_path):
     from ray_deploy.cluster import auth_headers
 
     applications = http.get(f"{ray_head.dashboard_url}/api/serve/applications/", headers=auth_headers()).json()
@@ -148,7 +150,7 @@ def test_proof_from_the_serve_app_in_the_dashboard(train_run, embedded_registry,
     ]
     (variant,) = user_config["variants"]
     assert user_config["registry_uri"] == embedded_registry.registry_uri
-    proved = _prove(user_config["registry_uri"], variant["model_version"])
+    proved = _prove(user_config["registry_uri"], variant["model_version"], tmp_path)
     assert proved["task"] == train_run["deploy"].task.pathspec == user_config["source"]["task"]
 
 
