@@ -2,7 +2,8 @@
 
 A version's tags lead back to the Metaflow run, step, task, artifact (and its sha256) and the
 input data, and forward to the Ray app that serves it. Aliases follow the truth: the version
-serving all traffic holds ``production``, one serving part of it holds ``canary``.
+serving all traffic (or the largest share of it) holds ``production``; the version serving the
+next largest share, such as a canary, holds ``canary``.
 
 Tag names (all strings, as MLflow stores them)::
 
@@ -312,14 +313,18 @@ def record_deployment(
                 "ray_deploy.status": "serving",
             },
         )
-    for variant, version in versions.items():
-        if weights[variant] >= 100:
-            registry.set_alias(version, production_alias)
-        elif weights[variant] > 0:
-            registry.set_alias(version, canary_alias)
-    names = {v.name for v in versions.values()}
-    if all(weights[variant] >= 100 or weights[variant] == 0 for variant in versions):
-        for name in names:
+    for name in {v.name for v in versions.values()}:
+        ranked = sorted(
+            (variant for variant, version in versions.items() if version.name == name and weights[variant] > 0),
+            key=lambda variant: -weights[variant],
+        )
+        if not ranked:
+            continue
+        # The main share of traffic is production; the next largest share is the canary.
+        registry.set_alias(versions[ranked[0]], production_alias)
+        if len(ranked) > 1:
+            registry.set_alias(versions[ranked[1]], canary_alias)
+        else:
             registry.delete_alias(name, canary_alias)
 
 

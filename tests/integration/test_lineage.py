@@ -34,7 +34,7 @@ class IrisFlow(FlowSpec):
         self.accuracy = float(self.model.score(self.table["X"], self.table["y"]))
         self.next(self.deploy)
 
-    @ray_serve(app={app!r}, num_cpus=0.25, data=["table"], metrics=["accuracy"], registered_model="iris-model")
+    @ray_serve(app={app!r}, num_cpus=0.25, data=["table"{extra_data}], metrics=["accuracy"], registered_model="iris-model")
     @step
     def deploy(self):
         self.next(self.end)
@@ -154,7 +154,17 @@ def test_proof_from_the_serve_app_in_the_dashboard(train_run, embedded_registry,
     assert proved["task"] == train_run["deploy"].task.pathspec == user_config["source"]["task"]
 
 
-def test_lineage_command_checks_every_hop(train_run):
+def test_lineage_command_checks_every_hop(train_run, repo):
+    flow_cli = subprocess.run(
+        [sys.executable, str(repo / "flows" / "train_flow.py"), "--no-pylint", "ray-serve", "lineage"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=repo,
+    )
+    assert flow_cli.returncode == 0, flow_cli.stdout + flow_cli.stderr
+    assert "cancer/default" in flow_cli.stdout and "BAD" not in flow_cli.stdout
+    assert f"data: {train_run['start'].task.pathspec}/dataset" in flow_cli.stdout
     ray_deploy = Path(sys.executable).with_name("ray-deploy")
     for args in (["lineage", "cancer"], ["lineage", "--model", "cancer@production"]):
         shown = subprocess.run([str(ray_deploy), *args, "--json"], capture_output=True, text=True, timeout=120)
@@ -181,11 +191,12 @@ def test_card_shows_endpoint_versions_and_lineage(train_run, repo):
     assert f"{train_run['start'].task.pathspec}/dataset" in html
 
 
-def test_mlflow_server_over_http(tmp_path, run_flow, mlflow_server, ray_head, http):
+def test_mlflow_server_over_http(tmp_path, run_flow, mlflow_server, ray_head, http, train_run):
     from ray_deploy import Registry
 
     flow = tmp_path / "iris_flow.py"
-    flow.write_text(IRIS_FLOW.format(app="iris-http"))
+    cancer_data = f"{train_run['start'].task.pathspec}/dataset"
+    flow.write_text(IRIS_FLOW.format(app="iris-http", extra_data=f", {cancer_data!r}"))
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
     finished = run_flow(flow, env=env)
     assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]
@@ -198,6 +209,12 @@ def test_mlflow_server_over_http(tmp_path, run_flow, mlflow_server, ray_head, ht
     run = registry.client.get_run(version.run_id)
     assert run.data.params == {"c": "1.0"} and run.data.metrics["accuracy"] > 0.9
     assert json.loads(tags["metaflow.data.table"])["pathspec"].split("/")[2] == "start"
+    # Data produced by another flow, named by pathspec, is recorded with its content address and hash.
+    other = json.loads(tags["metaflow.data.dataset"])
+    assert other["pathspec"] == cancer_data
+    from metaflow import DataArtifact
+
+    assert other["blob_key"] == DataArtifact(cancer_data).sha and len(other["sha256"]) == 64
 
     # A second run: a new version takes production; the lineage command checks it end to end.
     again = run_flow(flow, "--c", "0.5", env=env)
@@ -239,7 +256,7 @@ def test_mlflow_server_over_http(tmp_path, run_flow, mlflow_server, ray_head, ht
 
 def test_unreachable_registry_fails_before_serve_is_touched(tmp_path, run_flow, ray_head, http):
     flow = tmp_path / "iris_flow.py"
-    flow.write_text(IRIS_FLOW.format(app="iris-unrecorded"))
+    flow.write_text(IRIS_FLOW.format(app="iris-unrecorded", extra_data=""))
     finished = run_flow(flow, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
     output = finished.stdout + finished.stderr
     assert finished.returncode != 0
@@ -294,3 +311,39 @@ def test_unreachable_registry_at_engine_level_changes_nothing(train_run, cancer_
     with pytest.raises(RegistryUnreachable, match="http://127.0.0.1:1"):
         deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
     assert http.get(cancer_url).json()["variants"] == before
+
+
+def test_aliases_follow_the_traffic(train_run, embedded_registry, ray_head, http):
+    """A 90/10 split: the main share holds production, the smaller share canary; all-in moves both."""
+    ref, _, _ = _current(train_run)
+    source = LineageSource(flow="TrainFlow", run_id=train_run.id, step="deploy", task="TrainFlow/x/deploy/1", user="ci")
+    split = DeploymentSpec.from_options(
+        {
+            "app": "aliases",
+            "registered_model": "alias-model",
+            "num_cpus": 0.25,
+            "variants": {"old": {"weight": 90}, "new": {"weight": 10}},
+        }
+    )
+    result = deploy(split, {"old": ref, "new": ref}, {"old": "xgboost", "new": "xgboost"}, lineage=source)
+    client = embedded_registry.client
+    assert str(client.get_model_version_by_alias("alias-model", "production").version) == result.versions["old"].version
+    assert str(client.get_model_version_by_alias("alias-model", "canary").version) == result.versions["new"].version
+    assert client.get_model_version("alias-model", result.versions["new"].version).tags["ray.traffic_weight"] == "10"
+
+    promoted = DeploymentSpec.from_options(
+        {
+            "app": "aliases",
+            "registered_model": "alias-model",
+            "num_cpus": 0.25,
+            "variants": {"old": {"weight": 0}, "new": {"weight": 100}},
+        }
+    )
+    after = deploy(promoted, {"old": ref, "new": ref}, {"old": "xgboost", "new": "xgboost"}, lineage=source)
+    assert after.versions == result.versions
+    assert str(client.get_model_version_by_alias("alias-model", "production").version) == result.versions["new"].version
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="canary"):
+        client.get_model_version_by_alias("alias-model", "canary")
+    assert http.post(after.url, json={"instances": [[1.0] * 30]}).headers["x-ray-deploy-variant"] == "new"
