@@ -5,6 +5,7 @@ The public names live here; everything else is internal and may change.
 
 from ray_deploy.artifacts import ModelRef, load_model, metaflow_model_ref
 from ray_deploy.cluster import ClusterInfo, cluster_status, connect, start_local_cluster, stop_local_cluster
+from ray_deploy.convert import ONNX_CONVERTIBLE_OBJECTIVES, xgboost_to_onnx
 from ray_deploy.deploy import DeployResult, app_status, delete_app, deploy
 from ray_deploy.errors import (
     ArtifactError,
@@ -12,6 +13,7 @@ from ray_deploy.errors import (
     ClusterUnreachable,
     DeployError,
     LineageError,
+    ParityError,
     PredictorError,
     RayDeployError,
     RegistryUnreachable,
@@ -27,6 +29,7 @@ from ray_deploy.lineage import (
     flatten_metrics,
     origin_of,
 )
+from ray_deploy.parity import ParityReport, check_parity
 from ray_deploy.predictors import Predictor, RequestError, choose_predictor, load_predictor_class
 from ray_deploy.spec import DeploymentSpec, VariantSpec, option_defaults
 
@@ -42,6 +45,9 @@ __all__ = [
     "LineageError",
     "LineageSource",
     "ModelRef",
+    "ONNX_CONVERTIBLE_OBJECTIVES",
+    "ParityError",
+    "ParityReport",
     "Predictor",
     "PredictorError",
     "RayDeployError",
@@ -52,6 +58,7 @@ __all__ = [
     "VariantSpec",
     "VersionRef",
     "app_status",
+    "check_parity",
     "choose_predictor",
     "cluster_status",
     "code_version",
@@ -67,6 +74,7 @@ __all__ = [
     "origin_of",
     "start_local_cluster",
     "stop_local_cluster",
+    "xgboost_to_onnx",
 ]
 
 __version__ = "0.1.0"

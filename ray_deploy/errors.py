@@ -7,6 +7,7 @@ exception's headline) and a message that says what came in, what was expected an
     ├── SpecError                 an option or config value is invalid
     ├── ArtifactError             a model artifact is missing, unreadable or fails its hash check
     ├── PredictorError            a predictor cannot be found, imported or built
+    ├── ParityError               a derived variant does not answer like its source
     ├── ClusterError              Ray cannot be reached or started
     │   └── ClusterUnreachable    nothing answers at the address tried
     ├── DeployError               the app did not become healthy; the previous version keeps serving
@@ -40,6 +41,10 @@ class ArtifactError(RayDeployError):
 
 class PredictorError(RayDeployError):
     headline = "Predictor problem"
+
+
+class ParityError(RayDeployError):
+    headline = "Parity gate failed"
 
 
 class ClusterError(RayDeployError):

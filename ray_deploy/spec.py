@@ -59,6 +59,9 @@ class VariantSpec(_Spec):
         default_factory=dict, description="JSON-serializable dict passed to the predictor's __init__ as config."
     )
     weight: float = Field(100.0, ge=0, le=100, description="Percent of requests routed to this variant.")
+    derived_from: str | None = Field(
+        None, description="Variant this one was derived from (e.g. its ONNX export); it must pass the parity gate."
+    )
 
     @field_validator("name")
     @classmethod
@@ -145,6 +148,13 @@ class DeploymentSpec(_Spec):
     metrics: tuple[str, ...] = Field(
         (), description="Step artifacts holding the model's metrics (a number or a dict of numbers)."
     )
+    parity_rows: str | None = Field(
+        None,
+        description="Held-out rows for the parity gate: an artifact, or a key inside one ('dataset.X_test'); "
+        "default: generated rows.",
+    )
+    parity_rtol: float = Field(1e-5, ge=0, le=1, description="Relative tolerance of the parity gate.")
+    parity_atol: float = Field(1e-6, ge=0, le=1, description="Absolute tolerance of the parity gate.")
     production_alias: str = Field("production", description="MLflow alias held by the version that serves all traffic.")
     canary_alias: str = Field("canary", description="MLflow alias held by a version that serves part of the traffic.")
 
@@ -237,6 +247,28 @@ class DeploymentSpec(_Spec):
         if duplicates:
             raise ValueError(f"variants: names must be unique, {', '.join(duplicates)} appear more than once")
         return self
+
+    @model_validator(mode="after")
+    def _derived_from_names_a_variant(self) -> DeploymentSpec:
+        names = {v.name for v in self.variants}
+        for variant in self.variants:
+            if variant.derived_from is not None and (
+                variant.derived_from not in names or variant.derived_from == variant.name
+            ):
+                raise ValueError(
+                    f"variants.{variant.name}.derived_from: {variant.derived_from!r} is not another variant "
+                    f"of this app (variants: {', '.join(sorted(names))})"
+                )
+        return self
+
+    @field_validator("parity_rows")
+    @classmethod
+    def _parity_rows_path(cls, value: str | None) -> str | None:
+        if value is not None and not all(_IDENTIFIER.match(part) for part in value.split(".")):
+            raise ValueError(
+                f"parity_rows {value!r} must name an artifact, optionally with keys: 'X_test' or 'dataset.X_test'"
+            )
+        return value
 
     @model_validator(mode="after")
     def _weights_sum_to_100(self) -> DeploymentSpec:

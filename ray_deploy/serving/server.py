@@ -35,6 +35,7 @@ from ray_deploy.serving.payload import ModelInput, parse_body, parse_model_input
 logger = logging.getLogger("ray.serve")
 
 VARIANT_HEADER = "X-Ray-Deploy-Variant"
+MODEL_VERSION_HEADER = "X-Model-Version"
 REQUEST_KEY_HEADER = "X-Request-Key"
 _SCORE_PATHS = ("", "/", "/invocations")
 
@@ -194,7 +195,14 @@ class ModelServer:
             predictions = await self._predict_batched((variant, payload))
         else:
             predictions = variant.predictor.predict(payload)
-        return JSONResponse({"predictions": to_jsonable(predictions)}, headers={VARIANT_HEADER: variant.config.name})
+        # MLflow scoring clients read "predictions" and ignore the rest; "variant" and "model_version"
+        # say which model answered (also in headers, for clients that only look at those).
+        body = {"predictions": to_jsonable(predictions), "variant": variant.config.name}
+        headers = {VARIANT_HEADER: variant.config.name}
+        if variant.config.model_version:
+            body["model_version"] = variant.config.model_version
+            headers[MODEL_VERSION_HEADER] = variant.config.model_version
+        return JSONResponse(body, headers=headers)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _predict_batched(self, items: list[tuple[LoadedVariant, np.ndarray]]) -> list[Any]:

@@ -50,8 +50,11 @@ def test_endpoint_answers_after_the_run_like_the_model(train_run, cancer_url, ht
     expected = data.model.predict(X_test).tolist()
     answer = http.post(cancer_url, json={"instances": X_test.tolist()})
     assert answer.status_code == 200, answer.text
-    assert answer.json() == {"predictions": expected}
+    record = train_run["deploy"].task.data.ray_serve
+    (variant,) = record["variants"]
+    assert answer.json() == {"predictions": expected, "variant": "default", "model_version": variant["model_version"]}
     assert answer.headers["x-ray-deploy-variant"] == "default"
+    assert answer.headers["x-model-version"] == variant["model_version"]
     # A majority of held-out rows is right: the deployed model is the trained one, not noise.
     assert np.mean(np.array(expected) == data.dataset["y_test"]) > 0.9
 

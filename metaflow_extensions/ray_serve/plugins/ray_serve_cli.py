@@ -22,7 +22,7 @@ def _flow_apps(flow):
         for deco in getattr(step, "decorators", []):
             if deco.name != "ray_serve" or not deco.attributes.get("app"):
                 continue
-            options = {k: v for k, v in deco.attributes.items() if v is not None}
+            options = deco.user_options()
             try:
                 apps[options["app"]] = DeploymentSpec.from_options(options)
             except RayDeployError as error:

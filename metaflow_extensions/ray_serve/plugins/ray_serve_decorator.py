@@ -10,8 +10,10 @@ from ray_deploy import (
     DeploymentSpec,
     LineageSource,
     ModelRef,
+    ParityError,
     RayDeployError,
     SpecError,
+    check_parity,
     choose_predictor,
     code_version,
     data_ref_from_pathspec,
@@ -22,6 +24,7 @@ from ray_deploy import (
     option_defaults,
     origin_of,
 )
+from ray_deploy.progress import report
 
 
 class RayServeException(MetaflowException):
@@ -64,8 +67,9 @@ class RayServeDecorator(StepDecorator):
         HTTP route of the app; defaults to "/<app>".
     variants : Dict[str, Dict[str, Any]], optional, default None
         Several models behind one route, by name: {"xgb": {"model": "model", "weight": 50},
-        "onnx": {"model": "model_onnx", "predictor": "onnx", "weight": 50}}; weights sum to 100.
-        Replaces model, predictor and predictor_config.
+        "onnx": {"model": "model_onnx", "predictor": "onnx", "weight": 50, "derived_from": "xgb"}};
+        weights sum to 100. Replaces model, predictor and predictor_config. A variant with
+        `derived_from` must answer like that variant (the parity gate) before it takes traffic.
     num_replicas : int, default 1
         Replicas of the serving deployment.
     num_cpus : float, default 1.0
@@ -99,6 +103,13 @@ class RayServeDecorator(StepDecorator):
     metrics : List[str], default []
         Artifacts holding the model's metrics (a number or a dict of numbers), logged on the
         MLflow run that mirrors this Metaflow run, e.g. ["best_metrics"].
+    parity_rows : str, optional, default None
+        Held-out rows for the parity gate: an artifact, or a key inside one ("dataset.X_test");
+        default: generated rows. Inputs are cast to float32 for both models.
+    parity_rtol : float, default 1e-05
+        Relative tolerance of the parity gate on probabilities (labels must be equal).
+    parity_atol : float, default 1e-06
+        Absolute tolerance of the parity gate on probabilities.
     production_alias : str, default "production"
         MLflow alias held by the version serving all traffic.
     canary_alias : str, default "canary"
@@ -113,7 +124,7 @@ class RayServeDecorator(StepDecorator):
         self._step_name = step_name
         self._flow_datastore = flow_datastore
         self._code_dir = _flow_directory(flow)
-        options = dict(self.attributes)
+        options = self.user_options()
         if options.get("address") is None:
             options["address"] = os.environ.get("RAY_ADDRESS") or _configured_address()
         try:
@@ -125,6 +136,16 @@ class RayServeDecorator(StepDecorator):
                     load_predictor_class(variant.predictor, code_dir=self._code_dir)
         except RayDeployError as error:
             raise RayServeException(step_name, error)
+
+    def user_options(self):
+        """The options the user set; the spec supplies every default itself.
+
+        Passing the defaults along would make `model`/`predictor` look set beside `variants`.
+        """
+        user_defined = getattr(self, "_user_defined_attributes", None)
+        if user_defined is None:
+            return {k: v for k, v in self.attributes.items() if v is not None}
+        return {k: v for k, v in self.attributes.items() if k in user_defined and v is not None}
 
     def task_pre_step(
         self,
@@ -147,7 +168,8 @@ class RayServeDecorator(StepDecorator):
 
     def task_post_step(self, step_name, flow, graph, retry_count, max_user_code_retries):
         try:
-            models, predictors = self._resolve_models(flow)
+            models, predictors, objects = self._resolve_models(flow)
+            parity = self._check_parity(flow, predictors, objects)
             uses_user_code = any(v.is_user_predictor for v in self.spec.variants)
             source = self._lineage_source(flow, step_name)
             result = deploy(
@@ -167,6 +189,9 @@ class RayServeDecorator(StepDecorator):
         except RayDeployError as error:
             raise RayServeException(step_name, error)
         record = result.to_dict()
+        record["parity"] = [
+            {"source": p.source, "derived": p.derived, "ok": p.ok, "summary": p.summary()} for p in parity
+        ]
         record["lineage"] = {
             "task": source.task,
             "code_version": source.code_version,
@@ -228,8 +253,8 @@ class RayServeDecorator(StepDecorator):
         return DataRef(name=entry, pathspec=origin, sha256=ref.sha256, blob_key=ref.blob_key)
 
     def _resolve_models(self, flow):
-        """Variant name -> ModelRef, and variant name -> predictor with 'auto' resolved."""
-        models, predictors = {}, {}
+        """Variant name -> ModelRef, -> predictor with 'auto' resolved, and -> the model object."""
+        models, predictors, objects = {}, {}, {}
         for variant in self.spec.variants:
             if variant.is_mlflow_uri:
                 models[variant.name] = ModelRef(kind="mlflow", uri=variant.model)
@@ -242,9 +267,50 @@ class RayServeDecorator(StepDecorator):
                     "holds the model" % (variant.model, variant.model)
                 )
             value = getattr(flow, variant.model)
+            objects[variant.name] = value
             predictors[variant.name] = choose_predictor(value) if variant.predictor == "auto" else variant.predictor
             models[variant.name] = metaflow_model_ref(self._task_datastore, self._flow_datastore, variant.model, value)
-        return models, predictors
+        return models, predictors, objects
+
+    def _check_parity(self, flow, predictors, objects):
+        """Every derived variant must answer like its source before anything is deployed."""
+        derived = [v for v in self.spec.variants if v.derived_from]
+        if not derived:
+            return []
+        rows = self._parity_rows(flow) if self.spec.parity_rows else None
+        by_name = {v.name: v for v in self.spec.variants}
+        reports = []
+        for variant in derived:
+            source = by_name[variant.derived_from]
+            if source.name not in objects or variant.name not in objects:
+                raise SpecError(
+                    "variants.%s.derived_from: the parity gate compares step artifacts; %r or %r is an MLflow URI"
+                    % (variant.name, source.name, variant.name)
+                )
+            outcome = check_parity(
+                (source.name, predictors[source.name], objects[source.name], source.predictor_config),
+                (variant.name, predictors[variant.name], objects[variant.name], variant.predictor_config),
+                rows,
+                rtol=self.spec.parity_rtol,
+                atol=self.spec.parity_atol,
+            )
+            report(outcome.summary())
+            if not outcome.ok:
+                raise ParityError(outcome.summary() + "; variant %r is blocked and nothing was deployed" % variant.name)
+            reports.append(outcome)
+        return reports
+
+    def _parity_rows(self, flow):
+        name, *keys = self.spec.parity_rows.split(".")
+        if not hasattr(flow, name):
+            raise SpecError("parity_rows: the step has no artifact named %r" % name)
+        value = getattr(flow, name)
+        for key in keys:
+            try:
+                value = value[key] if isinstance(value, dict) else getattr(value, key)
+            except (KeyError, AttributeError):
+                raise SpecError("parity_rows: %r has no key %r" % (name, key))
+        return value
 
 
 def _attach_card(decorators):

@@ -1,0 +1,109 @@
+"""The seed's A/B test: the ONNX export against the native XGBoost model, 50/50 behind one route."""
+
+from collections import Counter
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REQUESTS = 400
+
+
+@pytest.fixture(scope="module")
+def ab_run(ray_head, repo):
+    from metaflow import Runner
+
+    with Runner(str(repo / "flows" / "ab_flow.py"), show_output=False, cwd=str(repo)).run() as running:
+        if running.status != "successful":
+            pytest.fail(f"ABTestFlow failed:\n{running.stdout[-3000:]}\n{running.stderr[-6000:]}")
+        return running.run
+
+
+def test_parity_gate_passed_before_traffic(ab_run):
+    (report,) = ab_run["deploy"].task.data.ray_serve["parity"]
+    assert report["ok"] and report["source"] == "xgb" and report["derived"] == "onnx"
+    assert "143 declared rows" in report["summary"]
+
+
+def test_weights_are_honoured_and_each_answer_names_its_model(ab_run, http):
+    record = ab_run["deploy"].task.data.ray_serve
+    versions = {v["name"]: v["model_version"] for v in record["variants"]}
+    rows = ab_run["deploy"].task.data.dataset["X_test"]
+    seen = Counter()
+    for index in range(REQUESTS):
+        answer = http.post(record["url"], json={"instances": [rows[index % len(rows)].tolist()]})
+        assert answer.status_code == 200
+        body = answer.json()
+        assert body["model_version"] == versions[body["variant"]] == answer.headers["x-model-version"]
+        seen[body["variant"]] += 1
+    # 50/50 over 400 requests: outside 150..250 happens with probability below 1e-6.
+    assert 150 <= seen["xgb"] <= 250, seen
+
+
+def test_request_key_pins_a_caller_to_one_variant(ab_run, http):
+    url = ab_run["deploy"].task.data.ray_serve["url"]
+    row = ab_run["deploy"].task.data.dataset["X_test"][0].tolist()
+    pinned = {}
+    for key in (f"user-{i}" for i in range(30)):
+        answers = {
+            http.post(url, json={"instances": [row]}, headers={"X-Request-Key": key}).json()["variant"]
+            for _ in range(4)
+        }
+        assert len(answers) == 1, (key, answers)
+        pinned[key] = answers.pop()
+    assert set(pinned.values()) == {"xgb", "onnx"}
+
+
+def test_both_formats_answer_alike(ab_run, http):
+    url = ab_run["deploy"].task.data.ray_serve["url"]
+    rows = ab_run["deploy"].task.data.dataset["X_test"][:50].tolist()
+    by_variant = {}
+    for key in (f"k{i}" for i in range(40)):
+        body = http.post(url, json={"instances": rows}, headers={"X-Request-Key": key}).json()
+        by_variant.setdefault(body["variant"], body["predictions"])
+    assert by_variant["xgb"] == by_variant["onnx"]
+
+
+def test_parity_failure_blocks_the_variant_and_changes_nothing(tmp_path, run_flow, ray_head, http):
+    flow = tmp_path / "bad_export_flow.py"
+    flow.write_text(BAD_EXPORT_FLOW)
+    finished = run_flow(flow)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode != 0
+    assert "Parity gate failed" in output and "worst rows: row" in output, output[-3000:]
+    assert http.get(f"{ray_head.http_url}/bad-export").status_code == 404
+
+
+BAD_EXPORT_FLOW = """
+from metaflow import FlowSpec, step, ray_serve
+
+
+class BadExportFlow(FlowSpec):
+    @step
+    def start(self):
+        import xgboost as xgb
+        from sklearn.datasets import load_breast_cancer
+        from ray_deploy import xgboost_to_onnx
+
+        X, y = load_breast_cancer(return_X_y=True)
+        self.model = xgb.XGBClassifier(n_estimators=50, max_depth=4, n_jobs=1).fit(X, y)
+        # The "export" is of a different model: the gate must catch it.
+        other = xgb.XGBClassifier(n_estimators=3, max_depth=1, n_jobs=1).fit(X, y)
+        self.model_onnx = xgboost_to_onnx(other)
+        self.next(self.deploy)
+
+    @ray_serve(app="bad-export", num_cpus=0.25, variants={
+        "xgb": {"model": "model", "weight": 50},
+        "onnx": {"model": "model_onnx", "predictor": "onnx", "weight": 50, "derived_from": "xgb"}})
+    @step
+    def deploy(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    BadExportFlow()
+"""
