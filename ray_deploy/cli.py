@@ -33,9 +33,17 @@ def _print(value: Any, as_json: bool) -> None:
         if "app" in row:
             print(f"{row['app']}: {row['status']} {row['url']}")
             for variant in row["variants"]:
+                version = f" = MLflow {variant['model_version']}" if variant.get("model_version") else ""
                 print(
-                    f"  {variant['name']} ({variant['weight']:g}%): {variant['model_uri']} via {variant['predictor']}"
+                    f"  {variant['name']} ({variant['weight']:g}%): {variant['model_uri']}{version} "
+                    f"via {variant['predictor']}"
                 )
+                seen = row.get("metrics", {}).get(variant["name"])
+                if seen:
+                    print(
+                        f"    {seen['requests']} requests, {seen['errors']} errors, "
+                        f"{seen['client_errors']} client errors, p50 <= {seen['p50_ms']} ms, p99 <= {seen['p99_ms']} ms"
+                    )
         else:
             print(json.dumps(row, indent=2, sort_keys=True, default=str))
 

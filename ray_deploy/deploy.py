@@ -25,6 +25,7 @@ from ray_deploy.errors import DeployError, LineageError, RayDeployError
 from ray_deploy.lineage import LineageSource, Registry, VersionRef, record_deployment
 from ray_deploy.progress import Waiter, report
 from ray_deploy.serving.app import SERVER_DEPLOYMENT, ServingConfig, build_application, serving_config
+from ray_deploy.serving.metrics import app_metrics
 from ray_deploy.spec import DeploymentSpec
 
 logger = logging.getLogger(__name__)
@@ -373,6 +374,7 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                         for v in config.variants
                     ],
                     "source": config.source,
+                    "metrics": app_metrics(name),
                     "config": user_config,
                 }
             )

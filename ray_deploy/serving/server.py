@@ -17,11 +17,13 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.serve import metrics
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -30,6 +32,7 @@ from ray_deploy.errors import RayDeployError
 from ray_deploy.predictors import build_predictor
 from ray_deploy.predictors.base import RequestError
 from ray_deploy.serving.app import ServingConfig, VariantConfig
+from ray_deploy.serving.metrics import LATENCY_BUCKETS_MS, PUSH_INTERVAL_S, VariantStats, get_collector
 from ray_deploy.serving.payload import ModelInput, parse_body, parse_model_input
 
 logger = logging.getLogger("ray.serve")
@@ -131,6 +134,20 @@ class ModelServer:
     def __init__(self) -> None:
         self.config: ServingConfig | None = None
         self.variants: list[LoadedVariant] = []
+        self.stats: dict[str, VariantStats] = {}
+        self._pusher: asyncio.Task | None = None
+        self._replica = serve.get_replica_context().replica_id.unique_id
+        self._requests_total = metrics.Counter(
+            "ray_deploy_requests_total",
+            description="Scoring requests by app, variant and outcome (ok, client_error, error).",
+            tag_keys=("app", "variant", "outcome"),
+        )
+        self._latency_ms = metrics.Histogram(
+            "ray_deploy_request_latency_ms",
+            description="Scoring latency inside the replica, in milliseconds.",
+            boundaries=list(LATENCY_BUCKETS_MS),
+            tag_keys=("app", "variant"),
+        )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         config = ServingConfig.model_validate(user_config)
@@ -178,6 +195,41 @@ class ModelServer:
 
     async def _score(self, request: Request) -> JSONResponse:
         assert self.config is not None
+        variant = choose_variant(self.variants, request.headers.get(REQUEST_KEY_HEADER))
+        started = time.perf_counter()
+        status, predictions = 500, None
+        try:
+            response, predictions = await self._answer(request, variant)
+            status = 200
+            return response
+        except RequestError as exc:
+            status = exc.status
+            raise
+        finally:
+            self._record(variant, (time.perf_counter() - started) * 1000, status, predictions)
+
+    def _record(self, variant: LoadedVariant, latency_ms: float, status: int, predictions: Any) -> None:
+        name = variant.config.name
+        self.stats.setdefault(name, VariantStats()).record(latency_ms, status, predictions)
+        outcome = "ok" if status < 400 else "client_error" if status < 500 else "error"
+        tags = {"app": self.config.app, "variant": name}
+        self._requests_total.inc(tags={**tags, "outcome": outcome})
+        self._latency_ms.observe(latency_ms, tags=tags)
+        if self._pusher is None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_stats())
+
+    async def _push_stats(self) -> None:
+        """Send this replica's cumulative stats to the collector every few seconds."""
+        collector = get_collector(create=True)
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            try:
+                collector.report.remote(self.config.app, self._replica, {k: v.to_dict() for k, v in self.stats.items()})
+            except Exception:  # metrics must never break serving
+                logger.exception("ray-deploy: could not push stats")
+
+    async def _answer(self, request: Request, variant: LoadedVariant) -> tuple[JSONResponse, Any]:
+        assert self.config is not None
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type not in ("application/json", "") and not content_type.endswith("+json"):
             raise RequestError(
@@ -189,7 +241,6 @@ class ModelServer:
             raise RequestError(f"request body is {declared} bytes; the limit is {limit} (max_request_bytes)", 413)
         body = await _read_body(request, limit)
         model_input = parse_model_input(parse_body(body))
-        variant = choose_variant(self.variants, request.headers.get(REQUEST_KEY_HEADER))
         payload = variant.make_payload(model_input)
         if self.config.max_batch_size > 1 and variant.payload_format == "array":
             predictions = await self._predict_batched((variant, payload))
@@ -197,12 +248,13 @@ class ModelServer:
             predictions = variant.predictor.predict(payload)
         # MLflow scoring clients read "predictions" and ignore the rest; "variant" and "model_version"
         # say which model answered (also in headers, for clients that only look at those).
-        body = {"predictions": to_jsonable(predictions), "variant": variant.config.name}
+        predictions = to_jsonable(predictions)
+        body = {"predictions": predictions, "variant": variant.config.name}
         headers = {VARIANT_HEADER: variant.config.name}
         if variant.config.model_version:
             body["model_version"] = variant.config.model_version
             headers[MODEL_VERSION_HEADER] = variant.config.model_version
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(body, headers=headers), predictions
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _predict_batched(self, items: list[tuple[LoadedVariant, np.ndarray]]) -> list[Any]:

@@ -1,5 +1,6 @@
 """The seed's A/B test: the ONNX export against the native XGBoost model, 50/50 behind one route."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -107,3 +108,42 @@ class BadExportFlow(FlowSpec):
 if __name__ == "__main__":
     BadExportFlow()
 """
+
+
+def test_status_reports_per_variant_metrics(ab_run, http):
+    """Counts, errors and latency per variant, merged over replicas, from `ray-deploy status`."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    url = ab_run["deploy"].task.data.ray_serve["url"]
+    row = ab_run["deploy"].task.data.dataset["X_test"][0].tolist()
+    ray_deploy = Path(sys.executable).with_name("ray-deploy")
+
+    def metrics():
+        shown = subprocess.run(
+            [str(ray_deploy), "status", "cancer-ab", "--json"], capture_output=True, text=True, timeout=60
+        )
+        assert shown.returncode == 0, shown.stderr
+        return json.loads(shown.stdout)[0]["metrics"]
+
+    before = metrics()
+    sent = {"xgb": 0, "onnx": 0}
+    for index in range(40):
+        sent[http.post(url, json={"instances": [row]}, headers={"X-Request-Key": f"m{index}"}).json()["variant"]] += 1
+    assert http.post(url, json={"instances": [[1.0]]}, headers={"X-Request-Key": "m0"}).status_code == 400
+    pinned = http.post(url, json={"instances": [row]}, headers={"X-Request-Key": "m0"}).json()["variant"]
+    sent[pinned] += 1
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = metrics()
+        grown = {v: after.get(v, {}).get("requests", 0) - before.get(v, {}).get("requests", 0) for v in sent}
+        if grown[pinned] >= sent[pinned] + 1 and all(grown[v] >= sent[v] for v in sent):
+            break
+        time.sleep(1)
+    assert all(grown[v] >= sent[v] for v in sent), (grown, sent)
+    assert after[pinned]["client_errors"] - before.get(pinned, {}).get("client_errors", 0) >= 1
+    assert after["xgb"]["errors"] == 0 and after["onnx"]["errors"] == 0
+    assert after["xgb"]["p50_ms"] is not None and after["xgb"]["p99_ms"] >= after["xgb"]["p50_ms"]
+    assert 0 <= after["onnx"]["prediction_mean"] <= 1

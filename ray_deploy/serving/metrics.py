@@ -1,0 +1,149 @@
+"""Per-variant request metrics: counts, errors, latency percentiles and a prediction summary.
+
+Each replica keeps cumulative stats per variant and pushes them every few seconds to one
+detached ``StatsCollector`` actor, which merges the replicas of an app; ``ray-deploy status``
+and the rollout gates read them there. The same numbers are exported as Ray Serve (Prometheus)
+metrics: ``ray_deploy_requests_total`` and ``ray_deploy_request_latency_ms``, tagged by app,
+variant and outcome.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+COLLECTOR_NAME = "ray_deploy_stats"
+COLLECTOR_NAMESPACE = "ray_deploy"
+PUSH_INTERVAL_S = 2.0
+
+
+@dataclass
+class VariantStats:
+    """Cumulative stats of one variant on one replica (or merged across replicas)."""
+
+    requests: int = 0
+    errors: int = 0
+    client_errors: int = 0
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    prediction_count: int = 0
+    prediction_sum: float = 0.0
+
+    def record(self, latency_ms: float, status: int, predictions: Any = None) -> None:
+        self.requests += 1
+        if status >= 500:
+            self.errors += 1
+        elif status >= 400:
+            self.client_errors += 1
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
+        if isinstance(predictions, list):
+            for value in predictions:
+                first = value[0] if isinstance(value, list) and value else value
+                if isinstance(first, int | float) and not isinstance(first, bool):
+                    self.prediction_count += 1
+                    self.prediction_sum += float(first)
+
+    def merge(self, other: VariantStats) -> VariantStats:
+        return VariantStats(
+            requests=self.requests + other.requests,
+            errors=self.errors + other.errors,
+            client_errors=self.client_errors + other.client_errors,
+            latency_counts=[a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)],
+            prediction_count=self.prediction_count + other.prediction_count,
+            prediction_sum=self.prediction_sum + other.prediction_sum,
+        )
+
+    def minus(self, earlier: VariantStats) -> VariantStats:
+        """What happened between an earlier snapshot and this one."""
+        return VariantStats(
+            requests=self.requests - earlier.requests,
+            errors=self.errors - earlier.errors,
+            client_errors=self.client_errors - earlier.client_errors,
+            latency_counts=[a - b for a, b in zip(self.latency_counts, earlier.latency_counts, strict=True)],
+            prediction_count=self.prediction_count - earlier.prediction_count,
+            prediction_sum=self.prediction_sum - earlier.prediction_sum,
+        )
+
+    def percentile_ms(self, quantile: float) -> float | None:
+        """Upper bound of the latency bucket holding the quantile (None before any request)."""
+        total = sum(self.latency_counts)
+        if total == 0:
+            return None
+        target = quantile * total
+        running = 0
+        for index, count in enumerate(self.latency_counts):
+            running += count
+            if running >= target:
+                return float(LATENCY_BUCKETS_MS[index]) if index < len(LATENCY_BUCKETS_MS) else float("inf")
+        return float("inf")
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "client_errors": self.client_errors,
+            "error_rate": round(self.error_rate, 6),
+            "p50_ms": self.percentile_ms(0.5),
+            "p90_ms": self.percentile_ms(0.9),
+            "p99_ms": self.percentile_ms(0.99),
+            "prediction_mean": (self.prediction_sum / self.prediction_count) if self.prediction_count else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VariantStats:
+        return cls(**data)
+
+
+class StatsCollector:
+    """Latest cumulative stats of every replica, by app; merged on read."""
+
+    def __init__(self) -> None:
+        self._reports: dict[str, dict[str, tuple[float, dict[str, dict[str, Any]]]]] = {}
+
+    def report(self, app: str, replica: str, stats: dict[str, dict[str, Any]]) -> None:
+        self._reports.setdefault(app, {})[replica] = (time.time(), stats)
+
+    def forget(self, app: str) -> None:
+        self._reports.pop(app, None)
+
+    def snapshot(self, app: str) -> dict[str, dict[str, Any]]:
+        merged: dict[str, VariantStats] = {}
+        for _, stats in self._reports.get(app, {}).values():
+            for variant, data in stats.items():
+                merged[variant] = merged.get(variant, VariantStats()).merge(VariantStats.from_dict(data))
+        return {variant: stats.to_dict() for variant, stats in merged.items()}
+
+
+def get_collector(create: bool = True) -> Any:
+    """The detached collector actor (created on first use), or None if absent and not created."""
+    import ray
+
+    if create:
+        actor = ray.remote(num_cpus=0, max_restarts=-1)(StatsCollector)
+        return actor.options(
+            name=COLLECTOR_NAME, namespace=COLLECTOR_NAMESPACE, lifetime="detached", get_if_exists=True
+        ).remote()
+    try:
+        return ray.get_actor(COLLECTOR_NAME, namespace=COLLECTOR_NAMESPACE)
+    except ValueError:
+        return None
+
+
+def app_metrics(app: str) -> dict[str, dict[str, Any]]:
+    """Per-variant summaries of an app, merged over its replicas (needs a Ray connection)."""
+    import ray
+
+    collector = get_collector(create=False)
+    if collector is None:
+        return {}
+    snapshot = ray.get(collector.snapshot.remote(app), timeout=30)
+    return {variant: VariantStats.from_dict(data).summary() for variant, data in snapshot.items()}
