@@ -60,6 +60,7 @@ class DeployResult:
                 {
                     "name": v.name,
                     "weight": v.weight,
+                    "shadow": v.shadow,
                     "predictor": v.predictor,
                     "model_uri": v.model.uri,
                     "sha256": v.model.sha256,

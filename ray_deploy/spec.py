@@ -59,9 +59,26 @@ class VariantSpec(_Spec):
         default_factory=dict, description="JSON-serializable dict passed to the predictor's __init__ as config."
     )
     weight: float = Field(100.0, ge=0, le=100, description="Percent of requests routed to this variant.")
+    shadow: bool = Field(
+        False,
+        description="Receive a copy of live requests; answers are compared with the served ones, never returned.",
+    )
     derived_from: str | None = Field(
         None, description="Variant this one was derived from (e.g. its ONNX export); it must pass the parity gate."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shadow_takes_no_share(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("shadow") in (True, "true", "True", 1):
+            weight = data.get("weight", 0)
+            if weight not in (0, 0.0, "0"):
+                raise ValueError(
+                    f"variant {data.get('name', '?')!r}: a shadow variant takes no share of traffic "
+                    f"(weight {weight}); drop weight or set it to 0"
+                )
+            return {**data, "weight": 0}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -272,9 +289,12 @@ class DeploymentSpec(_Spec):
 
     @model_validator(mode="after")
     def _weights_sum_to_100(self) -> DeploymentSpec:
-        total = sum(v.weight for v in self.variants)
+        served = [v for v in self.variants if not v.shadow]
+        if not served:
+            raise ValueError("variants: every variant is a shadow; at least one must answer requests")
+        total = sum(v.weight for v in served)
         if abs(total - 100.0) > 1e-6:
-            shares = ", ".join(f"{v.name}={v.weight:g}" for v in self.variants)
+            shares = ", ".join(f"{v.name}={v.weight:g}" for v in served)
             raise ValueError(f"variants: weights sum to {total:g} ({shares}); make them add up to 100")
         return self
 

@@ -30,6 +30,7 @@ class VariantConfig(BaseModel):
     predictor_config: dict[str, Any] = Field(default_factory=dict)
     model: ModelRef
     model_version: str | None = Field(None, description="MLflow registered model version, as name/version.")
+    shadow: bool = Field(False, description="Gets a copy of live requests; its answers are only compared.")
 
 
 class ServingConfig(BaseModel):
@@ -75,6 +76,7 @@ def serving_config(
             predictor=predictors.get(v.name, v.predictor),
             predictor_config=v.predictor_config,
             model=models[v.name],
+            shadow=v.shadow,
         )
         for v in spec.variants
     )

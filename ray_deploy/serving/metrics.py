@@ -30,6 +30,14 @@ class VariantStats:
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
     prediction_count: int = 0
     prediction_sum: float = 0.0
+    shadow_compared: int = 0
+    shadow_agreed: int = 0
+
+    def compare(self, served: list[Any], shadowed: list[Any]) -> None:
+        """Count a shadow answer as agreeing when every row equals the served one."""
+        self.shadow_compared += 1
+        if served == shadowed:
+            self.shadow_agreed += 1
 
     def record(self, latency_ms: float, status: int, predictions: Any = None) -> None:
         self.requests += 1
@@ -53,6 +61,8 @@ class VariantStats:
             latency_counts=[a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)],
             prediction_count=self.prediction_count + other.prediction_count,
             prediction_sum=self.prediction_sum + other.prediction_sum,
+            shadow_compared=self.shadow_compared + other.shadow_compared,
+            shadow_agreed=self.shadow_agreed + other.shadow_agreed,
         )
 
     def minus(self, earlier: VariantStats) -> VariantStats:
@@ -64,6 +74,8 @@ class VariantStats:
             latency_counts=[a - b for a, b in zip(self.latency_counts, earlier.latency_counts, strict=True)],
             prediction_count=self.prediction_count - earlier.prediction_count,
             prediction_sum=self.prediction_sum - earlier.prediction_sum,
+            shadow_compared=self.shadow_compared - earlier.shadow_compared,
+            shadow_agreed=self.shadow_agreed - earlier.shadow_agreed,
         )
 
     def percentile_ms(self, quantile: float) -> float | None:
@@ -93,6 +105,8 @@ class VariantStats:
             "p90_ms": self.percentile_ms(0.9),
             "p99_ms": self.percentile_ms(0.99),
             "prediction_mean": (self.prediction_sum / self.prediction_count) if self.prediction_count else None,
+            "shadow_compared": self.shadow_compared,
+            "shadow_agreement": (self.shadow_agreed / self.shadow_compared) if self.shadow_compared else None,
         }
 
     def to_dict(self) -> dict[str, Any]:

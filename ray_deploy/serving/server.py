@@ -67,6 +67,7 @@ class LoadedVariant:
         return {
             "name": self.config.name,
             "weight": self.config.weight,
+            "shadow": self.config.shadow,
             "predictor": self.config.predictor,
             "model": self.config.model.uri,
             "sha256": self.config.model.sha256,
@@ -135,6 +136,9 @@ class ModelServer:
         self.config: ServingConfig | None = None
         self.variants: list[LoadedVariant] = []
         self.stats: dict[str, VariantStats] = {}
+        self.served: list[LoadedVariant] = []
+        self.shadows: list[LoadedVariant] = []
+        self._shadow_tasks: set[asyncio.Task] = set()
         self._pusher: asyncio.Task | None = None
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._requests_total = metrics.Counter(
@@ -153,6 +157,8 @@ class ModelServer:
         config = ServingConfig.model_validate(user_config)
         previous = {v.config.model_dump_json(): v for v in self.variants}
         self.variants = [load_variant(v, previous) for v in config.variants]
+        self.served = [v for v in self.variants if not v.config.shadow]
+        self.shadows = [v for v in self.variants if v.config.shadow]
         self.config = config
         self._predict_batched.set_max_batch_size(config.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -195,7 +201,7 @@ class ModelServer:
 
     async def _score(self, request: Request) -> JSONResponse:
         assert self.config is not None
-        variant = choose_variant(self.variants, request.headers.get(REQUEST_KEY_HEADER))
+        variant = choose_variant(self.served, request.headers.get(REQUEST_KEY_HEADER))
         started = time.perf_counter()
         status, predictions = 500, None
         try:
@@ -249,12 +255,33 @@ class ModelServer:
         # MLflow scoring clients read "predictions" and ignore the rest; "variant" and "model_version"
         # say which model answered (also in headers, for clients that only look at those).
         predictions = to_jsonable(predictions)
+        if self.shadows:
+            # After this answer is on its way: the caller never waits for (or sees) a shadow.
+            task = asyncio.get_running_loop().create_task(self._run_shadows(model_input, predictions))
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
         body = {"predictions": predictions, "variant": variant.config.name}
         headers = {VARIANT_HEADER: variant.config.name}
         if variant.config.model_version:
             body["model_version"] = variant.config.model_version
             headers[MODEL_VERSION_HEADER] = variant.config.model_version
         return JSONResponse(body, headers=headers), predictions
+
+    async def _run_shadows(self, model_input: ModelInput, served: list[Any]) -> None:
+        await asyncio.sleep(0)
+        for shadow in self.shadows:
+            started = time.perf_counter()
+            status, answer = 500, None
+            try:
+                answer = to_jsonable(shadow.predictor.predict(shadow.make_payload(model_input)))
+                status = 200
+            except RequestError as exc:
+                status = exc.status
+            except Exception:
+                logger.exception("ray-deploy: shadow variant %s failed", shadow.config.name)
+            self._record(shadow, (time.perf_counter() - started) * 1000, status, answer)
+            if answer is not None:
+                self.stats[shadow.config.name].compare(served, answer)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _predict_batched(self, items: list[tuple[LoadedVariant, np.ndarray]]) -> list[Any]:

@@ -147,3 +147,30 @@ def test_status_reports_per_variant_metrics(ab_run, http):
     assert after["xgb"]["errors"] == 0 and after["onnx"]["errors"] == 0
     assert after["xgb"]["p50_ms"] is not None and after["xgb"]["p99_ms"] >= after["xgb"]["p50_ms"]
     assert 0 <= after["onnx"]["prediction_mean"] <= 1
+
+
+def test_shadow_variant_is_compared_never_returned(ab_run, http):
+    """The ONNX export shadows the XGBoost model: every answer comes from xgb, every request is mirrored."""
+    import time
+
+    from ray_deploy import DeploymentSpec, ModelRef, app_status, deploy
+
+    refs = {v["name"]: ModelRef(**v["model_ref"]) for v in ab_run["deploy"].task.data.ray_serve["variants"]}
+    spec = DeploymentSpec.from_options(
+        {"app": "shadowed", "num_cpus": 0.25, "variants": {"main": {"weight": 100}, "mirror": {"shadow": True}}}
+    )
+    result = deploy(spec, {"main": refs["xgb"], "mirror": refs["onnx"]}, {"main": "xgboost", "mirror": "onnx"})
+    rows = ab_run["deploy"].task.data.dataset["X_test"][:30]
+    for row in rows:
+        answer = http.post(result.url, json={"instances": [row.tolist()]}).json()
+        assert answer["variant"] == "main"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        seen = app_status("shadowed")[0]["metrics"]
+        if seen.get("mirror", {}).get("shadow_compared", 0) >= len(rows):
+            break
+        time.sleep(1)
+    assert seen["mirror"]["requests"] >= len(rows) and seen["mirror"]["errors"] == 0
+    assert seen["mirror"]["shadow_compared"] >= len(rows)
+    assert seen["mirror"]["shadow_agreement"] == 1.0
+    assert seen["main"]["requests"] >= len(rows)

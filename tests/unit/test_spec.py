@@ -97,3 +97,13 @@ def test_spec_example_in_docstring_runs():
     import ray_deploy.spec
 
     assert doctest.testmod(ray_deploy.spec).failed == 0
+
+
+def test_shadow_variant_takes_no_share():
+    built = spec(variants={"main": {"weight": 100}, "mirror": {"model": "other", "shadow": True}})
+    mirror = built.variants[1]
+    assert mirror.shadow and mirror.weight == 0
+    with pytest.raises(SpecError, match="a shadow variant takes no share of traffic"):
+        spec(variants={"main": {"weight": 100}, "mirror": {"shadow": True, "weight": 10}})
+    with pytest.raises(SpecError, match="every variant is a shadow"):
+        spec(variants={"mirror": {"shadow": True}})

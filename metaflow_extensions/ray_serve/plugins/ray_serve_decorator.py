@@ -69,7 +69,8 @@ class RayServeDecorator(StepDecorator):
         Several models behind one route, by name: {"xgb": {"model": "model", "weight": 50},
         "onnx": {"model": "model_onnx", "predictor": "onnx", "weight": 50, "derived_from": "xgb"}};
         weights sum to 100. Replaces model, predictor and predictor_config. A variant with
-        `derived_from` must answer like that variant (the parity gate) before it takes traffic.
+        `derived_from` must answer like that variant (the parity gate) before it takes traffic; one
+        with `"shadow": True` gets a copy of live requests, compared and counted, never returned.
     num_replicas : int, default 1
         Replicas of the serving deployment.
     num_cpus : float, default 1.0
