@@ -27,6 +27,21 @@ BAD_REQUESTS = [
         400,
         "nested too deeply",
     ),
+    ("invalid UTF-8", {"content": b'{"instances": [[\xff\xfe]]}'}, 400, "not UTF-8"),
+    ("unicode garbage", {"content": '{"инстансы": [[1]], "\u2603": 1}'.encode()}, 400, "unknown top-level key"),
+    ("top-level list", {"json": [ROW]}, 400, "must be a JSON object"),
+    ("top-level string", {"json": "predict please"}, 400, "must be a JSON object"),
+    ("empty object", {"json": {}}, 400, "exactly one of"),
+    ("two input keys", {"json": {"instances": [ROW], "inputs": [ROW]}}, 400, "got instances, inputs"),
+    ("Infinity literal", {"content": b'{"instances": [[Infinity]]}'}, 400, "contains Infinity"),
+    ("overflowing number", {"content": b'{"instances": [[1e400' + b", 1.0" * 29 + b"]]}"}, 400, "finite number"),
+    ("boolean value", {"json": {"instances": [ROW[:29] + [True]]}}, 400, "got a boolean"),
+    ("nested value", {"json": {"instances": [ROW[:29] + [[1.0]]]}}, 400, "got a list"),
+    ("split without data", {"json": {"dataframe_split": {"columns": ["a"]}}}, 400, 'object with "data"'),
+    ("split width mismatch", {"json": {"dataframe_split": {"columns": ["a", "b"], "data": [ROW]}}}, 400, "2 columns"),
+    ("records mismatch", {"json": {"dataframe_records": [{"a": 1}, {"b": 2}]}}, 400, "has columns"),
+    ("columnar lengths", {"json": {"inputs": {"a": [1, 2], "b": [1]}}}, 400, "different lengths"),
+    ("xml content type", {"content": b"<x/>", "headers": {"Content-Type": "application/xml"}}, 415, "application/xml"),
 ]
 
 
@@ -65,3 +80,34 @@ def test_unknown_route_and_method(cancer_url, http):
     answer = http.put(cancer_url, content=json.dumps({"instances": [ROW]}))
     assert answer.status_code == 405 and "POST" in answer.json()["error"]
     assert http.get(f"{cancer_url}/-/healthz").json() == {"status": "ok"}
+
+
+def test_fuzzed_payloads_never_get_a_5xx(cancer_url, http):
+    """Random JSON shaped like scoring requests (bounded: 120 examples, loopback only)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=False), st.text(max_size=8)
+    )
+    values = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+        max_leaves=40,
+    )
+    keys = st.sampled_from(["instances", "inputs", "dataframe_split", "dataframe_records", "params", "other"])
+    payloads = st.one_of(values, st.dictionaries(keys, values, max_size=3))
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(payloads)
+    def check(payload):
+        # json.dumps (unlike httpx's json=) writes Infinity for inf: send what clients may send.
+        body = json.dumps(payload).encode()
+        answer = http.post(cancer_url, content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code < 500, (payload, answer.text)
+        if answer.status_code >= 400:
+            assert "error" in answer.json()
+
+    before = replica_of(http, cancer_url)
+    check()
+    assert replica_of(http, cancer_url) == before
