@@ -128,3 +128,36 @@ def embedded_registry():
     from ray_deploy import Registry
 
     return Registry()
+
+
+_FLOW_TAIL = """
+    @ray_serve(OPTIONS)
+    @step
+    def deploy(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    NAME()
+"""
+
+
+@pytest.fixture(scope="session")
+def write_flow():
+    """Write a test flow: the given steps (ending in self.next(self.deploy)), then an @ray_serve
+    deploy step with the given options, then end. Returns the flow file's path."""
+    import textwrap
+
+    def write(path: Path, name: str, steps: str, options: str) -> Path:
+        body = textwrap.indent(textwrap.dedent(steps).strip("\n"), "    ")
+        tail = _FLOW_TAIL.replace("OPTIONS", options).replace("NAME", name)
+        path.write_text(
+            f"from metaflow import FlowSpec, Parameter, step, ray_serve\n\n\nclass {name}(FlowSpec):\n{body}\n{tail}"
+        )
+        return path
+
+    return write

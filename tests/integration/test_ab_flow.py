@@ -65,9 +65,8 @@ def test_both_formats_answer_alike(ab_run, http):
     assert by_variant["xgb"] == by_variant["onnx"]
 
 
-def test_parity_failure_blocks_the_variant_and_changes_nothing(tmp_path, run_flow, ray_head, http):
-    flow = tmp_path / "bad_export_flow.py"
-    flow.write_text(BAD_EXPORT_FLOW)
+def test_parity_failure_blocks_the_variant_and_changes_nothing(tmp_path, run_flow, write_flow, ray_head, http):
+    flow = write_flow(tmp_path / "bad_export_flow.py", "BadExportFlow", BAD_EXPORT_STEPS, BAD_EXPORT_OPTIONS)
     finished = run_flow(flow)
     output = finished.stdout + finished.stderr
     assert finished.returncode != 0
@@ -75,39 +74,24 @@ def test_parity_failure_blocks_the_variant_and_changes_nothing(tmp_path, run_flo
     assert http.get(f"{ray_head.http_url}/bad-export").status_code == 404
 
 
-BAD_EXPORT_FLOW = """
-from metaflow import FlowSpec, step, ray_serve
+BAD_EXPORT_STEPS = """
+@step
+def start(self):
+    import xgboost as xgb
+    from sklearn.datasets import load_breast_cancer
+    from ray_deploy import xgboost_to_onnx
 
-
-class BadExportFlow(FlowSpec):
-    @step
-    def start(self):
-        import xgboost as xgb
-        from sklearn.datasets import load_breast_cancer
-        from ray_deploy import xgboost_to_onnx
-
-        X, y = load_breast_cancer(return_X_y=True)
-        self.model = xgb.XGBClassifier(n_estimators=50, max_depth=4, n_jobs=1).fit(X, y)
-        # The "export" is of a different model: the gate must catch it.
-        other = xgb.XGBClassifier(n_estimators=3, max_depth=1, n_jobs=1).fit(X, y)
-        self.model_onnx = xgboost_to_onnx(other)
-        self.next(self.deploy)
-
-    @ray_serve(app="bad-export", num_cpus=0.25, variants={
-        "xgb": {"model": "model", "weight": 50},
-        "onnx": {"model": "model_onnx", "predictor": "onnx", "weight": 50, "derived_from": "xgb"}})
-    @step
-    def deploy(self):
-        self.next(self.end)
-
-    @step
-    def end(self):
-        pass
-
-
-if __name__ == "__main__":
-    BadExportFlow()
+    X, y = load_breast_cancer(return_X_y=True)
+    self.model = xgb.XGBClassifier(n_estimators=50, max_depth=4, n_jobs=1).fit(X, y)
+    # The "export" is of a different model: the gate must catch it.
+    other = xgb.XGBClassifier(n_estimators=3, max_depth=1, n_jobs=1).fit(X, y)
+    self.model_onnx = xgboost_to_onnx(other)
+    self.next(self.deploy)
 """
+BAD_EXPORT_OPTIONS = (
+    'app="bad-export", num_cpus=0.25, variants={"xgb": {"model": "model", "weight": 50}, '
+    '"onnx": {"model": "model_onnx", "predictor": "onnx", "weight": 50, "derived_from": "xgb"}}'
+)
 
 
 def test_status_reports_per_variant_metrics(ab_run, http):

@@ -10,41 +10,22 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-FLOW_TEMPLATE = """
-from metaflow import FlowSpec, step, ray_serve
 
-
-class OptionsFlow(FlowSpec):
+def options_flow(write_flow, directory: Path, options: str) -> tuple[Path, Path]:
+    """A flow whose start step trains (and leaves a marker file), then deploys with `options`."""
+    marker = directory / "trained.txt"
+    steps = f"""
     @step
     def start(self):
         from pathlib import Path
-        Path({marker!r}).write_text("trained")
+        Path({str(marker)!r}).write_text("trained")
         from sklearn.datasets import load_iris
         from sklearn.linear_model import LogisticRegression
         X, y = load_iris(return_X_y=True)
         self.model = LogisticRegression(max_iter=1000).fit(X, y)
         self.next(self.deploy)
-
-    @ray_serve({options})
-    @step
-    def deploy(self):
-        self.next(self.end)
-
-    @step
-    def end(self):
-        pass
-
-
-if __name__ == "__main__":
-    OptionsFlow()
-"""
-
-
-def write_flow(directory: Path, options: str) -> tuple[Path, Path]:
-    marker = directory / "trained.txt"
-    flow = directory / "options_flow.py"
-    flow.write_text(FLOW_TEMPLATE.format(marker=str(marker), options=options))
-    return flow, marker
+    """
+    return write_flow(directory / "options_flow.py", "OptionsFlow", steps, options), marker
 
 
 @pytest.mark.parametrize(
@@ -57,8 +38,8 @@ def write_flow(directory: Path, options: str) -> tuple[Path, Path]:
         ('app="iris", predictor="missing_module:Thing"', "cannot import module 'missing_module'"),
     ],
 )
-def test_bad_option_stops_the_run_before_training(tmp_path, run_flow, options, expected):
-    flow, marker = write_flow(tmp_path, options)
+def test_bad_option_stops_the_run_before_training(tmp_path, write_flow, run_flow, options, expected):
+    flow, marker = options_flow(write_flow, tmp_path, options)
     finished = run_flow(flow)
     output = finished.stdout + finished.stderr
     assert finished.returncode != 0
@@ -66,8 +47,8 @@ def test_bad_option_stops_the_run_before_training(tmp_path, run_flow, options, e
     assert not marker.exists(), "the start step ran although an option was invalid"
 
 
-def test_unreachable_cluster_fails_the_step_naming_the_address(tmp_path, run_flow):
-    flow, marker = write_flow(tmp_path, 'app="iris", num_cpus=0.25')
+def test_unreachable_cluster_fails_the_step_naming_the_address(tmp_path, write_flow, run_flow):
+    flow, marker = options_flow(write_flow, tmp_path, 'app="iris", num_cpus=0.25')
     finished = run_flow(flow, env={"RAY_ADDRESS": "127.0.0.1:1"})
     output = finished.stdout + finished.stderr
     assert finished.returncode != 0
@@ -75,7 +56,7 @@ def test_unreachable_cluster_fails_the_step_naming_the_address(tmp_path, run_flo
     assert marker.exists()
 
 
-def test_user_predictor_ships_with_the_flow(tmp_path, run_flow, ray_head, http):
+def test_user_predictor_ships_with_the_flow(tmp_path, write_flow, run_flow, ray_head, http):
     (tmp_path / "iris_predictors.py").write_text(
         textwrap.dedent(
             """
@@ -96,7 +77,8 @@ def test_user_predictor_ships_with_the_flow(tmp_path, run_flow, ray_head, http):
             """
         )
     )
-    flow, _ = write_flow(
+    flow, _ = options_flow(
+        write_flow,
         tmp_path,
         'app="iris", predictor="iris_predictors:SpeciesNames", predictor_config={"prefix": "iris-"}, num_cpus=0.25',
     )
@@ -144,6 +126,10 @@ def test_flow_cli_and_console_script_show_the_app(train_run, ray_head, repo):
 
 def test_cluster_status_reports_token_auth_and_resources(ray_head):
     ray_deploy = Path(sys.executable).with_name("ray-deploy")
+    # `cluster up` with a head already listening reuses it (and says where it is).
+    up = subprocess.run([str(ray_deploy), "cluster", "up", "--json"], capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr[-2000:]
+    assert json.loads(up.stdout) == ray_head.to_dict()
     status = subprocess.run(
         [str(ray_deploy), "cluster", "status", "--json"], capture_output=True, text=True, timeout=120
     )

@@ -13,40 +13,30 @@ from ray_deploy import DeploymentSpec, LineageError, LineageSource, ModelRef, Re
 
 pytestmark = pytest.mark.integration
 
-IRIS_FLOW = """
-from metaflow import FlowSpec, Parameter, step, ray_serve
+IRIS_STEPS = """
+c = Parameter("c", default=1.0)
 
+@step
+def start(self):
+    from sklearn.datasets import load_iris
+    X, y = load_iris(return_X_y=True)
+    self.table = {"X": X, "y": y}
+    self.next(self.train)
 
-class IrisFlow(FlowSpec):
-    c = Parameter("c", default=1.0)
-
-    @step
-    def start(self):
-        from sklearn.datasets import load_iris
-        X, y = load_iris(return_X_y=True)
-        self.table = {{"X": X, "y": y}}
-        self.next(self.train)
-
-    @step
-    def train(self):
-        from sklearn.linear_model import LogisticRegression
-        self.model = LogisticRegression(C=self.c, max_iter=1000).fit(self.table["X"], self.table["y"])
-        self.accuracy = float(self.model.score(self.table["X"], self.table["y"]))
-        self.next(self.deploy)
-
-    @ray_serve(app={app!r}, num_cpus=0.25, data=["table"{extra_data}], metrics=["accuracy"], registered_model="iris-model")
-    @step
-    def deploy(self):
-        self.next(self.end)
-
-    @step
-    def end(self):
-        pass
-
-
-if __name__ == "__main__":
-    IrisFlow()
+@step
+def train(self):
+    from sklearn.linear_model import LogisticRegression
+    self.model = LogisticRegression(C=self.c, max_iter=1000).fit(self.table["X"], self.table["y"])
+    self.accuracy = float(self.model.score(self.table["X"], self.table["y"]))
+    self.next(self.deploy)
 """
+
+
+def iris_flow(write_flow, directory: Path, app: str, extra_data: str = "") -> Path:
+    options = (
+        f'app={app!r}, num_cpus=0.25, data=["table"{extra_data}], metrics=["accuracy"], registered_model="iris-model"'
+    )
+    return write_flow(directory / "iris_flow.py", "IrisFlow", IRIS_STEPS, options)
 
 
 def production_version(registry, name="cancer"):
@@ -191,12 +181,11 @@ def test_card_shows_endpoint_versions_and_lineage(train_run, repo):
     assert f"{train_run['start'].task.pathspec}/dataset" in html
 
 
-def test_mlflow_server_over_http(tmp_path, run_flow, mlflow_server, ray_head, http, train_run):
+def test_mlflow_server_over_http(tmp_path, run_flow, write_flow, mlflow_server, ray_head, http, train_run):
     from ray_deploy import Registry
 
-    flow = tmp_path / "iris_flow.py"
     cancer_data = f"{train_run['start'].task.pathspec}/dataset"
-    flow.write_text(IRIS_FLOW.format(app="iris-http", extra_data=f", {cancer_data!r}"))
+    flow = iris_flow(write_flow, tmp_path, "iris-http", extra_data=f", {cancer_data!r}")
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
     finished = run_flow(flow, env=env)
     assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]
@@ -254,9 +243,8 @@ def test_mlflow_server_over_http(tmp_path, run_flow, mlflow_server, ray_head, ht
     assert "hash no longer matches" in bad["detail"] or "differs" in bad["detail"]
 
 
-def test_unreachable_registry_fails_before_serve_is_touched(tmp_path, run_flow, ray_head, http):
-    flow = tmp_path / "iris_flow.py"
-    flow.write_text(IRIS_FLOW.format(app="iris-unrecorded", extra_data=""))
+def test_unreachable_registry_fails_before_serve_is_touched(tmp_path, run_flow, write_flow, ray_head, http):
+    flow = iris_flow(write_flow, tmp_path, "iris-unrecorded")
     finished = run_flow(flow, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
     output = finished.stdout + finished.stderr
     assert finished.returncode != 0

@@ -62,6 +62,16 @@ BAD_OPTIONS = [
     ({"variants": {"a": {"weight": 60}, "b": {"weight": 30}}}, "variants", "weights sum to 90 (a=60, b=30)"),
     ({"variants": {"a": {"weight": 100}}, "model": "m"}, "model", "inside each entry of 'variants'"),
     ({"variants": {"a": {"weight": 100, "colour": "red"}}}, "variants.0.colour", "unknown option"),
+    (
+        {"variants": {"a": {"weight": 100}, "b": {"weight": 0, "derived_from": "c"}}},
+        "variants.b.derived_from",
+        "not another variant",
+    ),
+    ({"variants": {"a": {"weight": 100, "derived_from": "a"}}}, "variants.a.derived_from", "not another variant"),
+    ({"variants": {"a": {"weight": 100, "shadow": "sometimes"}}}, "variants.0.shadow", "valid boolean"),
+    ({"parity_rows": "dataset/X_test"}, "parity_rows", "must name an artifact"),
+    ({"parity_rtol": -1}, "parity_rtol", "greater than or equal to 0"),
+    ({"parity_atol": "tiny"}, "parity_atol", "valid number"),
 ]
 
 
