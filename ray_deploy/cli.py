@@ -4,6 +4,9 @@
     ray-deploy status [APP]                apps, their state, URL and variants
     ray-deploy predict APP --data JSON     send one scoring request and print the answer
     ray-deploy delete APP                  remove an app
+    ray-deploy traffic APP --set a=90,b=10 split traffic between loaded variants (labels or names)
+    ray-deploy promote APP                 finish a rollout that holds at a canary step
+    ray-deploy rollback APP                back to the previous release (rebuilt from the registry)
     ray-deploy lineage APP                 app -> variant -> model version -> task -> artifact -> data, checked
     ray-deploy lineage --model NAME@ALIAS  the same from the registry side (or NAME/VERSION)
 
@@ -32,13 +35,17 @@ def _print(value: Any, as_json: bool) -> None:
     for row in rows:
         if "app" in row:
             print(f"{row['app']}: {row['status']} {row['url']}")
+            if row.get("rollout"):
+                state = row["rollout"]
+                print(f"  rollout ({state['strategy']}): {state['percent']:g}% on {', '.join(state['new'])}")
             for variant in row["variants"]:
                 version = f" = MLflow {variant['model_version']}" if variant.get("model_version") else ""
+                share = "shadow" if variant.get("shadow") else f"{variant['weight']:g}%"
                 print(
-                    f"  {variant['name']} ({variant['weight']:g}%): {variant['model_uri']}{version} "
+                    f"  {variant.get('label', variant['name'])} ({share}): {variant['model_uri']}{version} "
                     f"via {variant['predictor']}"
                 )
-                seen = row.get("metrics", {}).get(variant["name"])
+                seen = row.get("metrics", {}).get(variant.get("label", variant["name"]))
                 if seen:
                     print(
                         f"    {seen['requests']} requests, {seen['errors']} errors, "
@@ -79,6 +86,55 @@ def _predict(args: argparse.Namespace) -> None:
         raise RayDeployError(f"{row['url']} answered {exc.code}: {exc.read().decode('utf-8', 'replace')}") from None
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """``xgb@v3=90,xgb@v4=10`` -> {"xgb@v3": 90.0, "xgb@v4": 10.0}; SpecError naming the bad part."""
+    from ray_deploy.errors import SpecError
+
+    weights: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise SpecError(f"--set: {part!r} is not LABEL=PERCENT (e.g. --set xgb@v3=90,xgb@v4=10)") from None
+    return weights
+
+
+def _show_config(config: Any, as_json: bool) -> None:
+    from ray_deploy.traffic import describe_variants
+
+    variants = describe_variants(config)
+    if as_json:
+        print(json.dumps({"app": config.app, "variants": variants}, indent=2))
+        return
+    for variant in variants:
+        share = "shadow" if variant["shadow"] else f"{variant['weight']:g}%"
+        print(f"{config.app}: {variant['label']} {share} ({variant['model_version'] or variant['model_uri']})")
+
+
+def _traffic(args: argparse.Namespace) -> None:
+    from ray_deploy.traffic import set_traffic
+
+    _show_config(
+        set_traffic(args.app, parse_weights(args.set), address=args.address, reason=args.reason or ""), args.json
+    )
+
+
+def _promote(args: argparse.Namespace) -> None:
+    from ray_deploy.traffic import promote
+
+    _show_config(promote(args.app, address=args.address), args.json)
+
+
+def _rollback(args: argparse.Namespace) -> None:
+    from ray_deploy.traffic import rollback
+
+    reason = f"operator rollback: {args.reason}" if args.reason else "operator rollback"
+    _show_config(rollback(args.app, address=args.address, reason=reason), args.json)
+
+
 def print_lineage(chains: dict[str, list[Any]], as_json: bool) -> int:
     """Print lineage chains; 1 if any hop does not check out."""
     from ray_deploy.trace import broken
@@ -88,9 +144,15 @@ def print_lineage(chains: dict[str, list[Any]], as_json: bool) -> int:
     else:
         for name, hops in chains.items():
             print(name)
-            for depth, hop in enumerate(hops):
+            chain = [hop for hop in hops if hop.kind != "traffic"]
+            for depth, hop in enumerate(chain):
                 mark = "ok " if hop.ok else "BAD"
                 print(f"  {mark} {'  ' * depth}{hop.kind}: {hop.name}  ({hop.detail})")
+            history = [hop for hop in hops if hop.kind == "traffic"]
+            if history:
+                print("  traffic history:")
+                for hop in history:
+                    print(f"      {hop.name}: {hop.detail}")
     failed = [hop for hops in chains.values() for hop in broken(hops)]
     if failed:
         print(f"LineageError: {len(failed)} hop(s) do not check out", file=sys.stderr)
@@ -134,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     delete = commands.add_parser("delete", parents=[common], help="remove an app from the cluster")
     delete.add_argument("app")
     delete.set_defaults(run=_delete)
+
+    traffic = commands.add_parser("traffic", parents=[common], help="split traffic between an app's variants")
+    traffic.add_argument("app")
+    traffic.add_argument("--set", required=True, help="LABEL=PERCENT,... adding up to 100, e.g. xgb@v3=90,xgb@v4=10")
+    traffic.add_argument("--reason", default=None, help="why (recorded on the model versions)")
+    traffic.set_defaults(run=_traffic)
+
+    promote = commands.add_parser("promote", parents=[common], help="finish a rollout holding at a canary step")
+    promote.add_argument("app")
+    promote.set_defaults(run=_promote)
+
+    rollback = commands.add_parser("rollback", parents=[common], help="back to the previous release")
+    rollback.add_argument("app")
+    rollback.add_argument("--reason", default=None, help="why (recorded on the model versions)")
+    rollback.set_defaults(run=_rollback)
 
     lineage = commands.add_parser(
         "lineage", parents=[common], help="trace an app or a model version, checking each hop"

@@ -7,8 +7,9 @@ starts with ``RAY_AUTH_MODE=token``, and every client here presents the token.
 
 Local head settings come from the environment (defaults in brackets):
 ``RAY_DEPLOY_GCS_PORT`` [6379], ``RAY_DEPLOY_DASHBOARD_PORT`` [8265], ``RAY_DEPLOY_HTTP_PORT``
-[8000], ``RAY_DEPLOY_HTTP_HOST`` [127.0.0.1: Serve answers on loopback only unless told
-otherwise], ``RAY_DEPLOY_NUM_CPUS`` [all cores], ``RAY_DEPLOY_NUM_GPUS`` [0].
+[8000], ``RAY_DEPLOY_METRICS_PORT`` [8080: the head's Prometheus endpoint, our metrics included],
+``RAY_DEPLOY_HTTP_HOST`` [127.0.0.1: Serve answers on loopback only unless told otherwise],
+``RAY_DEPLOY_NUM_CPUS`` [all cores], ``RAY_DEPLOY_NUM_GPUS`` [0].
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class LocalClusterSettings:
     dashboard_port: int = 8265
     http_port: int = 8000
     http_host: str = LOOPBACK
+    metrics_port: int = 8080
     num_cpus: float | None = None
     num_gpus: float | None = None
 
@@ -69,6 +71,7 @@ class LocalClusterSettings:
             dashboard_port=number("RAY_DEPLOY_DASHBOARD_PORT", int, cls.dashboard_port),
             http_port=number("RAY_DEPLOY_HTTP_PORT", int, cls.http_port),
             http_host=os.environ.get("RAY_DEPLOY_HTTP_HOST") or LOOPBACK,
+            metrics_port=number("RAY_DEPLOY_METRICS_PORT", int, cls.metrics_port),
             num_cpus=number("RAY_DEPLOY_NUM_CPUS", float, None),
             num_gpus=number("RAY_DEPLOY_NUM_GPUS", float, None),
         )
@@ -213,6 +216,7 @@ def start_local_cluster(
         f"--node-ip-address={LOOPBACK}",
         f"--dashboard-host={LOOPBACK}",
         f"--dashboard-port={settings.dashboard_port}",
+        f"--metrics-export-port={settings.metrics_port}",
         f"--temp-dir={settings.temp_dir}",
         "--disable-usage-stats",
     ]

@@ -11,6 +11,8 @@ exception's headline) and a message that says what came in, what was expected an
     ├── ClusterError              Ray cannot be reached or started
     │   └── ClusterUnreachable    nothing answers at the address tried
     ├── DeployError               the app did not become healthy; the previous version keeps serving
+    │   ├── RolloutFailed         a rollout gate failed; traffic went back to the old release
+    │   └── AppLocked             another process is changing the same app right now
     └── LineageError              the MLflow registry refused a write or a lineage hop does not check out
         └── RegistryUnreachable   the registry does not answer at the URI tried
 """
@@ -65,3 +67,15 @@ class LineageError(RayDeployError):
 
 class RegistryUnreachable(LineageError):
     headline = "MLflow registry unreachable"
+
+
+class RolloutFailed(DeployError):
+    headline = "Rollout rolled back"
+
+    def __init__(self, message: str, gate: dict | None = None):
+        super().__init__(message)
+        self.gate = gate or {}
+
+
+class AppLocked(DeployError):
+    headline = "App is being changed by someone else"

@@ -293,41 +293,6 @@ class Registry:
         )
 
 
-def record_deployment(
-    registry: Registry,
-    versions: dict[str, VersionRef],
-    weights: dict[str, float],
-    deployment: dict[str, str],
-    production_alias: str,
-    canary_alias: str,
-) -> None:
-    """Tag each serving version with where it serves, and move the aliases to match the traffic."""
-    deployed_at = datetime.now(UTC).isoformat(timespec="seconds")
-    for variant, version in versions.items():
-        registry.set_tags(
-            version,
-            {
-                **deployment,
-                "ray.deployed_at": deployed_at,
-                "ray.traffic_weight": f"{weights[variant]:g}",
-                "ray_deploy.status": "serving",
-            },
-        )
-    for name in {v.name for v in versions.values()}:
-        ranked = sorted(
-            (variant for variant, version in versions.items() if version.name == name and weights[variant] > 0),
-            key=lambda variant: -weights[variant],
-        )
-        if not ranked:
-            continue
-        # The main share of traffic is production; the next largest share is the canary.
-        registry.set_alias(versions[ranked[0]], production_alias)
-        if len(ranked) > 1:
-            registry.set_alias(versions[ranked[1]], canary_alias)
-        else:
-            registry.delete_alias(name, canary_alias)
-
-
 def recorded_at() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 

@@ -128,6 +128,71 @@ class VariantSpec(_Spec):
         return ":" in self.predictor
 
 
+ROLLOUT_STRATEGIES = ("immediate", "canary", "blue_green")
+
+
+class RolloutSpec(_Spec):
+    """How a new release of an app takes over from the one serving (ignored on a first deploy).
+
+    Every strategy loads the new release beside the old one on the live replicas before it gets
+    any traffic, so no request is dropped. ``immediate`` then moves all traffic at once;
+    ``blue_green`` moves all traffic, watches for ``interval_s`` with the old release still
+    loaded, and rolls back if a gate fails; ``canary`` moves traffic in ``steps`` (percent of
+    requests to the new release), waiting ``interval_s`` and checking the gates after each.
+    Steps that stop short of 100 leave the canary holding for ``ray-deploy promote`` or
+    ``rollback``.
+    """
+
+    strategy: str = Field("immediate", description="immediate, canary or blue_green.")
+    steps: tuple[float, ...] = Field(
+        (10.0, 50.0, 100.0), description="Canary: percent of traffic on the new release at each step, increasing."
+    )
+    interval_s: float = Field(30.0, ge=0, le=24 * 3600, description="Seconds each step runs before its gate.")
+    max_error_rate: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Gate: the new release's server-error rate may exceed the old release's by at most this.",
+    )
+    max_p99_ms: float | None = Field(None, gt=0, description="Gate: the new release's p99 latency bound, in ms.")
+    max_p99_ratio: float | None = Field(
+        None, gt=0, description="Gate: the new release's p99 may be at most this multiple of the old one's."
+    )
+    min_requests: int = Field(
+        0, ge=0, description="Gate: requests the new release must answer in a step before it can pass."
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_known(cls, value: str) -> str:
+        if value not in ROLLOUT_STRATEGIES:
+            raise ValueError(f"strategy {value!r} is not one of {', '.join(ROLLOUT_STRATEGIES)}")
+        return value
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps_from_text(cls, value: Any) -> Any:
+        return _parse_json_string(value, "steps") if isinstance(value, str) else value
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_increase(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("steps must list at least one percentage, e.g. [10, 50, 100]")
+        if any(not 0 < step <= 100 for step in value) or list(value) != sorted(set(value)):
+            raise ValueError(f"steps must be increasing percentages in (0, 100], e.g. [10, 50, 100]; got {list(value)}")
+        return value
+
+    @property
+    def plan(self) -> tuple[float, ...]:
+        """The traffic steps this strategy takes (percent on the new release)."""
+        return self.steps if self.strategy == "canary" else (100.0,)
+
+    @property
+    def gated(self) -> bool:
+        return self.strategy != "immediate"
+
+
 class DeploymentSpec(_Spec):
     """Everything needed to serve one Ray Serve application."""
 
@@ -174,6 +239,11 @@ class DeploymentSpec(_Spec):
     parity_atol: float = Field(1e-6, ge=0, le=1, description="Absolute tolerance of the parity gate.")
     production_alias: str = Field("production", description="MLflow alias held by the version that serves all traffic.")
     canary_alias: str = Field("canary", description="MLflow alias held by a version that serves part of the traffic.")
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec,
+        description="How a new release replaces a serving one: {'strategy': 'canary', 'steps': [10, 50, 100], "
+        "'interval_s': 30, 'max_error_rate': 0.01, 'max_p99_ms': None}; strategies immediate, canary, blue_green.",
+    )
 
     @field_validator("app")
     @classmethod
@@ -247,6 +317,15 @@ class DeploymentSpec(_Spec):
                 f"production_alias and canary_alias are both {self.canary_alias!r}; give them different names"
             )
         return self
+
+    @field_validator("rollout", mode="before")
+    @classmethod
+    def _rollout_from_text(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, str) and value in ROLLOUT_STRATEGIES:
+            return {"strategy": value}
+        return _parse_json_string(value, "rollout")
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -372,7 +451,9 @@ def option_defaults() -> dict[str, Any]:
     """The decorator's option list with defaults, derived from the spec's fields."""
     defaults: dict[str, Any] = {}
     for name, field in DeploymentSpec.model_fields.items():
-        default = None if field.is_required() else field.get_default()
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = None  # a nested option group: unset means the group's own defaults
         defaults[name] = list(default) if isinstance(default, tuple) else default
         if name == "app":
             # The single-variant shorthand reads best right after the app name.

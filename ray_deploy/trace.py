@@ -48,9 +48,10 @@ def trace_app(app: str, address: str | None = None, registry: Registry | None = 
             Hop("app", app, status == "RUNNING", f"{status} at {url}"),
             Hop(
                 "variant",
-                variant.name,
+                variant.label,
                 True,
-                f"{variant.weight:g}% of traffic, predictor {variant.predictor}, model {variant.model.uri}",
+                ("shadow" if variant.shadow else f"{variant.weight:g}% of traffic")
+                + f", predictor {variant.predictor}, model {variant.model.uri}",
             ),
         ]
         if variant.model_version is None:
@@ -61,7 +62,7 @@ def trace_app(app: str, address: str | None = None, registry: Registry | None = 
         else:
             name, number = variant.model_version.rsplit("/", 1)
             hops += _version_hops(registry, VersionRef(name, number), expected=variant.model, app=app)
-        chains[variant.name] = hops
+        chains[variant.label] = hops
     return chains
 
 
@@ -91,7 +92,7 @@ def _serving_hop(app: str, version: VersionRef, address: str | None) -> Hop:
     serving = [v for v in config.variants if v.model_version == str(version)]
     if not serving:
         return Hop("app", app, False, f"{status} at {url}, but no longer serves {version}")
-    weights = ", ".join(f"{v.name} {v.weight:g}%" for v in serving)
+    weights = ", ".join(f"{v.label} {v.weight:g}%" for v in serving)
     return Hop("app", app, status == "RUNNING", f"{status} at {url}, serving {version} as {weights}")
 
 
@@ -139,6 +140,27 @@ def _version_hops(registry: Registry, version: VersionRef, expected: ModelRef | 
                 }
             )
             hops.append(_blob_hop("data", data["pathspec"], data_ref))
+    return hops + history_hops(tags)
+
+
+def history_hops(tags: dict[str, str]) -> list[Hop]:
+    """The version's traffic history (deploys, rollout steps, gates, rollbacks), oldest first."""
+    from ray_deploy.history import EVENT_PREFIX
+
+    hops = []
+    for key in sorted(k for k in tags if k.startswith(EVENT_PREFIX)):
+        event = json.loads(tags[key])
+        detail = (
+            f"{event.get('at')} by {event.get('by')}: {event.get('reason')}; this version {event.get('weight', 0):g}%"
+        )
+        gate = event.get("gate")
+        if gate:
+            canary = gate.get("canary") or {}
+            detail += (
+                f"; gate {'passed' if gate.get('passed') else 'FAILED'} on {canary.get('requests', 0)} request(s), "
+                f"error rate {canary.get('error_rate')}, p99 <= {canary.get('p99_ms')} ms"
+            )
+        hops.append(Hop("traffic", event.get("action", "?"), True, detail))
     return hops
 
 

@@ -4,10 +4,17 @@ The application is one deployment, ``ModelServer``, whose ``user_config`` is the
 ``ServingConfig``: model references (never the models), predictors, weights and where the
 models came from. Keeping it in ``user_config`` means the Ray dashboard shows what each app
 serves, and Serve's own config file format (``to_serve_config``) rebuilds the same app.
+
+The deployment's Serve version is pinned to a hash of the serving code (``SERVER_CODE_VERSION``),
+so a redeploy that changes only the ``user_config`` (new models, new weights) is applied by
+``reconfigure`` on the running replicas: they keep answering throughout, which is what makes
+rollouts zero-downtime. Changing resources or code still restarts replicas (Serve's rolling update).
 """
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +38,39 @@ class VariantConfig(BaseModel):
     model: ModelRef
     model_version: str | None = Field(None, description="MLflow registered model version, as name/version.")
     shadow: bool = Field(False, description="Gets a copy of live requests; its answers are only compared.")
+    release: str | None = Field(
+        None, description="Which build of the variant: 'v<MLflow version>' or a short content hash."
+    )
+
+    @property
+    def label(self) -> str:
+        """Unique within an app: two releases of one variant serve side by side during a rollout."""
+        return f"{self.name}@{self.release}" if self.release else self.name
+
+    @property
+    def identity(self) -> tuple[str, str, str, str]:
+        """What must match for two entries to be the same loaded model (weights aside)."""
+        import json
+
+        return (
+            self.name,
+            self.model.model_dump_json(),
+            self.predictor,
+            json.dumps(self.predictor_config, sort_keys=True),
+        )
+
+
+class RolloutState(BaseModel):
+    """A rollout in progress (or holding at a step), kept in the app's config so any process can
+    promote or roll it back: weights by label before and after, and the share on the new one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: str
+    percent: float
+    old: dict[str, float]
+    new: dict[str, float]
+    started_at: str
 
 
 class ServingConfig(BaseModel):
@@ -48,11 +88,32 @@ class ServingConfig(BaseModel):
         default_factory=dict, description="Where this deployment came from, e.g. the Metaflow task pathspec."
     )
     registry_uri: str | None = Field(None, description="MLflow registry holding the variants' model versions.")
+    rollout: RolloutState | None = Field(None, description="The rollout in progress, if any.")
 
     def with_versions(self, versions: dict[str, str], registry_uri: str) -> ServingConfig:
-        """The same config with each variant's registered model version filled in."""
-        variants = tuple(v.model_copy(update={"model_version": versions.get(v.name)}) for v in self.variants)
+        """The same config with each variant's registered model version (and release) filled in."""
+        variants = tuple(
+            v.model_copy(
+                update={
+                    "model_version": versions.get(v.name),
+                    "release": f"v{versions[v.name].rsplit('/', 1)[-1]}" if v.name in versions else v.release,
+                }
+            )
+            for v in self.variants
+        )
         return self.model_copy(update={"variants": variants, "registry_uri": registry_uri})
+
+    def with_variants(self, variants: list[VariantConfig] | tuple[VariantConfig, ...]) -> ServingConfig:
+        return self.model_copy(update={"variants": tuple(variants)})
+
+    @property
+    def served(self) -> tuple[VariantConfig, ...]:
+        """Variants that answer requests (not shadows), with traffic or not."""
+        return tuple(v for v in self.variants if not v.shadow)
+
+    def weights(self) -> dict[str, float]:
+        """Traffic share by label (shadows and unweighted entries included at 0)."""
+        return {v.label: v.weight for v in self.variants}
 
 
 def serving_config(
@@ -77,6 +138,7 @@ def serving_config(
             predictor_config=v.predictor_config,
             model=models[v.name],
             shadow=v.shadow,
+            release=content_release(models[v.name]),
         )
         for v in spec.variants
     )
@@ -91,6 +153,40 @@ def serving_config(
     )
 
 
+def content_release(model: ModelRef) -> str:
+    """A release name from the model's content, used when no registry numbers the versions."""
+    return (model.sha256 or hashlib.sha256(model.uri.encode("utf-8")).hexdigest())[:8]
+
+
+def _server_code_version() -> str:
+    import ray_deploy
+
+    digest = hashlib.sha256(getattr(ray_deploy, "__version__", "0").encode("utf-8"))
+    package = Path(__file__).resolve().parent.parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode("utf-8"))
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+SERVER_CODE_VERSION = _server_code_version()
+
+
+def server_deployment(options: dict[str, Any]) -> Any:
+    """The ModelServer deployment with ``options``, its Serve version pinned to the serving code.
+
+    Serve gives an imperatively deployed class a random version on every ``serve.run``, which
+    restarts every replica even when only the user_config changed. Pinning the version keeps a
+    config-only change a ``reconfigure`` of the live replicas. ``Deployment`` takes no public
+    version argument in Ray 2.x; ``_version`` is what ``serve.run`` reads.
+    """
+    from ray_deploy.serving.server import ModelServer
+
+    deployment = ModelServer.options(**options)
+    deployment._version = SERVER_CODE_VERSION
+    return deployment
+
+
 def deployment_options(spec: DeploymentSpec, config: ServingConfig) -> dict[str, Any]:
     """Options of the ModelServer deployment, in the names ``Deployment.options`` takes."""
     actor_options: dict[str, Any] = {"num_cpus": spec.num_cpus}
@@ -98,6 +194,9 @@ def deployment_options(spec: DeploymentSpec, config: ServingConfig) -> dict[str,
         actor_options["num_gpus"] = spec.num_gpus
     return {
         "name": SERVER_DEPLOYMENT,
+        # When replicas must restart (new code or resources), start the replacements first:
+        # the old replicas serve until the new ones are up.
+        "max_surge_percent": 100,
         "num_replicas": spec.num_replicas,
         "max_ongoing_requests": spec.max_ongoing_requests,
         "ray_actor_options": actor_options,
@@ -107,9 +206,7 @@ def deployment_options(spec: DeploymentSpec, config: ServingConfig) -> dict[str,
 
 def build_application(spec: DeploymentSpec, config: ServingConfig) -> Any:
     """The bound Serve application (``serve.run`` takes it)."""
-    from ray_deploy.serving.server import ModelServer
-
-    return ModelServer.options(**deployment_options(spec, config)).bind()
+    return server_deployment(deployment_options(spec, config)).bind()
 
 
 def app_builder(args: dict[str, Any]) -> Any:

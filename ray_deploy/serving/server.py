@@ -7,6 +7,10 @@ Routes, relative to the app's route prefix:
 * ``GET /-/healthz``: 200 once the models are loaded.
 
 A client mistake is answered with a 4xx and ``{"error": "..."}``; the replica keeps serving.
+When a variant fails on the server side while another variant serves the same app (a canary
+beside the stable release, or an A/B split), the request is answered by the stable one (the
+largest share) and the failure is counted against the variant that failed: rollout gates see
+it, callers do not.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ logger = logging.getLogger("ray.serve")
 VARIANT_HEADER = "X-Ray-Deploy-Variant"
 MODEL_VERSION_HEADER = "X-Model-Version"
 REQUEST_KEY_HEADER = "X-Request-Key"
+FALLBACK_HEADER = "X-Ray-Deploy-Fallback-From"
 _SCORE_PATHS = ("", "/", "/invocations")
 
 
@@ -63,9 +68,16 @@ class LoadedVariant:
             return model_input.to_dataframe()
         return model_input.to_array(self.n_features)
 
+    @property
+    def label(self) -> str:
+        return self.config.label
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.config.name,
+            "label": self.config.label,
+            "release": self.config.release,
+            "model_version": self.config.model_version,
             "weight": self.config.weight,
             "shadow": self.config.shadow,
             "predictor": self.config.predictor,
@@ -76,11 +88,10 @@ class LoadedVariant:
         }
 
 
-def load_variant(config: VariantConfig, cache: dict[str, LoadedVariant] | None = None) -> LoadedVariant:
-    """Load one variant's model by reference and wrap it in its predictor (reusing an identical one)."""
-    key = config.model_dump_json()
-    if cache and key in cache:
-        return cache[key]
+def load_variant(config: VariantConfig, cache: dict[tuple, LoadedVariant] | None = None) -> LoadedVariant:
+    """Load one variant's model by reference and wrap it in its predictor (reusing a loaded one)."""
+    if cache and config.identity in cache:
+        return LoadedVariant(config=config, predictor=cache[config.identity].predictor)
     model = load_model(config.model)
     predictor = build_predictor(config.predictor, model, config.predictor_config, code_dir=os.getcwd())
     return LoadedVariant(config=config, predictor=predictor)
@@ -137,28 +148,33 @@ class ModelServer:
         self.variants: list[LoadedVariant] = []
         self.stats: dict[str, VariantStats] = {}
         self.served: list[LoadedVariant] = []
+        self.fallback: LoadedVariant | None = None
         self.shadows: list[LoadedVariant] = []
         self._shadow_tasks: set[asyncio.Task] = set()
         self._pusher: asyncio.Task | None = None
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._requests_total = metrics.Counter(
             "ray_deploy_requests_total",
-            description="Scoring requests by app, variant and outcome (ok, client_error, error).",
-            tag_keys=("app", "variant", "outcome"),
+            description="Scoring requests by app, variant, release and outcome (ok, client_error, error).",
+            tag_keys=("app", "variant", "release", "outcome"),
         )
         self._latency_ms = metrics.Histogram(
             "ray_deploy_request_latency_ms",
             description="Scoring latency inside the replica, in milliseconds.",
             boundaries=list(LATENCY_BUCKETS_MS),
-            tag_keys=("app", "variant"),
+            tag_keys=("app", "variant", "release"),
         )
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load what is new off the event loop, then switch in one step; requests keep flowing."""
         config = ServingConfig.model_validate(user_config)
-        previous = {v.config.model_dump_json(): v for v in self.variants}
-        self.variants = [load_variant(v, previous) for v in config.variants]
-        self.served = [v for v in self.variants if not v.config.shadow]
-        self.shadows = [v for v in self.variants if v.config.shadow]
+        loaded = {v.config.identity: v for v in self.variants}
+        variants = await asyncio.to_thread(lambda: [load_variant(v, loaded) for v in config.variants])
+        # Requests already running keep their variant object; new requests see the new lists.
+        self.variants = variants
+        self.served = [v for v in variants if not v.config.shadow and v.config.weight > 0]
+        self.fallback = max(self.served, key=lambda v: v.config.weight) if len(self.served) > 1 else None
+        self.shadows = [v for v in variants if v.config.shadow]
         self.config = config
         self._predict_batched.set_max_batch_size(config.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
@@ -203,9 +219,29 @@ class ModelServer:
         assert self.config is not None
         variant = choose_variant(self.served, request.headers.get(REQUEST_KEY_HEADER))
         started = time.perf_counter()
+        try:
+            body = await self._read_json_body(request)
+        except RequestError as exc:
+            self._record(variant, (time.perf_counter() - started) * 1000, exc.status, None)
+            raise
+        fallback = self.fallback if self.fallback is not variant else None
+        try:
+            return await self._attempt(body, variant, started)
+        except RequestError:
+            raise
+        except Exception:
+            if fallback is None:
+                raise
+            logger.exception("ray-deploy: variant %s failed; answering with %s", variant.label, fallback.label)
+        response = await self._attempt(body, fallback, time.perf_counter())
+        response.headers[FALLBACK_HEADER] = variant.label
+        return response
+
+    async def _attempt(self, body: Any, variant: LoadedVariant, started: float) -> JSONResponse:
+        """Score with one variant, counting the outcome against it."""
         status, predictions = 500, None
         try:
-            response, predictions = await self._answer(request, variant)
+            response, predictions = await self._answer(body, variant)
             status = 200
             return response
         except RequestError as exc:
@@ -215,10 +251,9 @@ class ModelServer:
             self._record(variant, (time.perf_counter() - started) * 1000, status, predictions)
 
     def _record(self, variant: LoadedVariant, latency_ms: float, status: int, predictions: Any) -> None:
-        name = variant.config.name
-        self.stats.setdefault(name, VariantStats()).record(latency_ms, status, predictions)
+        self.stats.setdefault(variant.label, VariantStats()).record(latency_ms, status, predictions)
         outcome = "ok" if status < 400 else "client_error" if status < 500 else "error"
-        tags = {"app": self.config.app, "variant": name}
+        tags = {"app": self.config.app, "variant": variant.config.name, "release": variant.config.release or ""}
         self._requests_total.inc(tags={**tags, "outcome": outcome})
         self._latency_ms.observe(latency_ms, tags=tags)
         if self._pusher is None:
@@ -234,7 +269,7 @@ class ModelServer:
             except Exception:  # metrics must never break serving
                 logger.exception("ray-deploy: could not push stats")
 
-    async def _answer(self, request: Request, variant: LoadedVariant) -> tuple[JSONResponse, Any]:
+    async def _read_json_body(self, request: Request) -> Any:
         assert self.config is not None
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type not in ("application/json", "") and not content_type.endswith("+json"):
@@ -245,8 +280,11 @@ class ModelServer:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(f"request body is {declared} bytes; the limit is {limit} (max_request_bytes)", 413)
-        body = await _read_body(request, limit)
-        model_input = parse_model_input(parse_body(body))
+        return parse_body(await _read_body(request, limit))
+
+    async def _answer(self, body: Any, variant: LoadedVariant) -> tuple[JSONResponse, Any]:
+        assert self.config is not None
+        model_input = parse_model_input(body)
         payload = variant.make_payload(model_input)
         if self.config.max_batch_size > 1 and variant.payload_format == "array":
             predictions = await self._predict_batched((variant, payload))
@@ -281,7 +319,7 @@ class ModelServer:
                 logger.exception("ray-deploy: shadow variant %s failed", shadow.config.name)
             self._record(shadow, (time.perf_counter() - started) * 1000, status, answer)
             if answer is not None:
-                self.stats[shadow.config.name].compare(served, answer)
+                self.stats[shadow.label].compare(served, answer)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _predict_batched(self, items: list[tuple[LoadedVariant, np.ndarray]]) -> list[Any]:

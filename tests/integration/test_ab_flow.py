@@ -94,6 +94,11 @@ BAD_EXPORT_OPTIONS = (
 )
 
 
+def metrics_by_variant(row: dict) -> dict:
+    """Status metrics are keyed by release label (name@vN); these tests look them up by name."""
+    return {v["name"]: row["metrics"][v["label"]] for v in row["variants"] if v["label"] in row["metrics"]}
+
+
 def test_status_reports_per_variant_metrics(ab_run, http):
     """Counts, errors and latency per variant, merged over replicas, from `ray-deploy status`."""
     import subprocess
@@ -110,7 +115,7 @@ def test_status_reports_per_variant_metrics(ab_run, http):
             [str(ray_deploy), "status", "cancer-ab", "--json"], capture_output=True, text=True, timeout=60
         )
         assert shown.returncode == 0, shown.stderr
-        return json.loads(shown.stdout)[0]["metrics"]
+        return metrics_by_variant(json.loads(shown.stdout)[0])
 
     before = metrics()
     sent = {"xgb": 0, "onnx": 0}
@@ -150,7 +155,7 @@ def test_shadow_variant_is_compared_never_returned(ab_run, http):
         assert answer["variant"] == "main"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        seen = app_status("shadowed")[0]["metrics"]
+        seen = metrics_by_variant(app_status("shadowed")[0])
         if seen.get("mirror", {}).get("shadow_compared", 0) >= len(rows):
             break
         time.sleep(1)
@@ -158,3 +163,30 @@ def test_shadow_variant_is_compared_never_returned(ab_run, http):
     assert seen["mirror"]["shadow_compared"] >= len(rows)
     assert seen["mirror"]["shadow_agreement"] == 1.0
     assert seen["main"]["requests"] >= len(rows)
+
+
+def test_per_variant_metrics_reach_prometheus(ab_run, http):
+    """Ray's metrics endpoint on the head (what Prometheus scrapes) carries our counters per variant."""
+    import os
+    import time
+
+    url = ab_run["deploy"].task.data.ray_serve["url"]
+    row = ab_run["deploy"].task.data.dataset["X_test"][0].tolist()
+    for index in range(20):
+        assert http.post(url, json={"instances": [row]}, headers={"X-Request-Key": f"p{index}"}).status_code == 200
+    endpoint = f"http://127.0.0.1:{os.environ['RAY_DEPLOY_METRICS_PORT']}/metrics"
+    deadline = time.monotonic() + 90
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        try:
+            text = http.get(endpoint).text
+        except Exception:
+            text = ""
+        lines = [
+            line for line in text.splitlines() if "ray_deploy_requests_total" in line and 'app="cancer-ab"' in line
+        ]
+        if {"xgb", "onnx"} <= {v for v in ("xgb", "onnx") if any(f'variant="{v}"' in line for line in lines)}:
+            break
+        time.sleep(3)
+    assert any('variant="xgb"' in line and 'outcome="ok"' in line for line in lines), lines
+    assert any('variant="onnx"' in line and 'release="v' in line for line in lines), lines

@@ -160,7 +160,8 @@ def test_lineage_command_checks_every_hop(train_run, repo):
         shown = subprocess.run([str(ray_deploy), *args, "--json"], capture_output=True, text=True, timeout=120)
         assert shown.returncode == 0, shown.stdout + shown.stderr
         (chain,) = json.loads(shown.stdout).values()
-        kinds = [hop["kind"] for hop in chain]
+        kinds = [hop["kind"] for hop in chain if hop["kind"] != "traffic"]
+        assert [hop["name"] for hop in chain if hop["kind"] == "traffic"][:1] == ["deployed"]
         assert kinds[0] == "app"
         assert kinds[-3:] == ["metaflow_task", "model_artifact", "data"]
         assert all(hop["ok"] for hop in chain), chain
@@ -273,10 +274,8 @@ def test_redeploying_the_same_task_reuses_its_version(train_run, embedded_regist
 def test_registry_write_failing_after_serve_changed_puts_the_app_back(train_run, cancer_url, http, monkeypatch):
     """Forced fault: the registry accepts the version, then fails the deployment write. Stopping a
     real server between those two calls cannot be timed from a test, so the write is made to raise."""
-    import importlib
+    from ray_deploy.history import TrafficRecorder
 
-    # ray_deploy.deploy is also the name of the function the package exports; fetch the module.
-    deploy_module = importlib.import_module("ray_deploy.deploy")
     ref, variant, source = _current(train_run)
     before = http.get(cancer_url).json()["variants"]
     other_task = LineageSource(flow="TrainFlow", run_id=train_run.id, step="deploy", task=source.task + "-b", user="ci")
@@ -284,7 +283,7 @@ def test_registry_write_failing_after_serve_changed_puts_the_app_back(train_run,
     def registry_down(*args, **kwargs):
         raise ConnectionError("registry went away")
 
-    monkeypatch.setattr(deploy_module, "record_deployment", registry_down)
+    monkeypatch.setattr(TrafficRecorder, "record", registry_down)
     spec = DeploymentSpec.from_options({"app": "cancer", "num_cpus": 0.5, "deploy_timeout_s": 120})
     with pytest.raises(LineageError, match="was put back to its previous version"):
         deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=other_task)

@@ -4,7 +4,7 @@ from metaflow._vendor import click
 from metaflow.exception import MetaflowException
 
 from ray_deploy import DeploymentSpec, RayDeployError, app_status, delete_app
-from ray_deploy.cli import print_lineage
+from ray_deploy.cli import parse_weights, print_lineage
 
 
 class RayServeCommandError(MetaflowException):
@@ -78,8 +78,13 @@ def status(obj, app=None, as_json=False):
         obj.echo_always("%s: %s %s" % (row["app"], row["status"], row.get("url", row.get("detail", ""))), err=False)
         for variant in row.get("variants", []):
             obj.echo_always(
-                "  %s (%g%%): %s via %s"
-                % (variant["name"], variant["weight"], variant["model_uri"], variant["predictor"]),
+                "  %s (%s): %s via %s"
+                % (
+                    variant["label"],
+                    "shadow" if variant["shadow"] else "%g%%" % variant["weight"],
+                    variant["model_version"] or variant["model_uri"],
+                    variant["predictor"],
+                ),
                 err=False,
             )
 
@@ -113,3 +118,72 @@ def lineage(ctx, app=None, as_json=False):
         failed |= print_lineage({"%s/%s" % (name, variant): hops for variant, hops in chains.items()}, as_json)
     if failed:
         ctx.exit(1)
+
+
+def _single(obj, app):
+    if app is not None:
+        return _selected(obj, app)[0]
+    if len(obj.ray_serve_apps) == 1:
+        return next(iter(obj.ray_serve_apps))
+    raise MetaflowException("This flow deploys several apps; choose one with --app.")
+
+
+def _show(obj, config):
+    for variant in config.variants:
+        obj.echo_always(
+            "%s: %s %s (%s)"
+            % (
+                config.app,
+                variant.label,
+                "shadow" if variant.shadow else "%g%%" % variant.weight,
+                variant.model_version or variant.model.uri,
+            ),
+            err=False,
+        )
+
+
+@ray_serve.command(help="Split traffic between the app's loaded variants, e.g. --set default@v3=90,default@v4=10.")
+@click.option("--app", default=None, help="The app (needed when the flow deploys several).")
+@click.option("--set", "weights", required=True, help="LABEL=PERCENT,... adding up to 100.")
+@click.option("--reason", default=None, help="Why; recorded on the model versions.")
+@click.pass_obj
+def traffic(obj, app=None, weights=None, reason=None):
+    from ray_deploy.traffic import set_traffic
+
+    name = _single(obj, app)
+    try:
+        _show(obj, set_traffic(name, parse_weights(weights), address=_address(obj, name), reason=reason or ""))
+    except RayDeployError as error:
+        raise RayServeCommandError(error)
+
+
+@ray_serve.command(help="Finish a rollout that holds at a canary step: all traffic to the new release.")
+@click.option("--app", default=None, help="The app (needed when the flow deploys several).")
+@click.pass_obj
+def promote(obj, app=None):
+    from ray_deploy.traffic import promote as promote_app
+
+    name = _single(obj, app)
+    try:
+        _show(obj, promote_app(name, address=_address(obj, name)))
+    except RayDeployError as error:
+        raise RayServeCommandError(error)
+
+
+@ray_serve.command(help="Back to the previous release, rebuilt from the MLflow registry if its replicas are gone.")
+@click.option("--app", default=None, help="The app (needed when the flow deploys several).")
+@click.option("--reason", default=None, help="Why; recorded on the model versions.")
+@click.pass_obj
+def rollback(obj, app=None, reason=None):
+    from ray_deploy.traffic import rollback as rollback_app
+
+    name = _single(obj, app)
+    try:
+        _show(
+            obj,
+            rollback_app(
+                name, address=_address(obj, name), reason="operator rollback" + (": " + reason if reason else "")
+            ),
+        )
+    except RayDeployError as error:
+        raise RayServeCommandError(error)

@@ -115,6 +115,14 @@ class RayServeDecorator(StepDecorator):
         MLflow alias held by the version serving all traffic.
     canary_alias : str, default "canary"
         MLflow alias held by a version serving part of the traffic.
+    rollout : Dict[str, Any], optional, default None
+        How a new release replaces the one serving the app, with no request dropped:
+        {"strategy": "canary", "steps": [10, 50, 100], "interval_s": 30, "max_error_rate": 0.01,
+        "max_p99_ms": None, "max_p99_ratio": None, "min_requests": 0}. Strategies: "immediate"
+        (the default: all traffic at once), "canary" (traffic in steps, gates after each) and
+        "blue_green" (all at once, old release kept loaded for interval_s, then gated). The new
+        release is loaded beside the old before it gets traffic; a failing gate rolls back
+        automatically and fails the step; steps short of 100 hold for `ray-deploy promote`.
     """
 
     name = "ray_serve"
@@ -171,7 +179,6 @@ class RayServeDecorator(StepDecorator):
         try:
             models, predictors, objects = self._resolve_models(flow)
             parity = self._check_parity(flow, predictors, objects)
-            uses_user_code = any(v.is_user_predictor for v in self.spec.variants)
             source = self._lineage_source(flow, step_name)
             result = deploy(
                 self.spec,
@@ -184,7 +191,9 @@ class RayServeDecorator(StepDecorator):
                     "task": source.task,
                     "user": source.user,
                 },
-                code_dir=self._code_dir if uses_user_code else None,
+                # The flow's directory travels with the deployment: user predictors, and the
+                # classes of pickled models defined next to the flow, import from it.
+                code_dir=self._code_dir,
                 lineage=source,
             )
         except RayDeployError as error:

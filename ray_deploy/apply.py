@@ -1,0 +1,249 @@
+"""Talking to Serve from the deploying process: apply a config, wait for it, read it back, lock.
+
+Every change to an app goes through ``apply_config``: the ModelServer deployment with the given
+options and ``ServingConfig``, applied without blocking, then watched (with progress) until Serve
+reports the app RUNNING *and* the app's own GET answer shows the expected variants and weights.
+``app_lock`` makes changes to one app exclusive across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import logging
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ray_deploy.errors import AppLocked, DeployError
+from ray_deploy.progress import Waiter, report
+from ray_deploy.serving.app import SERVER_DEPLOYMENT, ServingConfig, server_deployment
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.5
+LOCK_NAMESPACE = "ray_deploy_locks"
+
+
+@dataclass(frozen=True)
+class RunningApp:
+    """What Serve runs for an app: its config and the ModelServer deployment options."""
+
+    name: str
+    route_prefix: str
+    config: ServingConfig
+    options: dict[str, Any]
+
+    def options_with(self, config: ServingConfig) -> dict[str, Any]:
+        return {**self.options, "user_config": config.model_dump(mode="json")}
+
+
+def serve_details() -> dict[str, Any]:
+    # Serve has no public Python call for the deployed configs; this is what `serve status` and
+    # the dashboard's /api/serve/applications/ are built on.
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().get_serve_details()
+
+
+def running_app(app: str) -> RunningApp | None:
+    """The app as Serve runs it, or None if there is no such app deployed by ray-deploy."""
+    details = serve_details().get("applications", {}).get(app)
+    if not details:
+        return None
+    deployment = details.get("deployments", {}).get(SERVER_DEPLOYMENT)
+    if not deployment:
+        return None
+    config = deployment.get("deployment_config", {})
+    user_config = config.get("user_config")
+    if not user_config:
+        return None
+    options = {
+        "name": SERVER_DEPLOYMENT,
+        "num_replicas": config.get("num_replicas", 1),
+        "max_ongoing_requests": config.get("max_ongoing_requests"),
+        "max_surge_percent": config.get("max_surge_percent", 100),
+        "ray_actor_options": config.get("ray_actor_options") or {},
+        "user_config": user_config,
+    }
+    serving = ServingConfig.model_validate(user_config)
+    return RunningApp(
+        name=app,
+        route_prefix=details.get("route_prefix") or serving.route_prefix,
+        config=serving,
+        options={k: v for k, v in options.items() if v is not None},
+    )
+
+
+def apply_config(app: str, route_prefix: str, options: dict[str, Any], url: str, timeout_s: float) -> None:
+    """Apply ModelServer ``options`` (user_config included) to ``app`` and wait until it serves them.
+
+    Raises:
+        DeployError: Serve refused the app, or it did not serve the config within ``timeout_s``.
+    """
+    _run(server_deployment(options).bind(), app, route_prefix)
+    wait_until_serving(app, url, ServingConfig.model_validate(options["user_config"]), timeout_s)
+
+
+def _run(application: Any, app: str, route_prefix: str) -> None:
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    try:
+        serve.run_many(
+            [RunTarget(target=application, name=app, route_prefix=route_prefix)],
+            wait_for_applications_running=False,
+        )
+    except Exception as exc:
+        raise DeployError(f"Serve refused app {app!r} at route {route_prefix}: {exc}") from exc
+
+
+def wait_until_serving(app: str, url: str, config: ServingConfig, timeout_s: float) -> None:
+    """Until the app is RUNNING and its GET answer shows ``config``'s variants, or DeployError."""
+    from ray import serve
+
+    waiter = Waiter(f"app {app!r}")
+    expected = _fingerprint(config)
+    deadline = time.monotonic() + timeout_s
+    messages: list[str] = []
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app)
+        if status is None:
+            waiter.update("waiting for Serve to register the app")
+        else:
+            messages = [f"{name}: {d.status.value} {d.message}".strip() for name, d in status.deployments.items()]
+            messages += [status.message] if status.message else []
+            state = status.status.value
+            if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise DeployError(f"app {app!r} is {state}: " + "; ".join(m for m in messages if m))
+            replicas = {
+                name: ", ".join(f"{count} {replica_state}" for replica_state, count in d.replica_states.items())
+                for name, d in status.deployments.items()
+            }
+            waiter.update(f"{state}; replicas: " + "; ".join(f"{n} {r or 'none yet'}" for n, r in replicas.items()))
+            if state == "RUNNING" and _serves(url, expected):
+                return
+        time.sleep(_POLL_S)
+    detail = "; ".join(m for m in messages if m) or "no status message from Serve"
+    raise DeployError(
+        f"app {app!r} did not become healthy within {timeout_s:g}s (deploy_timeout_s): {detail}. "
+        "If replicas wait for resources, lower num_cpus/num_gpus or add nodes."
+    )
+
+
+def _fingerprint(config: ServingConfig) -> list[tuple[str, str, float]]:
+    return [(v.label, v.model.uri, float(v.weight)) for v in config.variants]
+
+
+def _serves(url: str, expected: list[tuple[str, str, float]]) -> bool:
+    # Replicas apply a new config one by one; ask a few times so most of them have it.
+    for _ in range(3):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                described = json.loads(answer.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        seen = [(v.get("label"), v.get("model"), float(v.get("weight", -1))) for v in described.get("variants", [])]
+        if seen != expected:
+            return False
+    return True
+
+
+def restore(running: RunningApp | None, timeout_s: float = 120) -> None:
+    """Put an app back as it was; never raises (the caller is already reporting a failure)."""
+    if running is None:
+        return
+    report(f"putting the previous version of app {running.name!r} back ...")
+    try:
+        base = url_base()
+        apply_config(running.name, running.route_prefix, running.options, f"{base}{running.route_prefix}", timeout_s)
+    except Exception as exc:
+        logger.error("the previous version of %s did not come back: %s", running.name, exc)
+
+
+def remove_new_app(app: str) -> None:
+    from ray import serve
+
+    report(f"removing app {app!r}: its first deploy failed")
+    serve.delete(app)
+
+
+def url_base() -> str:
+    http = serve_details().get("http_options") or {}
+    host, port = http.get("host"), http.get("port") or 8000
+    return f"http://{'127.0.0.1' if host in (None, '0.0.0.0') else host}:{port}"
+
+
+def who() -> str:
+    """The user on whose behalf a change is made (Metaflow's USERNAME first)."""
+    for name in ("METAFLOW_USER", "USERNAME", "USER"):
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+class _LockHolder:
+    def __init__(self, info: dict[str, Any]):
+        self._info = info
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+
+@contextlib.contextmanager
+def app_lock(app: str, purpose: str) -> Iterator[None]:
+    """Hold the app's change lock for the block, or raise AppLocked naming who holds it.
+
+    The lock is a named Ray actor owned by this process: Ray removes it when the block ends,
+    and also when this process dies, so a crashed deploy never leaves an app locked.
+    """
+    import ray
+
+    holder = ray.remote(num_cpus=0, max_restarts=0)(_LockHolder)
+    name = f"lock:{app}"
+    info = {
+        "purpose": purpose,
+        "user": who(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    actor = None
+    for _ in range(20):
+        try:
+            actor = holder.options(name=name, namespace=LOCK_NAMESPACE).remote(info)
+            break
+        except ValueError:
+            owner = _lock_owner(name)
+            if owner is not None:
+                raise AppLocked(
+                    f"app {app!r} is being changed by {owner.get('user')} on {owner.get('host')} "
+                    f"(pid {owner.get('pid')}, {owner.get('purpose')}, since {owner.get('since')}); "
+                    "wait for that to finish and try again"
+                ) from None
+            time.sleep(0.25)  # the previous holder is gone; its name is being released
+    if actor is None:
+        raise AppLocked(f"app {app!r}: could not take its change lock (namespace {LOCK_NAMESPACE})")
+    try:
+        yield
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
+def _lock_owner(name: str) -> dict[str, Any] | None:
+    import ray
+
+    try:
+        return ray.get(ray.get_actor(name, namespace=LOCK_NAMESPACE).info.remote(), timeout=10)
+    except Exception:
+        return None

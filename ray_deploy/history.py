@@ -1,0 +1,217 @@
+"""Traffic history in the MLflow registry: every change to what an app serves, on the versions.
+
+Each change (deploy, rollout step, gate, promotion, rollback, operator traffic split) becomes
+
+* an event tag on every model version involved, ``ray_deploy.event.NNNN`` = JSON with when,
+  who, what, why, the traffic split and, for gates, the numbers judged;
+* metrics on the MLflow run that mirrors the version's Metaflow run, ``serving.<label>.*``
+  (traffic share, and for gates error rate, p50/p99 and requests; ``@`` becomes ``.``), stepped by event number;
+* the aliases: the largest share holds ``production``, the next ``canary``; a version taking
+  production from another is tagged ``ray_deploy.previous_production``;
+* for a settled state, a release record on the registered model, ``ray_deploy.release.<app>.NNNN``:
+  what served with which weights, enough to rebuild it (``rollback``) even after its replicas
+  are gone, since each version also keeps its serving entry in ``ray_deploy.variant_config``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_deploy.apply import who
+from ray_deploy.errors import LineageError
+from ray_deploy.lineage import Registry, VersionRef, recorded_at
+from ray_deploy.serving.app import ServingConfig, VariantConfig
+
+logger = logging.getLogger(__name__)
+
+EVENT_PREFIX = "ray_deploy.event."
+RELEASE_PREFIX = "ray_deploy.release."
+VARIANT_CONFIG_TAG = "ray_deploy.variant_config"
+SETTINGS_TAG = "ray_deploy.app_settings"
+
+
+def version_of(variant: VariantConfig) -> VersionRef | None:
+    if not variant.model_version or "/" not in variant.model_version:
+        return None
+    name, number = variant.model_version.rsplit("/", 1)
+    return VersionRef(name, number)
+
+
+@dataclass
+class TrafficRecorder:
+    """Writes one app's traffic changes to the registry."""
+
+    registry: Registry
+    app: str
+    deployment_tags: dict[str, str] = field(default_factory=dict)
+    production_alias: str = "production"
+    canary_alias: str = "canary"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def record(
+        self,
+        config: ServingConfig,
+        action: str,
+        reason: str,
+        gate: dict[str, Any] | None = None,
+        leaving: tuple[VariantConfig, ...] | list[VariantConfig] = (),
+        leaving_status: str = "retired",
+        settled: bool = False,
+    ) -> None:
+        """Record that ``config`` now serves (and ``leaving`` stopped serving) because of ``reason``."""
+        at, by = recorded_at(), who()
+        traffic = {v.label: v.weight for v in config.variants if v.weight > 0 or v.shadow}
+        event = {"at": at, "by": by, "app": self.app, "action": action, "reason": reason, "traffic": traffic}
+        if gate:
+            event["gate"] = gate
+        serving = [v for v in config.variants if version_of(v)]
+        for variant in serving:
+            status = "serving" if variant.weight > 0 or variant.shadow else "staged"
+            tags = {
+                **self.deployment_tags,
+                "ray.traffic_weight": f"{variant.weight:g}",
+                "ray_deploy.status": status,
+                VARIANT_CONFIG_TAG: variant.model_copy(update={"weight": 0.0}).model_dump_json(),
+            }
+            self._event(version_of(variant), variant, {**event, "weight": variant.weight}, tags, gate)
+        for variant in leaving:
+            version = version_of(variant)
+            if version is None:
+                continue
+            tags = {"ray.traffic_weight": "0", "ray_deploy.status": leaving_status}
+            if leaving_status == "rolled_back":
+                tags["ray_deploy.rollback_reason"] = reason[:4000]
+            self._event(version, variant, {**event, "weight": 0.0, "status": leaving_status}, tags, gate)
+        self._move_aliases(config)
+        if settled:
+            self._release(config, action, reason, at, by)
+
+    def _event(
+        self,
+        version: VersionRef,
+        variant: VariantConfig,
+        event: dict[str, Any],
+        tags: dict[str, str],
+        gate: dict[str, Any] | None,
+    ) -> None:
+        current = self.registry.client.get_model_version(version.name, version.version)
+        sequence = sum(1 for key in current.tags if key.startswith(EVENT_PREFIX))
+        if tags.get("ray_deploy.status") == "serving" and "ray.deployed_at" not in current.tags:
+            tags = {**tags, "ray.deployed_at": event["at"]}  # when it first took traffic
+        self.registry.set_tags(version, {**tags, f"{EVENT_PREFIX}{sequence:04d}": json.dumps(event, sort_keys=True)})
+        run_id = getattr(current, "run_id", None)
+        if not run_id:
+            return
+        prefix = f"serving.{variant.label.replace('@', '.')}"  # MLflow metric names take no '@'
+        metrics = {f"{prefix}.traffic_pct": float(event["weight"])}
+        if gate:
+            side = gate.get("canary") if variant.label in gate.get("new", ()) else gate.get("baseline")
+            for key in ("requests", "error_rate", "p50_ms", "p99_ms", "shadow_agreement"):
+                value = (side or {}).get(key)
+                if isinstance(value, int | float) and value == value and value != float("inf"):
+                    metrics[f"{prefix}.{key}"] = float(value)
+        try:
+            for key, value in metrics.items():
+                self.registry.client.log_metric(run_id, key, value, step=sequence)
+        except Exception as exc:  # the run may live in another tracking store
+            logger.warning("could not log serving metrics on run %s: %s", run_id, exc)
+
+    def _move_aliases(self, config: ServingConfig) -> None:
+        by_name: dict[str, list[tuple[float, VariantConfig]]] = {}
+        for variant in config.variants:
+            version = version_of(variant)
+            if version is not None and variant.weight > 0 and not variant.shadow:
+                by_name.setdefault(version.name, []).append((variant.weight, variant))
+        for name, shares in by_name.items():
+            holder = self._alias_holder(name, self.production_alias)
+            # The largest share is production; on a tie the current holder keeps it.
+            ranked = sorted(shares, key=lambda item: (-item[0], version_of(item[1]).version != holder))
+            top = version_of(ranked[0][1])
+            if top.version != holder:
+                self.registry.set_alias(top, self.production_alias)
+                if holder is not None:
+                    self.registry.set_tags(top, {"ray_deploy.previous_production": holder})
+            if len(ranked) > 1 and version_of(ranked[1][1]).version != top.version:
+                self.registry.set_alias(version_of(ranked[1][1]), self.canary_alias)
+            else:
+                self.registry.delete_alias(name, self.canary_alias)
+
+    def _alias_holder(self, name: str, alias: str) -> str | None:
+        try:
+            return str(self.registry.client.get_model_version_by_alias(name, alias).version)
+        except Exception:
+            return None
+
+    def _release(self, config: ServingConfig, action: str, reason: str, at: str, by: str) -> None:
+        record = {
+            "at": at,
+            "by": by,
+            "action": action,
+            "reason": reason,
+            "variants": [
+                {"label": v.label, "model_version": v.model_version, "weight": v.weight, "shadow": v.shadow}
+                for v in config.variants
+            ],
+        }
+        settings = config.model_dump(mode="json", exclude={"variants", "rollout"})
+        for name in {version_of(v).name for v in config.variants if version_of(v)}:
+            model = self.registry.client.get_registered_model(name)
+            prefix = f"{RELEASE_PREFIX}{self.app}."
+            sequence = sum(1 for key in (model.tags or {}) if key.startswith(prefix))
+            self.registry.client.set_registered_model_tag(name, f"{prefix}{sequence:04d}", json.dumps(record))
+            self.registry.client.set_registered_model_tag(
+                name, f"{SETTINGS_TAG}.{self.app}", json.dumps({"settings": settings, "options": self.options})
+            )
+
+
+def releases(registry: Registry, name: str, app: str) -> list[dict[str, Any]]:
+    """The settled releases of ``app`` recorded on registered model ``name``, oldest first."""
+    model = registry.client.get_registered_model(name)
+    prefix = f"{RELEASE_PREFIX}{app}."
+    tags = model.tags or {}
+    return [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(prefix))]
+
+
+def events(registry: Registry, version: VersionRef) -> list[dict[str, Any]]:
+    """Every traffic event recorded on one model version, oldest first."""
+    tags = registry.version_tags(version)
+    return [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(EVENT_PREFIX))]
+
+
+def previous_release(registry: Registry, current: ServingConfig) -> list[VariantConfig]:
+    """The variants of the last settled release before the current one that was not rolled back.
+
+    Raises:
+        LineageError: there is no earlier release, or a version lacks its recorded serving entry.
+    """
+    names = {version_of(v).name for v in current.variants if version_of(v)}
+    if not names:
+        raise LineageError(
+            f"app {current.app!r} has no registered model versions (deployed with lineage off); "
+            "rollback rebuilds releases from the MLflow registry"
+        )
+    now = {v.label: v.weight for v in current.variants if v.weight > 0}
+    history = [record for name in sorted(names) for record in releases(registry, name, current.app)]
+    history.sort(key=lambda record: record["at"])
+    for record in reversed(history):
+        weights = {entry["label"]: entry["weight"] for entry in record["variants"] if entry["weight"] > 0}
+        if weights == now:
+            continue
+        variants = []
+        usable = True
+        for entry in record["variants"]:
+            version = VersionRef(*entry["model_version"].rsplit("/", 1)) if entry.get("model_version") else None
+            tags = registry.version_tags(version) if version else {}
+            if version is None or tags.get("ray_deploy.status") == "rolled_back" or VARIANT_CONFIG_TAG not in tags:
+                usable = False
+                break
+            stored = VariantConfig.model_validate_json(tags[VARIANT_CONFIG_TAG])
+            variants.append(stored.model_copy(update={"weight": entry["weight"], "shadow": entry["shadow"]}))
+        if usable:
+            return variants
+    raise LineageError(
+        f"app {current.app!r}: no earlier release to roll back to in the registry at {registry.registry_uri}"
+    )

@@ -1,0 +1,218 @@
+"""Moving traffic from the release an app serves to a new one: plans, steps, gates, rollback.
+
+A rollout never starts or stops replicas. Every step is a new ``user_config`` for the live
+ModelServer replicas (see ``serving.app.server_deployment``): first the new release is loaded
+beside the old one with no traffic, then its share grows step by step, and only when it holds
+all traffic are the old models dropped (requests already running on them finish, since they
+hold their own reference). A gate after each step compares the new release's live error rate
+and latency with the old one's, from the per-variant stats the replicas push to the collector;
+a failing gate puts the old weights back.
+
+This module is pure planning and judging; ``deploy`` applies the configs and records them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_deploy.serving.app import RolloutState, ServingConfig, VariantConfig
+from ray_deploy.serving.metrics import PUSH_INTERVAL_S, VariantStats
+from ray_deploy.spec import RolloutSpec
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The old release's variants, the new release's, and the traffic between them at any step."""
+
+    old: tuple[VariantConfig, ...]
+    new: tuple[VariantConfig, ...]
+
+    @classmethod
+    def between(cls, running: ServingConfig, incoming: ServingConfig) -> Plan:
+        """Pair what runs with what comes in; a variant that did not change keeps its entry."""
+        old = tuple(v for v in running.variants if v.weight > 0 or v.shadow)
+        by_identity = {v.identity: v for v in old}
+        taken = {v.label for v in old}
+        new = []
+        for variant in incoming.variants:
+            same = by_identity.get(variant.identity)
+            if same is not None:
+                new.append(same.model_copy(update={"weight": variant.weight, "shadow": variant.shadow}))
+                continue
+            if variant.label in taken:
+                # Same name and release label but other bytes (e.g. no registry, a rebuilt artifact).
+                variant = variant.model_copy(update={"release": f"{variant.release or 'r'}-new"})
+            new.append(variant)
+        return cls(old, tuple(new))
+
+    @property
+    def changed(self) -> bool:
+        return {v.label: (v.weight, v.shadow) for v in self.old} != {v.label: (v.weight, v.shadow) for v in self.new}
+
+    @property
+    def new_labels(self) -> set[str]:
+        return {v.label for v in self.new} - {v.label for v in self.old}
+
+    @property
+    def old_labels(self) -> set[str]:
+        return {v.label for v in self.old} - {v.label for v in self.new}
+
+    def at(self, percent: float) -> list[VariantConfig]:
+        """Every variant of both releases, with ``percent`` of the traffic on the new one."""
+        share = percent / 100.0
+        weights: dict[str, float] = {}
+        entries: dict[str, VariantConfig] = {}
+        for variant in self.old:
+            entries[variant.label] = variant
+            weights[variant.label] = 0.0 if variant.shadow else variant.weight * (1 - share)
+        for variant in self.new:
+            entries[variant.label] = variant
+            weights[variant.label] = weights.get(variant.label, 0.0) + (
+                0.0 if variant.shadow else variant.weight * share
+            )
+        return [v.model_copy(update={"weight": round(weights[label], 6)}) for label, v in entries.items()]
+
+    def final(self) -> list[VariantConfig]:
+        return list(self.new)
+
+    def rollback(self) -> list[VariantConfig]:
+        return list(self.old)
+
+    def state(self, strategy: str, percent: float, started_at: str) -> RolloutState:
+        return RolloutState(
+            strategy=strategy,
+            percent=percent,
+            old={v.label: v.weight for v in self.old},
+            new={v.label: v.weight for v in self.new},
+            started_at=started_at,
+        )
+
+    @classmethod
+    def resume(cls, config: ServingConfig) -> Plan:
+        """The plan of the rollout recorded in a running app's config (promote, rollback)."""
+        assert config.rollout is not None
+        by_label = {v.label: v for v in config.variants}
+        old = tuple(by_label[label].model_copy(update={"weight": w}) for label, w in config.rollout.old.items())
+        new = tuple(by_label[label].model_copy(update={"weight": w}) for label, w in config.rollout.new.items())
+        return cls(old, new)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One gate's verdict, with the numbers it judged."""
+
+    passed: bool
+    reason: str
+    percent: float
+    canary: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "reason": self.reason,
+            "percent": self.percent,
+            "canary": self.canary,
+            "baseline": self.baseline,
+        }
+
+
+def combined(stats: dict[str, VariantStats], labels: set[str]) -> VariantStats:
+    total = VariantStats()
+    for label in labels:
+        if label in stats:
+            total = total.merge(stats[label])
+    return total
+
+
+def delta(after: dict[str, VariantStats], before: dict[str, VariantStats]) -> dict[str, VariantStats]:
+    return {label: stats.minus(before.get(label, VariantStats())) for label, stats in after.items()}
+
+
+def judge(
+    policy: RolloutSpec, percent: float, canary: VariantStats, baseline: VariantStats, final: bool = True
+) -> GateResult:
+    """Does the new release (``canary``) do as well as the old one (``baseline``) over the window?
+
+    ``final=False`` judges a window still open: only what cannot get better (errors, latency).
+    """
+    numbers = {"canary": canary.summary(), "baseline": baseline.summary()}
+    excess = canary.error_rate - baseline.error_rate
+    if canary.errors and excess > policy.max_error_rate:
+        return GateResult(
+            False,
+            f"error rate {canary.error_rate:.3f} ({canary.errors}/{canary.requests}) exceeds the old release's "
+            f"{baseline.error_rate:.3f} by more than max_error_rate={policy.max_error_rate:g}",
+            percent,
+            **numbers,
+        )
+    p99 = canary.percentile_ms(0.99)
+    if policy.max_p99_ms is not None and p99 is not None and p99 > policy.max_p99_ms:
+        return GateResult(
+            False, f"p99 latency <= {p99:g} ms is above max_p99_ms={policy.max_p99_ms:g}", percent, **numbers
+        )
+    base_p99 = baseline.percentile_ms(0.99)
+    if policy.max_p99_ratio is not None and p99 is not None and base_p99:
+        if p99 > policy.max_p99_ratio * base_p99:
+            return GateResult(
+                False,
+                f"p99 latency <= {p99:g} ms is more than max_p99_ratio={policy.max_p99_ratio:g} x the old "
+                f"release's {base_p99:g} ms",
+                percent,
+                **numbers,
+            )
+    if final and canary.requests < policy.min_requests:
+        return GateResult(
+            False,
+            f"only {canary.requests} request(s) reached the new release; min_requests={policy.min_requests}",
+            percent,
+            **numbers,
+        )
+    return GateResult(
+        True,
+        f"{canary.requests} request(s), error rate {canary.error_rate:.3f} (old {baseline.error_rate:.3f}), "
+        f"p99 <= {p99 if p99 is not None else '-'} ms",
+        percent,
+        **numbers,
+    )
+
+
+def watch(
+    policy: RolloutSpec,
+    percent: float,
+    plan: Plan,
+    snapshot: Callable[[], dict[str, VariantStats]],
+    since: dict[str, VariantStats],
+    rollout_start: dict[str, VariantStats],
+    progress: Callable[[str], None],
+) -> GateResult:
+    """Wait out one step, then judge it.
+
+    The canary is judged on the step's window; the baseline is the old release over the whole
+    rollout so far (at 100% it gets no new traffic). Replicas push stats every few seconds, so
+    the window closes one push interval after ``interval_s``.
+    """
+    deadline = time.monotonic() + policy.interval_s + PUSH_INTERVAL_S + 0.5
+    cap = time.monotonic() + max(policy.interval_s * 10, 60.0) if policy.min_requests else deadline
+    while True:
+        now = time.monotonic()
+        current = snapshot()
+        canary = combined(delta(current, since), plan.new_labels)
+        remaining = deadline - now
+        progress(
+            f"{percent:g}% on the new release: {canary.requests} request(s), {canary.errors} error(s)"
+            + (f"; gate in {remaining:.0f}s" if remaining > 0 else "; waiting for min_requests")
+        )
+        if now >= deadline and (canary.requests >= policy.min_requests or now >= cap):
+            baseline = combined(delta(current, rollout_start), plan.old_labels)
+            return judge(policy, percent, canary, baseline)
+        # An error burst fails the gate early: no need to keep sending traffic to a broken release.
+        if canary.errors and canary.requests >= 20:
+            baseline = combined(delta(current, rollout_start), plan.old_labels)
+            early = judge(policy, percent, canary, baseline, final=False)
+            if not early.passed:
+                return early
+        time.sleep(min(1.0, max(remaining, 0.2)))

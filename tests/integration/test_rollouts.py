@@ -1,0 +1,243 @@
+"""Rollouts under load: a canary v1 -> v2, an automatic rollback of a broken v3, a manual rollback.
+
+A separate process keeps a steady request load on the app throughout (bounded in time and
+count); every request must succeed, and each answer must come from a version that was live then.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_deploy import Registry
+
+pytestmark = pytest.mark.integration
+
+APP = "rollout"
+ROW = [5.1, 3.5, 1.4, 0.2]
+CANARY = '{"strategy": "canary", "steps": [25, 100], "interval_s": 4, "max_error_rate": 0.05}'
+
+MODELS = '''
+class Broken:
+    """Loads fine, fails every request: what a bad release looks like once it meets traffic."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def predict(self, rows):
+        raise RuntimeError("this release is broken")
+'''
+
+
+def rollout_flow(write_flow, directory: Path, app: str = APP, rollout: str = CANARY) -> Path:
+    (directory / "rollout_models.py").write_text(MODELS)
+    steps = """
+    release = Parameter("release", type=int, default=1)
+    broken = Parameter("broken", type=bool, default=False)
+
+    @step
+    def start(self):
+        from sklearn.datasets import load_iris
+        from sklearn.linear_model import LogisticRegression
+        X, y = load_iris(return_X_y=True)
+        model = LogisticRegression(C=float(self.release), max_iter=2000).fit(X, y)
+        if self.broken:
+            from rollout_models import Broken
+            model = Broken(model)
+        self.model = model
+        self.next(self.deploy)
+    """
+    options = f'app="{app}", predictor="python", num_cpus=0.25, rollout={rollout}'
+    return write_flow(directory / "rollout_flow.py", "RolloutFlow", steps, options)
+
+
+def ray_deploy(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("ray-deploy")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def describe(http, url: str) -> dict:
+    return http.get(url).json()
+
+
+class Load:
+    """The load generator process and what it recorded."""
+
+    def __init__(self, url: str, directory: Path):
+        self.out = directory / "load.jsonl"
+        self.stop_file = directory / "stop"
+        body = json.dumps({"instances": [ROW]})
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("loadgen.py")), url, str(self.out), str(self.stop_file)]
+            + ["--rate", "25", "--max-seconds", "600", "--body", body]
+        )
+
+    def rows(self) -> list[dict]:
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+
+    def wait_for(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.rows()) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def stop(self) -> list[dict]:
+        self.stop_file.touch()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return self.rows()
+
+
+def answered(rows: list[dict], start: float, end: float) -> set:
+    """Model versions of the answers to requests sent and answered inside [start, end]."""
+    return {r["model_version"] for r in rows if r["start"] >= start and r["end"] <= end}
+
+
+def test_rollouts_and_rollbacks_under_load_drop_nothing(tmp_path, write_flow, run_flow, ray_head, cancer_url, http):
+    (tmp_path / "flow").mkdir()
+    flow = rollout_flow(write_flow, tmp_path / "flow")
+    first = run_flow(flow, "--release", "1")
+    assert first.returncode == 0, first.stderr[-4000:]
+    url = f"{ray_head.http_url}/{APP}"
+    v1 = describe(http, url)["variants"][0]["model_version"]
+    bystander = describe(http, cancer_url)
+
+    load = Load(url, tmp_path)
+    try:
+        load.wait_for(20)
+        canary_start = time.time()
+        second = run_flow(flow, "--release", "2")
+        canary_end = time.time()
+        output = second.stdout + second.stderr
+        assert second.returncode == 0, output[-4000:]
+        assert "canary step 1/2: 25% to the new release" in output, output[-4000:]
+        assert "gate passed at 25%" in output
+        v2 = describe(http, url)["variants"][0]["model_version"]
+        assert v2 != v1
+
+        time.sleep(2)
+        broken_start = time.time()
+        third = run_flow(flow, "--release", "3", "--broken", "True")
+        broken_end = time.time()
+        output = third.stdout + third.stderr
+        assert third.returncode != 0, output[-3000:]
+        assert "Rollout rolled back" in output and "error rate" in output, output[-3000:]
+        assert [v["model_version"] for v in describe(http, url)["variants"]] == [v2]
+
+        time.sleep(2)
+        manual_start = time.time()
+        undone = ray_deploy("rollback", APP, "--reason", "test: back to v1")
+        manual_end = time.time()
+        assert undone.returncode == 0, undone.stderr[-3000:]
+        time.sleep(2)
+    finally:
+        rows = load.stop()
+
+    failures = [r for r in rows if r["status"] != 200]
+    assert not failures, f"{len(failures)} of {len(rows)} requests failed, e.g. {failures[:3]}"
+    assert len(rows) >= 200, "the load generator sent too few requests to prove anything"
+    assert answered(rows, 0, canary_start) == {v1}
+    assert answered(rows, canary_start, canary_end) == {v1, v2}, "the canary never got traffic"
+    assert answered(rows, canary_end, broken_start) == {v2}
+    # The broken release got its canary share; its failures were answered by v2 and counted.
+    assert answered(rows, broken_start, broken_end) == {v2}
+    v3 = f"{APP}/{int(v2.rsplit('/', 1)[1]) + 1}"
+    rescued = [r for r in rows if r.get("fallback_from") == f"default@v{v3.rsplit('/', 1)[1]}"]
+    assert rescued and all(broken_start <= r["start"] <= broken_end for r in rescued)
+    assert answered(rows, broken_end, manual_start) == {v2}
+    assert answered(rows, manual_start, manual_end) <= {v1, v2}
+    assert answered(rows, manual_end, float("inf")) == {v1}
+
+    # The other app on the cluster never noticed: same replica, same models.
+    after = describe(http, cancer_url)
+    assert after["replica"] == bystander["replica"] and after["variants"] == bystander["variants"]
+
+    # Every change is on the model versions: who, when, why, and the gates' numbers.
+    registry = Registry()
+    tags = {v: registry.version_tags(registry.resolve(v)) for v in (v1, v2, v3)}
+    assert tags[v3]["ray_deploy.status"] == "rolled_back"
+    assert "error rate" in tags[v3]["ray_deploy.rollback_reason"]
+    assert tags[v2]["ray_deploy.status"] == "rolled_back"
+    assert "test: back to v1" in tags[v2]["ray_deploy.rollback_reason"]
+    assert tags[v1]["ray_deploy.status"] == "serving"
+    assert str(registry.resolve(f"{APP}@production")) == v1
+    v2_events = [json.loads(tags[v2][k]) for k in sorted(tags[v2]) if k.startswith("ray_deploy.event.")]
+    actions = [e["action"] for e in v2_events]
+    assert actions[:2] == ["staged", "traffic"] and "gate_passed" in actions and "promoted" in actions
+    assert actions[-1] == "rolled_back" and all(e["by"] == "ci" for e in v2_events)
+    gates = [e["gate"] for e in v2_events if e.get("gate")]
+    assert gates and gates[0]["passed"] and gates[0]["canary"]["requests"] > 0
+
+    # `ray-deploy lineage` shows each version's traffic history and why it was rolled back.
+    shown = ray_deploy("lineage", "--model", v3)
+    assert "traffic history:" in shown.stdout and "automatic rollback: gate failed at 25%" in shown.stdout
+
+    # Traffic shares and gate numbers are also metrics on the MLflow run mirroring v2's Metaflow run.
+    run_id = registry.client.get_model_version(*v2.split("/")).run_id
+    metrics = registry.client.get_run(run_id).data.metrics
+    assert any(k.endswith(".traffic_pct") for k in metrics) and any(k.endswith(".error_rate") for k in metrics)
+
+
+def test_a_holding_canary_is_the_operators_and_a_second_deployer_is_turned_away(
+    tmp_path, write_flow, run_flow, ray_head, http
+):
+    """Steps short of 100 hold the canary; traffic/promote/rollback from the flow's own CLI; the
+    app lock refuses a flow that deploys while another change is in progress, changing nothing."""
+    from ray_deploy import connect
+    from ray_deploy.apply import app_lock
+
+    app = "held"
+    (tmp_path / "flow").mkdir()
+    flow = rollout_flow(
+        write_flow, tmp_path / "flow", app=app, rollout='{"strategy": "canary", "steps": [30], "interval_s": 1}'
+    )
+    url = f"{ray_head.http_url}/{app}"
+    assert run_flow(flow, "--release", "1").returncode == 0
+    assert run_flow(flow, "--release", "2").returncode == 0
+    (status,) = json.loads(ray_deploy("status", app, "--json").stdout)
+    assert status["rollout"]["percent"] == 30 and status["rollout"]["strategy"] == "canary"
+    (old,), (new,) = status["rollout"]["old"], status["rollout"]["new"]
+    assert {v["label"]: v["weight"] for v in status["variants"]} == {old: 70, new: 30}
+
+    def flow_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(flow), "--no-pylint", "ray-serve", *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=str(flow.parent),
+        )
+
+    split = flow_cli("traffic", "--set", f"{old}=50,{new}=50", "--reason", "more evidence")
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert {v["label"]: v["weight"] for v in describe(http, url)["variants"]} == {old: 50, new: 50}
+    bad = flow_cli("traffic", "--set", f"{old}=50,{new}=40")
+    assert bad.returncode != 0 and "add up to 100" in bad.stdout + bad.stderr
+
+    before = describe(http, url)["variants"]
+    with connect(None, start_local=False), app_lock(app, "a test holding the lock"):
+        refused = ray_deploy("promote", app)
+        assert refused.returncode == 1
+        assert "AppLocked" in refused.stderr and "a test holding the lock" in refused.stderr
+        loser = run_flow(flow, "--release", "3")
+        output = loser.stdout + loser.stderr
+        assert loser.returncode != 0 and "is being changed by ci" in output, output[-3000:]
+    assert describe(http, url)["variants"] == before
+
+    promoted = flow_cli("promote")
+    assert promoted.returncode == 0, promoted.stderr[-2000:]
+    assert [(v["label"], v["weight"]) for v in describe(http, url)["variants"]] == [(new, 100)]
+    assert ray_deploy("promote", app).returncode == 1  # nothing left to promote
+
+    undone = flow_cli("rollback", "--reason", "operator test")
+    assert undone.returncode == 0, undone.stderr[-2000:]
+    assert [(v["label"], v["weight"]) for v in describe(http, url)["variants"]] == [(old, 100)]
+    answer = http.post(url, json={"instances": [ROW]})
+    assert answer.status_code == 200 and answer.json()["model_version"] == f"{app}/{old.split('@v')[1]}"
+    ray_deploy("delete", app)
