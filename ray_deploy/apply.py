@@ -24,7 +24,15 @@ from typing import Any
 
 from ray_deploy.errors import AppLocked, DeployError
 from ray_deploy.progress import Waiter, report
-from ray_deploy.serving.app import SERVER_DEPLOYMENT, ServingConfig, server_deployment
+from ray_deploy.serving.app import (
+    SERVER_DEPLOYMENT,
+    VARIANT_APP_SEPARATOR,
+    ServingConfig,
+    server_deployment,
+    variant_app_name,
+    variant_app_options,
+    variant_deployment,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +96,66 @@ def apply_config(app: str, route_prefix: str, options: dict[str, Any], url: str,
     Raises:
         DeployError: Serve refused the app, or it did not serve the config within ``timeout_s``.
     """
+    config = ServingConfig.model_validate(options["user_config"])
+    ensure_variant_apps(config, timeout_s)
     _run(server_deployment(options).bind(), app, route_prefix)
-    wait_until_serving(app, url, ServingConfig.model_validate(options["user_config"]), timeout_s)
+    wait_until_serving(app, url, config, timeout_s)
+    prune_variant_apps(config)
+
+
+def ensure_variant_apps(config: ServingConfig, timeout_s: float) -> None:
+    """Start the Serve app of every isolated variant ``config`` names (running ones are kept)."""
+    from ray import serve
+
+    running = serve.status().applications
+    for variant in config.variants:
+        if variant.isolated is None:
+            continue
+        name = variant_app_name(config.app, variant)
+        if name not in running or running[name].status.value != "RUNNING":
+            report(f"starting isolated variant {variant.label} as Serve app {name!r} ...")
+            _run(variant_deployment(variant_app_options(config.app, variant)).bind(), name, None)
+        _wait_running(name, timeout_s)
+
+
+def prune_variant_apps(config: ServingConfig) -> None:
+    """Delete isolated-variant apps of ``config.app`` that it no longer names (traffic has left them;
+    Serve lets their running requests finish before the replicas stop)."""
+    from ray import serve
+
+    keep = {variant_app_name(config.app, v) for v in config.variants if v.isolated is not None}
+    for name in variant_apps(config.app):
+        if name not in keep:
+            report(f"removing isolated variant app {name!r}: it no longer serves {config.app!r}")
+            serve.delete(name, _blocking=False)
+
+
+def variant_apps(app: str) -> list[str]:
+    from ray import serve
+
+    prefix = app + VARIANT_APP_SEPARATOR
+    return sorted(name for name in serve.status().applications if name.startswith(prefix))
+
+
+def _wait_running(name: str, timeout_s: float) -> None:
+    from ray import serve
+
+    waiter = Waiter(f"isolated variant app {name!r}")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(name)
+        state = status.status.value if status else "NOT_STARTED"
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise DeployError(f"isolated variant app {name!r} is {state}: {status.message}")
+        if state == "RUNNING":
+            return
+        replicas = "; ".join(
+            f"{d} " + ", ".join(f"{n} {r}" for r, n in info.replica_states.items())
+            for d, info in (status.deployments.items() if status else [])
+        )
+        waiter.update(f"{state}; replicas: {replicas or 'none yet'}")
+        time.sleep(_POLL_S)
+    raise DeployError(f"isolated variant app {name!r} did not start within {timeout_s:g}s (deploy_timeout_s)")
 
 
 def _run(application: Any, app: str, route_prefix: str) -> None:

@@ -22,7 +22,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_deploy.apply import RunningApp, app_lock, remove_new_app, restore, running_app, serve_details
+from ray_deploy.apply import (
+    RunningApp,
+    app_lock,
+    remove_new_app,
+    restore,
+    running_app,
+    serve_details,
+    variant_apps,
+)
 from ray_deploy.artifacts import ModelRef
 from ray_deploy.cluster import ClusterInfo, connect
 from ray_deploy.errors import DeployError, LineageError, RayDeployError, RolloutFailed
@@ -30,7 +38,13 @@ from ray_deploy.history import TrafficRecorder
 from ray_deploy.lineage import LineageSource, Registry, VersionRef
 from ray_deploy.progress import report
 from ray_deploy.rollout import Plan
-from ray_deploy.serving.app import SERVER_DEPLOYMENT, ServingConfig, deployment_options, serving_config
+from ray_deploy.serving.app import (
+    SERVER_DEPLOYMENT,
+    ServingConfig,
+    deployment_options,
+    serving_config,
+    variant_app_name,
+)
 from ray_deploy.serving.metrics import app_metrics
 from ray_deploy.spec import DeploymentSpec
 from ray_deploy.traffic import Mover, roll_out
@@ -283,7 +297,15 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                     "app": name,
                     "status": status.status.value if status else "UNKNOWN",
                     "url": cluster.http_url + config.route_prefix,
-                    "replicas": {d: dict(s.replica_states) for d, s in (status.deployments.items() if status else [])},
+                    "replicas": {
+                        **{d: dict(s.replica_states) for d, s in (status.deployments.items() if status else [])},
+                        **{
+                            d: dict(s.replica_states)
+                            for other in variant_apps(name)
+                            if other in statuses
+                            for d, s in statuses[other].deployments.items()
+                        },
+                    },
                     "variants": [
                         {
                             "name": v.name,
@@ -294,6 +316,7 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                             "predictor": v.predictor,
                             "model_uri": v.model.uri,
                             "model_version": v.model_version,
+                            "isolated_app": variant_app_name(name, v) if v.isolated else None,
                         }
                         for v in config.variants
                     ],
@@ -327,4 +350,6 @@ def delete_app(app: str, address: str | None = None) -> bool:
         if exists:
             report(f"deleting app {app!r} ...")
             serve.delete(app)
+        for name in variant_apps(app):
+            serve.delete(name)
         return exists

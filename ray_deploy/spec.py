@@ -66,6 +66,30 @@ class VariantSpec(_Spec):
     derived_from: str | None = Field(
         None, description="Variant this one was derived from (e.g. its ONNX export); it must pass the parity gate."
     )
+    isolate: bool | None = Field(
+        None,
+        description="Serve this variant from its own Serve app '<app>--<variant>-<release>' (own replicas and "
+        "resources, its own line in the Ray dashboard; one extra hop per request). Default: only when it sets "
+        "its own num_replicas/num_cpus/num_gpus.",
+    )
+    num_replicas: int | None = Field(None, ge=1, le=256, description="Isolated variant: its replicas (default: app's).")
+    num_cpus: float | None = Field(
+        None, ge=0, le=512, description="Isolated variant: CPUs per replica (default: app's)."
+    )
+    num_gpus: float | None = Field(
+        None, ge=0, le=64, description="Isolated variant: GPUs per replica (default: app's)."
+    )
+
+    @model_validator(mode="after")
+    def _own_resources_mean_isolated(self) -> VariantSpec:
+        own = [n for n in ("num_replicas", "num_cpus", "num_gpus") if getattr(self, n) is not None]
+        if own and self.isolate is False:
+            raise ValueError(
+                f"variant {self.name!r}: {', '.join(own)} need a deployment of its own; drop them or set isolate true"
+            )
+        if self.isolate is None:
+            object.__setattr__(self, "isolate", bool(own))
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from ray_deploy.artifacts import ModelRef
 from ray_deploy.spec import DeploymentSpec
 
 SERVER_DEPLOYMENT = "ModelServer"
+VARIANT_APP_SEPARATOR = "--"
 APP_BUILDER_IMPORT_PATH = "ray_deploy.serving.app:app_builder"
 
 
@@ -41,6 +42,11 @@ class VariantConfig(BaseModel):
     release: str | None = Field(
         None, description="Which build of the variant: 'v<MLflow version>' or a short content hash."
     )
+    isolated: dict[str, float] | None = Field(
+        None,
+        description="Served from its own Serve app with these resources (num_replicas, num_cpus, num_gpus); "
+        "None: loaded in the app's own replicas.",
+    )
 
     @property
     def label(self) -> str:
@@ -56,8 +62,12 @@ class VariantConfig(BaseModel):
             self.name,
             self.model.model_dump_json(),
             self.predictor,
-            json.dumps(self.predictor_config, sort_keys=True),
+            json.dumps(self.predictor_config, sort_keys=True) + json.dumps(self.isolated, sort_keys=True),
         )
+
+    def deployment_name(self) -> str:
+        """An isolated variant's deployment (and the suffix of its app): named by variant and release."""
+        return f"{self.name}-{self.release or 'r'}"
 
 
 class RolloutState(BaseModel):
@@ -139,6 +149,13 @@ def serving_config(
             model=models[v.name],
             shadow=v.shadow,
             release=content_release(models[v.name]),
+            isolated={
+                "num_replicas": v.num_replicas or spec.num_replicas,
+                "num_cpus": spec.num_cpus if v.num_cpus is None else v.num_cpus,
+                "num_gpus": spec.num_gpus if v.num_gpus is None else v.num_gpus,
+            }
+            if v.isolate
+            else None,
         )
         for v in spec.variants
     )
@@ -183,6 +200,35 @@ def server_deployment(options: dict[str, Any]) -> Any:
     from ray_deploy.serving.server import ModelServer
 
     deployment = ModelServer.options(**options)
+    deployment._version = SERVER_CODE_VERSION
+    return deployment
+
+
+def variant_app_name(app: str, variant: VariantConfig) -> str:
+    """The Serve app an isolated variant runs in: ``<app>--<variant>-<release>``."""
+    return f"{app}{VARIANT_APP_SEPARATOR}{variant.deployment_name()}"
+
+
+def variant_app_options(app: str, variant: VariantConfig) -> dict[str, Any]:
+    """Deployment options of an isolated variant's VariantServer."""
+    resources = variant.isolated or {}
+    actor_options: dict[str, Any] = {"num_cpus": resources.get("num_cpus", 1.0)}
+    if resources.get("num_gpus"):
+        actor_options["num_gpus"] = resources["num_gpus"]
+    return {
+        "name": variant.deployment_name(),
+        "max_surge_percent": 100,
+        "num_replicas": int(resources.get("num_replicas", 1)),
+        "ray_actor_options": actor_options,
+        "user_config": {"app": app, "variant": variant.model_dump(mode="json")},
+    }
+
+
+def variant_deployment(options: dict[str, Any]) -> Any:
+    """The VariantServer deployment with ``options``, its version pinned like ModelServer's."""
+    from ray_deploy.serving.server import VariantServer
+
+    deployment = VariantServer.options(**options)
     deployment._version = SERVER_CODE_VERSION
     return deployment
 

@@ -35,7 +35,7 @@ from ray_deploy.artifacts import load_model
 from ray_deploy.errors import RayDeployError
 from ray_deploy.predictors import build_predictor
 from ray_deploy.predictors.base import RequestError
-from ray_deploy.serving.app import ServingConfig, VariantConfig
+from ray_deploy.serving.app import ServingConfig, VariantConfig, variant_app_name
 from ray_deploy.serving.metrics import LATENCY_BUCKETS_MS, PUSH_INTERVAL_S, VariantStats, get_collector
 from ray_deploy.serving.payload import ModelInput, parse_body, parse_model_input
 
@@ -95,6 +95,37 @@ def load_variant(config: VariantConfig, cache: dict[tuple, LoadedVariant] | None
     model = load_model(config.model)
     predictor = build_predictor(config.predictor, model, config.predictor_config, code_dir=os.getcwd())
     return LoadedVariant(config=config, predictor=predictor)
+
+
+@dataclass
+class RemoteVariant:
+    """Stands in for the predictor of an isolated variant: its own Serve app answers ``score``."""
+
+    handle: Any
+    app_name: str
+    payload_format: str = "json"
+    n_features: int | None = None
+    device: str = "isolated"
+
+    async def score(self, body: Any) -> Any:
+        try:
+            return await self.handle.score.remote(body)
+        except Exception as exc:
+            cause = exc if isinstance(exc, RequestError) else getattr(exc, "cause", None)
+            if isinstance(cause, RequestError):
+                raise RequestError(cause.message, cause.status) from None
+            raise
+
+
+def attach_variant(app: str, config: VariantConfig, cache: dict[tuple, LoadedVariant]) -> LoadedVariant:
+    """The router's view of a variant: loaded here, or a handle to its own app if isolated."""
+    if config.isolated is None:
+        return load_variant(config, cache)
+    if config.identity in cache:
+        return LoadedVariant(config=config, predictor=cache[config.identity].predictor)
+    app_name = variant_app_name(app, config)
+    handle = serve.get_deployment_handle(config.deployment_name(), app_name=app_name)
+    return LoadedVariant(config=config, predictor=RemoteVariant(handle, app_name))
 
 
 def choose_variant(variants: list[LoadedVariant], request_key: str | None = None) -> LoadedVariant:
@@ -169,7 +200,7 @@ class ModelServer:
         """Load what is new off the event loop, then switch in one step; requests keep flowing."""
         config = ServingConfig.model_validate(user_config)
         loaded = {v.config.identity: v for v in self.variants}
-        variants = await asyncio.to_thread(lambda: [load_variant(v, loaded) for v in config.variants])
+        variants = await asyncio.to_thread(lambda: [attach_variant(config.app, v, loaded) for v in config.variants])
         # Requests already running keep their variant object; new requests see the new lists.
         self.variants = variants
         self.served = [v for v in variants if not v.config.shadow and v.config.weight > 0]
@@ -282,14 +313,19 @@ class ModelServer:
             raise RequestError(f"request body is {declared} bytes; the limit is {limit} (max_request_bytes)", 413)
         return parse_body(await _read_body(request, limit))
 
+    async def _predict(self, variant: LoadedVariant, model_input: ModelInput) -> Any:
+        assert self.config is not None
+        if isinstance(variant.predictor, RemoteVariant):
+            return await variant.predictor.score(model_input.body)
+        payload = variant.make_payload(model_input)
+        if self.config.max_batch_size > 1 and variant.payload_format == "array":
+            return await self._predict_batched((variant, payload))
+        return variant.predictor.predict(payload)
+
     async def _answer(self, body: Any, variant: LoadedVariant) -> tuple[JSONResponse, Any]:
         assert self.config is not None
         model_input = parse_model_input(body)
-        payload = variant.make_payload(model_input)
-        if self.config.max_batch_size > 1 and variant.payload_format == "array":
-            predictions = await self._predict_batched((variant, payload))
-        else:
-            predictions = variant.predictor.predict(payload)
+        predictions = await self._predict(variant, model_input)
         # MLflow scoring clients read "predictions" and ignore the rest; "variant" and "model_version"
         # say which model answered (also in headers, for clients that only look at those).
         predictions = to_jsonable(predictions)
@@ -311,7 +347,7 @@ class ModelServer:
             started = time.perf_counter()
             status, answer = 500, None
             try:
-                answer = to_jsonable(shadow.predictor.predict(shadow.make_payload(model_input)))
+                answer = to_jsonable(await self._predict(shadow, model_input))
                 status = 200
             except RequestError as exc:
                 status = exc.status
@@ -349,3 +385,31 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise RequestError(f"request body exceeds {limit} bytes (max_request_bytes)", 413)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+@serve.deployment
+class VariantServer:
+    """One isolated variant, in a Serve app of its own; the app's ModelServer calls ``score``.
+
+    The user_config is ``{"app": ..., "variant": VariantConfig}``; the model is loaded by
+    reference and checked by hash, as in ModelServer.
+    """
+
+    def __init__(self) -> None:
+        self.variant: LoadedVariant | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        config = VariantConfig.model_validate(user_config["variant"])
+        loaded = {self.variant.config.identity: self.variant} if self.variant else {}
+        self.variant = await asyncio.to_thread(load_variant, config, loaded)
+        logger.info("ray-deploy: isolated variant %s <- %s", config.label, config.model.uri)
+
+    async def score(self, body: Any) -> Any:
+        """Predictions for a scoring body the router has already read (RequestError on bad input)."""
+        assert self.variant is not None
+        model_input = parse_model_input(body)
+        return to_jsonable(self.variant.predictor.predict(self.variant.make_payload(model_input)))
+
+    def describe(self) -> dict[str, Any]:
+        assert self.variant is not None
+        return {**self.variant.describe(), "replica": {"pid": os.getpid()}}

@@ -190,3 +190,29 @@ def test_per_variant_metrics_reach_prometheus(ab_run, http):
         time.sleep(3)
     assert any('variant="xgb"' in line and 'outcome="ok"' in line for line in lines), lines
     assert any('variant="onnx"' in line and 'release="v' in line for line in lines), lines
+
+
+def test_blue_green_moves_all_traffic_then_gates_then_drops_the_old_release(ab_run, http):
+    """The ONNX export replaces the XGBoost model blue/green: staged, all traffic, gate, promoted."""
+    from ray_deploy import DeploymentSpec, LineageSource, ModelRef, Registry, deploy
+    from ray_deploy.history import events
+
+    refs = {v["name"]: ModelRef(**v["model_ref"]) for v in ab_run["deploy"].task.data.ray_serve["variants"]}
+    task = ab_run["deploy"].task
+    source = LineageSource(flow="ABTestFlow", run_id=ab_run.id, step="deploy", task=task.pathspec, user="ci")
+    options = {"app": "bluegreen", "num_cpus": 0.25, "rollout": {"strategy": "blue_green", "interval_s": 2}}
+    first = deploy(
+        DeploymentSpec.from_options(options), {"default": refs["xgb"]}, {"default": "xgboost"}, lineage=source
+    )
+    second = deploy(
+        DeploymentSpec.from_options(options), {"default": refs["onnx"]}, {"default": "onnx"}, lineage=source
+    )
+    assert second.rollout["state"] == "promoted" and second.rollout["gates"][0]["passed"]
+    row = task.data.dataset["X_test"][0].tolist()
+    answers = {http.post(second.url, json={"instances": [row]}).json()["model_version"] for _ in range(10)}
+    assert answers == {str(second.versions["default"])}
+    registry = Registry()
+    actions = [e["action"] for e in events(registry, second.versions["default"])]
+    assert actions == ["staged", "traffic", "gate_passed", "promoted"]
+    assert registry.version_tags(first.versions["default"])["ray_deploy.status"] == "retired"
+    assert str(registry.resolve("bluegreen@production")) == str(second.versions["default"])

@@ -32,7 +32,7 @@ class Broken:
 '''
 
 
-def rollout_flow(write_flow, directory: Path, app: str = APP, rollout: str = CANARY) -> Path:
+def rollout_flow(write_flow, directory: Path, app: str = APP, rollout: str = CANARY, variants: str = "") -> Path:
     (directory / "rollout_models.py").write_text(MODELS)
     steps = """
     release = Parameter("release", type=int, default=1)
@@ -50,7 +50,8 @@ def rollout_flow(write_flow, directory: Path, app: str = APP, rollout: str = CAN
         self.model = model
         self.next(self.deploy)
     """
-    options = f'app="{app}", predictor="python", num_cpus=0.25, rollout={rollout}'
+    options = f'app="{app}", num_cpus=0.25, rollout={rollout}, '
+    options += f"variants={variants}" if variants else 'predictor="python"'
     return write_flow(directory / "rollout_flow.py", "RolloutFlow", steps, options)
 
 
@@ -241,3 +242,57 @@ def test_a_holding_canary_is_the_operators_and_a_second_deployer_is_turned_away(
     answer = http.post(url, json={"instances": [ROW]})
     assert answer.status_code == 200 and answer.json()["model_version"] == f"{app}/{old.split('@v')[1]}"
     ray_deploy("delete", app)
+
+
+def test_isolated_releases_show_side_by_side_in_the_dashboard(tmp_path, write_flow, run_flow, ray_head, http):
+    """An isolated variant runs in a Serve app of its own, named by variant and release: during a
+    rollout the dashboard lists the old and the new release with their replica states."""
+    from ray_deploy.cluster import auth_headers
+
+    app = "iso"
+    (tmp_path / "flow").mkdir()
+    flow = rollout_flow(
+        write_flow,
+        tmp_path / "flow",
+        app=app,
+        rollout='{"strategy": "canary", "steps": [50], "interval_s": 1}',
+        variants='{"default": {"model": "model", "predictor": "python", "isolate": True, "num_cpus": 0.25}}',
+    )
+    url = f"{ray_head.http_url}/{app}"
+    assert run_flow(flow, "--release", "1").returncode == 0
+    second = run_flow(flow, "--release", "2")
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    (status,) = json.loads(ray_deploy("status", app, "--json").stdout)
+    (old,), (new,) = status["rollout"]["old"], status["rollout"]["new"]
+    old_app, new_app = f"{app}--{old.replace('@', '-')}", f"{app}--{new.replace('@', '-')}"
+
+    shown = http.get(f"{ray_head.dashboard_url}/api/serve/applications/", headers=auth_headers()).json()
+    for name, label in ((old_app, old), (new_app, new)):
+        deployment = shown["applications"][name]["deployments"][label.replace("@", "-")]
+        assert deployment["status"] == "HEALTHY"
+        assert [r["state"] for r in deployment["replicas"]] == ["RUNNING"]
+    assert {v["label"]: v["isolated_app"] for v in status["variants"]} == {old: old_app, new: new_app}
+
+    versions = {http.post(url, json={"instances": [ROW]}).json()["model_version"] for _ in range(40)}
+    assert versions == {f"{app}/{old.split('@v')[1]}", f"{app}/{new.split('@v')[1]}"}
+    bad = http.post(url, json={"instances": [[1.0]]})
+    assert bad.status_code == 400 and "error" in bad.json()
+
+    assert ray_deploy("promote", app).returncode == 0
+    deadline = time.monotonic() + 60
+    while old_app in ray_deploy_apps(http, ray_head) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert old_app not in ray_deploy_apps(http, ray_head) and new_app in ray_deploy_apps(http, ray_head)
+    assert {http.post(url, json={"instances": [ROW]}).json()["model_version"] for _ in range(10)} == {
+        f"{app}/{new.split('@v')[1]}"
+    }
+    assert ray_deploy("delete", app).returncode == 0
+    assert not [name for name in ray_deploy_apps(http, ray_head) if name.startswith(app)]
+
+
+def ray_deploy_apps(http, ray_head) -> set:
+    from ray_deploy.cluster import auth_headers
+
+    return set(
+        http.get(f"{ray_head.dashboard_url}/api/serve/applications/", headers=auth_headers()).json()["applications"]
+    )

@@ -71,6 +71,9 @@ class RayServeDecorator(StepDecorator):
         weights sum to 100. Replaces model, predictor and predictor_config. A variant with
         `derived_from` must answer like that variant (the parity gate) before it takes traffic; one
         with `"shadow": True` gets a copy of live requests, compared and counted, never returned.
+        A variant with `"isolate": True` (implied by its own `num_replicas`, `num_cpus` or
+        `num_gpus`) runs in a Serve app of its own, `<app>--<variant>-<release>`: own replicas and
+        resources (e.g. a GPU), its own line in the Ray dashboard, one extra hop per request.
     num_replicas : int, default 1
         Replicas of the serving deployment.
     num_cpus : float, default 1.0
