@@ -60,6 +60,7 @@ class TrafficRecorder:
         leaving: tuple[VariantConfig, ...] | list[VariantConfig] = (),
         leaving_status: str = "retired",
         settled: bool = False,
+        observed: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """Record that ``config`` now serves (and ``leaving`` stopped serving) because of ``reason``."""
         at, by = recorded_at(), who()
@@ -76,7 +77,7 @@ class TrafficRecorder:
                 "ray_deploy.status": status,
                 VARIANT_CONFIG_TAG: variant.model_copy(update={"weight": 0.0}).model_dump_json(),
             }
-            self._event(version_of(variant), variant, {**event, "weight": variant.weight}, tags, gate)
+            self._event(version_of(variant), variant, self._with_stats(event, variant, observed), tags, gate)
         for variant in leaving:
             version = version_of(variant)
             if version is None:
@@ -84,10 +85,22 @@ class TrafficRecorder:
             tags = {"ray.traffic_weight": "0", "ray_deploy.status": leaving_status}
             if leaving_status == "rolled_back":
                 tags["ray_deploy.rollback_reason"] = reason[:4000]
-            self._event(version, variant, {**event, "weight": 0.0, "status": leaving_status}, tags, gate)
+            moved = {**self._with_stats(event, variant, observed), "weight": 0.0, "status": leaving_status}
+            self._event(version, variant, moved, tags, gate)
         self._move_aliases(config)
         if settled:
             self._release(config, action, reason, at, by)
+
+    @staticmethod
+    def _with_stats(
+        event: dict[str, Any], variant: VariantConfig, observed: dict[str, dict[str, Any]] | None
+    ) -> dict[str, Any]:
+        """The event for one version, with its live numbers so far (requests, errors, p50/p99,
+        prediction mean, shadow agreement) when it has served any."""
+        entry = {**event, "weight": variant.weight}
+        if observed and variant.label in observed:
+            entry["observed"] = observed[variant.label]
+        return entry
 
     def _event(
         self,
@@ -107,8 +120,10 @@ class TrafficRecorder:
             return
         prefix = f"serving.{variant.label.replace('@', '.')}"  # MLflow metric names take no '@'
         metrics = {f"{prefix}.traffic_pct": float(event["weight"])}
+        side = event.get("observed")
         if gate:
             side = gate.get("canary") if variant.label in gate.get("new", ()) else gate.get("baseline")
+        if side:
             for key in ("requests", "error_rate", "p50_ms", "p99_ms", "shadow_agreement"):
                 value = (side or {}).get(key)
                 if isinstance(value, int | float) and value == value and value != float("inf"):

@@ -153,6 +153,11 @@ def history_hops(tags: dict[str, str]) -> list[Hop]:
         detail = (
             f"{event.get('at')} by {event.get('by')}: {event.get('reason')}; this version {event.get('weight', 0):g}%"
         )
+        seen = event.get("observed")
+        if seen:
+            detail += f"; had answered {seen.get('requests')} request(s), error rate {seen.get('error_rate')}"
+            if seen.get("shadow_agreement") is not None:
+                detail += f", shadow agreement {seen['shadow_agreement']:.3f}"
         gate = event.get("gate")
         if gate:
             canary = gate.get("canary") or {}

@@ -41,11 +41,22 @@ class Mover:
     def apply(self, config: ServingConfig, action: str, reason: str, **record: Any) -> None:
         shares = ", ".join(f"{v.label} {v.weight:g}%" for v in config.variants if v.weight > 0 or v.shadow)
         report(f"app {self.app!r}: {reason} [{shares}]")
+        # What each release did up to this change (errors, latency, shadow agreement): recorded
+        # with the change, so a version's history says how it compared when traffic moved.
+        observed = _observed(self.app)
         options = {**self.options, "user_config": config.model_dump(mode="json")}
         apply_config(self.app, self.route_prefix, options, self.url, self.timeout_s)
         self.applied.append(action)
         if self.recorder is not None:
-            self.recorder.record(config, action, reason, **record)
+            self.recorder.record(config, action, reason, observed=observed, **record)
+
+
+def _observed(app: str) -> dict[str, dict[str, Any]]:
+    try:
+        return {label: stats.summary() for label, stats in stats_snapshot(app).items() if stats.requests}
+    except Exception as exc:  # stats are informative; never block a change on them
+        logger.warning("could not read the stats of %s: %s", app, exc)
+        return {}
 
 
 def stats_snapshot(app: str) -> dict[str, VariantStats]:

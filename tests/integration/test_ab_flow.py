@@ -142,13 +142,17 @@ def test_shadow_variant_is_compared_never_returned(ab_run, http):
     """The ONNX export shadows the XGBoost model: every answer comes from xgb, every request is mirrored."""
     import time
 
-    from ray_deploy import DeploymentSpec, ModelRef, app_status, deploy
+    from ray_deploy import DeploymentSpec, LineageSource, ModelRef, Registry, app_status, deploy
+    from ray_deploy.history import events
 
     refs = {v["name"]: ModelRef(**v["model_ref"]) for v in ab_run["deploy"].task.data.ray_serve["variants"]}
     spec = DeploymentSpec.from_options(
         {"app": "shadowed", "num_cpus": 0.25, "variants": {"main": {"weight": 100}, "mirror": {"shadow": True}}}
     )
-    result = deploy(spec, {"main": refs["xgb"], "mirror": refs["onnx"]}, {"main": "xgboost", "mirror": "onnx"})
+    task = ab_run["deploy"].task
+    source = LineageSource(flow="ABTestFlow", run_id=ab_run.id, step="deploy", task=task.pathspec, user="ci")
+    models, predictors = {"main": refs["xgb"], "mirror": refs["onnx"]}, {"main": "xgboost", "mirror": "onnx"}
+    result = deploy(spec, models, predictors, lineage=source)
     rows = ab_run["deploy"].task.data.dataset["X_test"][:30]
     for row in rows:
         answer = http.post(result.url, json={"instances": [row.tolist()]}).json()
@@ -163,6 +167,13 @@ def test_shadow_variant_is_compared_never_returned(ab_run, http):
     assert seen["mirror"]["shadow_compared"] >= len(rows)
     assert seen["mirror"]["shadow_agreement"] == 1.0
     assert seen["main"]["requests"] >= len(rows)
+
+    # Dropping the shadow records its comparison on its model version: how much it agreed.
+    alone = DeploymentSpec.from_options({"app": "shadowed", "num_cpus": 0.25, "variants": {"main": {"weight": 100}}})
+    deploy(alone, {"main": refs["xgb"]}, {"main": "xgboost"}, lineage=source)
+    last = events(Registry(), result.versions["mirror"])[-1]
+    assert last["status"] == "retired" and last["observed"]["shadow_agreement"] == 1.0
+    assert last["observed"]["shadow_compared"] >= len(rows)
 
 
 def test_per_variant_metrics_reach_prometheus(ab_run, http):
