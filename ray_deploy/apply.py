@@ -81,6 +81,11 @@ def running_app(app: str) -> RunningApp | None:
         "ray_actor_options": config.get("ray_actor_options") or {},
         "user_config": user_config,
     }
+    for key in ("autoscaling_config", "max_replicas_per_node", "placement_group_bundles", "placement_group_strategy"):
+        if config.get(key):
+            options[key] = config[key]
+    if config.get("autoscaling_config"):
+        options.pop("num_replicas", None)  # Serve refuses both; the autoscaler owns the count
     serving = ServingConfig.model_validate(user_config)
     return RunningApp(
         name=app,
@@ -179,6 +184,7 @@ def wait_until_serving(app: str, url: str, config: ServingConfig, timeout_s: flo
     expected = _fingerprint(config)
     deadline = time.monotonic() + timeout_s
     messages: list[str] = []
+    stall = SchedulingWatch()
     while time.monotonic() < deadline:
         status = serve.status().applications.get(app)
         if status is None:
@@ -193,15 +199,71 @@ def wait_until_serving(app: str, url: str, config: ServingConfig, timeout_s: flo
                 name: ", ".join(f"{count} {replica_state}" for replica_state, count in d.replica_states.items())
                 for name, d in status.deployments.items()
             }
-            waiter.update(f"{state}; replicas: " + "; ".join(f"{n} {r or 'none yet'}" for n, r in replicas.items()))
+            waiter.update(
+                f"{state}; replicas: " + "; ".join(f"{n} {r or 'none yet'}" for n, r in replicas.items()) + stall.note
+            )
             if state == "RUNNING" and _serves(url, expected):
                 return
+            stall.check(app, [d.message for d in status.deployments.values()])
         time.sleep(_POLL_S)
     detail = "; ".join(m for m in messages if m) or "no status message from Serve"
     raise DeployError(
         f"app {app!r} did not become healthy within {timeout_s:g}s (deploy_timeout_s): {detail}. "
         "If replicas wait for resources, lower num_cpus/num_gpus or add nodes."
     )
+
+
+SCHEDULE_STALL_S = 30.0
+
+
+class SchedulingWatch:
+    """Fails a wait that cannot end: replicas wait for resources and no node is on its way.
+
+    Serve reports replicas that wait for resources ("... to be scheduled. Resources required for
+    each replica: ..., total resources available: ..."). While the cluster's autoscaler launches
+    nodes the wait goes on (and says so); when nothing is launching for ``SCHEDULE_STALL_S``, no
+    node type can hold the replicas or the autoscaler is at its maximum, and waiting longer would
+    only hang.
+    """
+
+    def __init__(self, stall_s: float = SCHEDULE_STALL_S):
+        self.stall_s = stall_s
+        self.since: float | None = None
+        self.note = ""
+
+    def check(self, app: str, messages: list[str]) -> None:
+        waiting = [m for m in messages if "to be scheduled" in (m or "")]
+        if not waiting:
+            self.since, self.note = None, ""
+            return
+        launching = _nodes_on_the_way()
+        if launching:
+            self.since = None
+            self.note = f"; the autoscaler is starting {launching}"
+            return
+        now = time.monotonic()
+        self.since = self.since or now
+        self.note = "; replicas wait for resources, no node is starting"
+        if now - self.since >= self.stall_s:
+            raise DeployError(
+                f"app {app!r}: replicas cannot be scheduled and no node is being added for them "
+                f"(for {self.stall_s:g}s): {waiting[0]} No node type of this cluster offers these resources, "
+                "or its autoscaler is at max_workers: lower num_cpus/num_gpus/memory/resources or add a node type."
+            )
+
+
+def _nodes_on_the_way() -> str:
+    """'2 node(s) (gpu_worker)' while the autoscaler launches nodes; '' if none (or unknown)."""
+    try:
+        import ray
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+    except Exception:
+        return ""
+    types = [launch.ray_node_type_name for launch in status.pending_launches for _ in range(launch.count)]
+    types += [node.ray_node_type_name for node in status.pending_nodes]
+    return f"{len(types)} node(s) ({', '.join(sorted(set(types)))})" if types else ""
 
 
 def _fingerprint(config: ServingConfig) -> list[tuple[str, str, float]]:

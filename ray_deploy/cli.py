@@ -7,6 +7,8 @@
     ray-deploy traffic APP --set a=90,b=10 split traffic between loaded variants (labels or names)
     ray-deploy promote APP                 finish a rollout that holds at a canary step
     ray-deploy rollback APP                back to the previous release (rebuilt from the registry)
+    ray-deploy export APP --serve-config   the app as Ray's Serve config file (serve deploy, serveConfigV2)
+    ray-deploy export APP --kuberay        the app as a KubeRay RayService (autoscaling, GPU worker group)
     ray-deploy lineage APP                 app -> variant -> model version -> task -> artifact -> data, checked
     ray-deploy lineage --model NAME@ALIAS  the same from the registry side (or NAME/VERSION)
 
@@ -45,6 +47,9 @@ def _print(value: Any, as_json: bool) -> None:
                     f"  {variant.get('label', variant['name'])} ({share}): {variant['model_uri']}{version} "
                     f"via {variant['predictor']}"
                 )
+                devices = row.get("devices", {}).get(variant.get("label", variant["name"]))
+                if devices:
+                    print("    runs on: " + "; ".join(f"{path} x{count} replica(s)" for path, count in devices.items()))
                 seen = row.get("metrics", {}).get(variant.get("label", variant["name"]))
                 if seen:
                     print(
@@ -135,6 +140,24 @@ def _rollback(args: argparse.Namespace) -> None:
     _show_config(rollback(args.app, address=args.address, reason=reason), args.json)
 
 
+def _export(args: argparse.Namespace) -> None:
+    import yaml
+
+    from ray_deploy.export import kuberay_manifest, serve_config
+
+    if args.kuberay:
+        document = kuberay_manifest(args.app, address=args.address, image=args.image, gpu_image=args.gpu_image)
+    else:
+        document = serve_config(args.app, address=args.address)
+    text = json.dumps(document, indent=2) if args.json else yaml.safe_dump(document, sort_keys=False)
+    if args.out:
+        with open(args.out, "w") as out:
+            out.write(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
+
+
 def print_lineage(chains: dict[str, list[Any]], as_json: bool) -> int:
     """Print lineage chains; 1 if any hop does not check out."""
     from ray_deploy.trace import broken
@@ -211,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("app")
     rollback.add_argument("--reason", default=None, help="why (recorded on the model versions)")
     rollback.set_defaults(run=_rollback)
+
+    export = commands.add_parser("export", parents=[common], help="write the app for another cluster")
+    export.add_argument("app")
+    target = export.add_mutually_exclusive_group(required=True)
+    target.add_argument("--serve-config", action="store_true", help="Ray's Serve config file (serve deploy)")
+    target.add_argument("--kuberay", action="store_true", help="a KubeRay RayService manifest")
+    export.add_argument("-o", "--out", default=None, help="file to write (default: stdout)")
+    export.add_argument("--image", default=None, help="image with ray-deploy installed (KubeRay)")
+    export.add_argument("--gpu-image", default=None, help="GPU image with ray-deploy installed (KubeRay)")
+    export.set_defaults(run=_export)
 
     lineage = commands.add_parser(
         "lineage", parents=[common], help="trace an app or a model version, checking each hop"

@@ -91,6 +91,22 @@ class LocalClusterSettings:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
 
 
+FORWARDED_ENV = ("METAFLOW_S3_ENDPOINT_URL", "METAFLOW_S3_VERIFY_CERTIFICATE", "AWS_DEFAULT_REGION", "AWS_REGION")
+"""Where the datastore is, forwarded to replicas so they read models where the flow wrote them.
+Credentials are never forwarded: nodes bring their own (instance role, or their environment)."""
+
+
+def deployment_runtime_env(code_dir: str | None) -> dict[str, Any] | None:
+    """The runtime_env deployments get: the declared code directory and the datastore location."""
+    runtime_env: dict[str, Any] = {}
+    if code_dir:
+        runtime_env.update(working_dir=code_dir, excludes=_CODE_EXCLUDES)
+    forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    if forwarded:
+        runtime_env["env_vars"] = forwarded
+    return runtime_env or None
+
+
 @dataclass(frozen=True)
 class ClusterInfo:
     """Where a cluster answers: its Ray address, dashboard and Serve HTTP base URL."""
@@ -182,6 +198,8 @@ def _ray_executable() -> str:
 def _token_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "token")
+    # Serve says why replicas wait for resources after this many seconds (its default is 30).
+    env.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "10")
     return env
 
 
@@ -336,7 +354,7 @@ def connect(address: str | None = None, code_dir: str | None = None, start_local
         target = resolved
         info = None
     _use_token_auth()
-    runtime_env = {"working_dir": code_dir, "excludes": _CODE_EXCLUDES} if code_dir else None
+    runtime_env = deployment_runtime_env(code_dir)
     # Serve logs "connecting to existing Serve app" at INFO on every connect: not news to our users.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     already = ray.is_initialized()

@@ -45,7 +45,7 @@ from ray_deploy.serving.app import (
     serving_config,
     variant_app_name,
 )
-from ray_deploy.serving.metrics import app_metrics
+from ray_deploy.serving.metrics import app_devices, app_metrics
 from ray_deploy.spec import DeploymentSpec
 from ray_deploy.traffic import Mover, roll_out
 
@@ -323,12 +323,23 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                     "rollout": config.rollout.model_dump() if config.rollout else None,
                     "source": config.source,
                     "metrics": app_metrics(name),
+                    "devices": app_devices(name, _live_replicas(details, [name, *variant_apps(name)])),
                     "config": user_config,
                 }
             )
         if app is not None and not apps:
             raise DeployError(f"no app {app!r} deployed by ray-deploy on {cluster.address}")
         return apps
+
+
+def _live_replicas(details: dict[str, Any], apps: list[str]) -> set[str]:
+    return {
+        replica.get("replica_id")
+        for app in apps
+        for deployment in (details.get(app) or {}).get("deployments", {}).values()
+        for replica in deployment.get("replicas", [])
+        if replica.get("state") == "RUNNING"
+    }
 
 
 def app_serving_config(app: str, address: str | None = None) -> tuple[ServingConfig, str, str]:

@@ -152,6 +152,58 @@ class VariantSpec(_Spec):
         return ":" in self.predictor
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+class PlacementSpec(_Spec):
+    """A placement group per replica: the replica runs in bundle 0, the rest is reserved beside it."""
+
+    bundles: tuple[dict[str, float], ...] = Field(
+        min_length=1,
+        description='Resource bundles, e.g. [{"CPU": 1, "GPU": 1}, {"CPU": 2}]; bundle 0 holds the replica.',
+    )
+    strategy: str = Field("PACK", description="PACK, SPREAD, STRICT_PACK or STRICT_SPREAD.")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_known(cls, value: str) -> str:
+        if value not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"strategy {value!r} is not one of {', '.join(PLACEMENT_STRATEGIES)}")
+        return value
+
+    @field_validator("bundles")
+    @classmethod
+    def _bundles_are_resources(cls, value: tuple[dict[str, float], ...]) -> tuple[dict[str, float], ...]:
+        for index, bundle in enumerate(value):
+            if not bundle or any(amount < 0 for amount in bundle.values()) or not any(bundle.values()):
+                raise ValueError(f"bundle {index} must name at least one positive resource, e.g. {{'CPU': 1}}")
+        return value
+
+
+class AutoscalingSpec(_Spec):
+    """Replica autoscaling by ongoing requests per replica (Serve's autoscaler)."""
+
+    min_replicas: int = Field(1, ge=0, le=256, description="Fewest replicas (0 scales to zero when idle).")
+    max_replicas: int = Field(4, ge=1, le=1024, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, le=1024, description="Replicas at start (default: min).")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long before adding replicas.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Load must stay low this long before removing replicas.")
+    look_back_period_s: float = Field(10.0, gt=0, description="Window the request load is averaged over.")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas {initial} must be between min_replicas {self.min_replicas} "
+                f"and max_replicas {self.max_replicas}"
+            )
+        return self
+
+
 ROLLOUT_STRATEGIES = ("immediate", "canary", "blue_green")
 
 
@@ -226,6 +278,26 @@ class DeploymentSpec(_Spec):
     num_replicas: int = Field(1, ge=1, le=256, description="Replicas of the serving deployment.")
     num_cpus: float = Field(1.0, ge=0, le=512, description="CPUs reserved by each replica (fractions allowed).")
     num_gpus: float = Field(0.0, ge=0, le=64, description="GPUs reserved by each replica (fractions allowed).")
+    memory: int | None = Field(None, ge=1, description="Memory reserved by each replica, in bytes.")
+    accelerator_type: str | None = Field(
+        None, description="Node accelerator each replica needs, e.g. 'A10G' or 'T4' (Ray's accelerator_type)."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each replica reserves, e.g. {'inference_node': 1}."
+    )
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, le=100, description="Most replicas of the app on one node (not with placement)."
+    )
+    placement: PlacementSpec | None = Field(
+        None,
+        description="A placement group per replica: {'bundles': [{'CPU': 1, 'GPU': 1}, ...], 'strategy': 'PACK'}; "
+        "the replica's own num_cpus/num_gpus/memory/resources must fit in bundle 0.",
+    )
+    autoscaling: AutoscalingSpec | None = Field(
+        None,
+        description="Replica autoscaling instead of num_replicas: {'min_replicas': 1, 'max_replicas': 4, "
+        "'target_ongoing_requests': 2, 'upscale_delay_s': 10, 'downscale_delay_s': 60, 'initial_replicas': None}.",
+    )
     max_ongoing_requests: int = Field(32, ge=1, le=10_000, description="Requests one replica handles at once.")
     max_batch_size: int = Field(
         1, ge=1, le=4096, description="Requests merged into one predict call; 1 turns server-side batching off."
@@ -339,6 +411,40 @@ class DeploymentSpec(_Spec):
         if self.production_alias == self.canary_alias:
             raise ValueError(
                 f"production_alias and canary_alias are both {self.canary_alias!r}; give them different names"
+            )
+        return self
+
+    @field_validator("placement", "autoscaling", "resources", mode="before")
+    @classmethod
+    def _groups_from_text(cls, value: Any, info: Any) -> Any:
+        return _parse_json_string(value, info.field_name) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _replicas_fit(self) -> DeploymentSpec:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            raise ValueError(
+                f"num_replicas={self.num_replicas} and autoscaling both set the replica count; "
+                "drop num_replicas (autoscaling has min_replicas/max_replicas/initial_replicas)"
+            )
+        if self.placement is None:
+            return self
+        if self.max_replicas_per_node is not None:
+            raise ValueError(
+                "max_replicas_per_node and placement cannot be combined (Serve places each replica's bundles itself)"
+            )
+        bundle = self.placement.bundles[0]
+        needs = {"CPU": self.num_cpus, "GPU": self.num_gpus, **self.resources}
+        if self.memory:
+            needs["memory"] = float(self.memory)
+        short = [
+            f"{name} {amount:g} > {bundle.get(name, 0):g}"
+            for name, amount in needs.items()
+            if amount > bundle.get(name, 0)
+        ]
+        if short:
+            raise ValueError(
+                f"placement.bundles[0] must hold the replica itself ({', '.join(short)}); "
+                f"raise bundle 0 or lower num_cpus/num_gpus/memory/resources"
             )
         return self
 

@@ -19,6 +19,11 @@ os.environ.setdefault("RAY_DEPLOY_METRICS_PORT", "8599")
 # Logical CPUs: several 0.25-0.5 CPU replicas fit on a 2-core machine.
 os.environ.setdefault("RAY_DEPLOY_NUM_CPUS", "4")
 os.environ.pop("RAY_ADDRESS", None)
+# Dummy credentials for the S3-compatible test server (moto): every node of the test cluster has
+# them, as real nodes have an instance role. Never real keys.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # The embedded registry (a SQLite file under RAY_DEPLOY_HOME), unless a test points elsewhere.
 os.environ["RAY_DEPLOY_HOME"] = str(STATE_DIR / "home")
 for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):

@@ -27,6 +27,7 @@ Set ``n_features`` (an int) to have rows of the wrong width refused with 400. Ra
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 
@@ -62,3 +63,9 @@ def config_choice(config: dict[str, Any], key: str, allowed: tuple[str, ...], de
     if value not in allowed:
         raise PredictorError(f"predictor_config.{key}: got {value!r}; expected one of {', '.join(allowed)}")
     return value
+
+
+def visible_gpus() -> list[str]:
+    """GPUs this process may use: Ray sets ``CUDA_VISIBLE_DEVICES`` for a replica that holds GPUs."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [d.strip() for d in value.split(",") if d.strip() and d.strip() != "-1"]

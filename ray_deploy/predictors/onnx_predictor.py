@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ray_deploy.errors import PredictorError
-from ray_deploy.predictors.base import Predictor, config_choice
+from ray_deploy.predictors.base import Predictor, config_choice, visible_gpus
 
 _PROBABILITY_OUTPUTS = ("probabilities", "output_probability", "probability")
 
@@ -21,6 +21,9 @@ class ONNXPredictor(Predictor):
         output: "label" (default; the model's first output) or "probability" (an output named
             probabilities, as onnxmltools and skl2onnx with ``zipmap=False`` produce).
         intra_op_num_threads: threads per inference (default 1: replicas scale out, not up).
+
+    On a replica that holds a GPU, onnxruntime's CUDA provider is used when it is installed
+    (``onnxruntime-gpu``), with the CPU provider as fallback; ``device`` says which path ran.
     """
 
     def __init__(self, model: Any, config: dict[str, Any]):
@@ -32,10 +35,21 @@ class ONNXPredictor(Predictor):
             raise PredictorError(f"predictor 'onnx' needs ONNX bytes or an onnx.ModelProto, got {type(model).__name__}")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = int(self.config.get("intra_op_num_threads", 1))
+        gpus = visible_gpus()
+        cuda = gpus and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         try:
-            self.session = onnxruntime.InferenceSession(bytes(data), options, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(bytes(data), options, providers=providers)
         except Exception as exc:
             raise PredictorError(f"predictor 'onnx': onnxruntime cannot load the model ({exc})") from exc
+        if self.session.get_providers()[0] == "CUDAExecutionProvider":
+            self.device = f"cuda (GPU {','.join(gpus)})"
+        elif gpus:
+            self.device = (
+                f"cpu (GPU {','.join(gpus)} assigned; onnxruntime has no usable CUDA provider: install onnxruntime-gpu)"
+            )
+        else:
+            self.device = "cpu"
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         width = model_input.shape[-1] if len(model_input.shape) == 2 else None

@@ -25,6 +25,7 @@ from ray_deploy.spec import DeploymentSpec
 SERVER_DEPLOYMENT = "ModelServer"
 VARIANT_APP_SEPARATOR = "--"
 APP_BUILDER_IMPORT_PATH = "ray_deploy.serving.app:app_builder"
+VARIANT_APP_BUILDER_IMPORT_PATH = "ray_deploy.serving.app:variant_app_builder"
 
 
 class VariantConfig(BaseModel):
@@ -238,7 +239,13 @@ def deployment_options(spec: DeploymentSpec, config: ServingConfig) -> dict[str,
     actor_options: dict[str, Any] = {"num_cpus": spec.num_cpus}
     if spec.num_gpus:
         actor_options["num_gpus"] = spec.num_gpus
-    return {
+    if spec.memory:
+        actor_options["memory"] = spec.memory
+    if spec.accelerator_type:
+        actor_options["accelerator_type"] = spec.accelerator_type
+    if spec.resources:
+        actor_options["resources"] = dict(spec.resources)
+    options: dict[str, Any] = {
         "name": SERVER_DEPLOYMENT,
         # When replicas must restart (new code or resources), start the replacements first:
         # the old replicas serve until the new ones are up.
@@ -248,6 +255,15 @@ def deployment_options(spec: DeploymentSpec, config: ServingConfig) -> dict[str,
         "ray_actor_options": actor_options,
         "user_config": config.model_dump(mode="json"),
     }
+    if spec.autoscaling is not None:
+        del options["num_replicas"]
+        options["autoscaling_config"] = spec.autoscaling.model_dump(exclude_none=True)
+    if spec.max_replicas_per_node is not None:
+        options["max_replicas_per_node"] = spec.max_replicas_per_node
+    if spec.placement is not None:
+        options["placement_group_bundles"] = [dict(bundle) for bundle in spec.placement.bundles]
+        options["placement_group_strategy"] = spec.placement.strategy
+    return options
 
 
 def build_application(spec: DeploymentSpec, config: ServingConfig) -> Any:
@@ -260,6 +276,13 @@ def app_builder(args: dict[str, Any]) -> Any:
     from ray_deploy.serving.server import ModelServer
 
     return ModelServer.bind()
+
+
+def variant_app_builder(args: dict[str, Any]) -> Any:
+    """Serve config entry point of an isolated variant's app: ``args = {"name": <deployment name>}``."""
+    from ray_deploy.serving.server import VariantServer
+
+    return VariantServer.options(name=args["name"]).bind()
 
 
 def to_serve_config(spec: DeploymentSpec, config: ServingConfig) -> dict[str, Any]:

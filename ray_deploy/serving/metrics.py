@@ -122,12 +122,21 @@ class StatsCollector:
 
     def __init__(self) -> None:
         self._reports: dict[str, dict[str, tuple[float, dict[str, dict[str, Any]]]]] = {}
+        self._devices: dict[str, dict[str, dict[str, str]]] = {}
+
+    def report_devices(self, app: str, replica: str, devices: dict[str, str]) -> None:
+        """Which path (GPU or CPU, and why) each variant took on one replica, as it loaded."""
+        self._devices.setdefault(app, {})[replica] = devices
+
+    def devices(self, app: str) -> dict[str, dict[str, str]]:
+        return dict(self._devices.get(app, {}))
 
     def report(self, app: str, replica: str, stats: dict[str, dict[str, Any]]) -> None:
         self._reports.setdefault(app, {})[replica] = (time.time(), stats)
 
     def forget(self, app: str) -> None:
         self._reports.pop(app, None)
+        self._devices.pop(app, None)
 
     def snapshot(self, app: str) -> dict[str, dict[str, Any]]:
         merged: dict[str, VariantStats] = {}
@@ -161,3 +170,30 @@ def app_metrics(app: str) -> dict[str, dict[str, Any]]:
         return {}
     snapshot = ray.get(collector.snapshot.remote(app), timeout=30)
     return {variant: VariantStats.from_dict(data).summary() for variant, data in snapshot.items()}
+
+
+def app_devices(app: str, live_replicas: set[str] | None = None) -> dict[str, dict[str, int]]:
+    """For each variant label of an app: how many (live) replicas run it on each device path."""
+    import ray
+
+    collector = get_collector(create=False)
+    if collector is None:
+        return {}
+    by_label: dict[str, dict[str, int]] = {}
+    for replica, devices in ray.get(collector.devices.remote(app), timeout=30).items():
+        if live_replicas is not None and replica not in live_replicas:
+            continue
+        for label, device in devices.items():
+            by_label.setdefault(label, {})
+            by_label[label][device] = by_label[label].get(device, 0) + 1
+    return by_label
+
+
+def report_devices(app: str, replica: str, devices: dict[str, str]) -> None:
+    """Fire and forget, from a replica: never blocks or breaks serving."""
+    try:
+        get_collector(create=True).report_devices.remote(app, replica, devices)
+    except Exception:
+        import logging
+
+        logging.getLogger("ray.serve").exception("ray-deploy: could not report devices")

@@ -36,7 +36,13 @@ from ray_deploy.errors import RayDeployError
 from ray_deploy.predictors import build_predictor
 from ray_deploy.predictors.base import RequestError
 from ray_deploy.serving.app import ServingConfig, VariantConfig, variant_app_name
-from ray_deploy.serving.metrics import LATENCY_BUCKETS_MS, PUSH_INTERVAL_S, VariantStats, get_collector
+from ray_deploy.serving.metrics import (
+    LATENCY_BUCKETS_MS,
+    PUSH_INTERVAL_S,
+    VariantStats,
+    get_collector,
+    report_devices,
+)
 from ray_deploy.serving.payload import ModelInput, parse_body, parse_model_input
 
 logger = logging.getLogger("ray.serve")
@@ -207,6 +213,8 @@ class ModelServer:
         self.fallback = max(self.served, key=lambda v: v.config.weight) if len(self.served) > 1 else None
         self.shadows = [v for v in variants if v.config.shadow]
         self.config = config
+        local = {v.label: v.describe()["device"] for v in variants if not isinstance(v.predictor, RemoteVariant)}
+        report_devices(config.app, self._replica, local)
         self._predict_batched.set_max_batch_size(config.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info(
@@ -403,6 +411,8 @@ class VariantServer:
         loaded = {self.variant.config.identity: self.variant} if self.variant else {}
         self.variant = await asyncio.to_thread(load_variant, config, loaded)
         logger.info("ray-deploy: isolated variant %s <- %s", config.label, config.model.uri)
+        replica = serve.get_replica_context().replica_id.unique_id
+        report_devices(user_config["app"], replica, {config.label: self.variant.describe()["device"]})
 
     async def score(self, body: Any) -> Any:
         """Predictions for a scoring body the router has already read (RequestError on bad input)."""

@@ -43,6 +43,21 @@ def test_unschedulable_replicas_time_out_and_previous_comes_back(current, cancer
     assert http.post(cancer_url, json={"instances": [[1.0] * 30]}).status_code == 200
 
 
+def test_replicas_no_node_can_hold_fail_without_waiting_out_the_timeout(current, cancer_url, http, capfd):
+    """A GPU app on a CPU-only cluster that does not autoscale: the deploy says what is missing long
+    before deploy_timeout_s, and the previous version keeps serving throughout."""
+    ref, before = current
+    spec = DeploymentSpec.from_options({"app": "cancer", "num_cpus": 0.5, "num_gpus": 1, "deploy_timeout_s": 600})
+    started = time.monotonic()
+    with pytest.raises(DeployError, match="cannot be scheduled and no node is being added") as raised:
+        deploy(spec, {"default": ref}, {"default": "xgboost"})
+    assert time.monotonic() - started < 300, "the deploy waited as if the replicas could still start"
+    assert "GPU" in str(raised.value)
+    assert "replicas wait for resources, no node is starting" in capfd.readouterr().err
+    assert served_model(http, cancer_url) == before
+    assert http.post(cancer_url, json={"instances": [[1.0] * 30]}).status_code == 200
+
+
 def test_first_deploy_that_fails_leaves_no_app(current, ray_head, http):
     ref, _ = current
     spec = DeploymentSpec.from_options({"app": "never-up", "num_cpus": 64, "deploy_timeout_s": 5})

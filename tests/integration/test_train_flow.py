@@ -83,3 +83,21 @@ def test_get_describes_what_is_served(train_run, cancer_url, http):
     assert variant["n_features"] == 30
     assert described["source"]["task"] == train_run["deploy"].task.pathspec
     assert described["source"]["user"] == "ci"
+    assert variant["device"] == "cpu"
+
+
+def test_status_says_which_device_path_each_replica_took(train_run):
+    """`ray-deploy status` counts live replicas per device path (GPU or CPU, and why)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("ray-deploy")
+    shown = subprocess.run([str(exe), "status", "cancer", "--json"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    (row,) = json.loads(shown.stdout)
+    (label,) = [v["label"] for v in row["variants"]]
+    assert row["devices"] == {label: {"cpu": 1}}
+    text = subprocess.run([str(exe), "status", "cancer"], capture_output=True, text=True, timeout=60).stdout
+    assert "runs on: cpu x1 replica(s)" in text

@@ -70,3 +70,60 @@ def test_predictions_become_json():
     assert to_jsonable(np.array([1.5, np.nan])) == [1.5, None]
     assert to_jsonable(pd.Series([1, 2])) == [1, 2]
     assert to_jsonable(pd.DataFrame({"a": [1]})) == [{"a": 1}]
+
+
+def test_resources_placement_and_autoscaling_reach_serve_as_serve_takes_them():
+    """Our options become Serve's own: its config schema and Deployment.options accept them as given."""
+    from ray_deploy.serving.app import server_deployment
+
+    spec = DeploymentSpec.from_options(
+        {
+            "app": "gpu",
+            "num_cpus": 0.5,
+            "num_gpus": 0.5,
+            "memory": 2**30,
+            "accelerator_type": "T4",
+            "resources": {"inference_node": 1},
+            "placement": {"bundles": [{"CPU": 1, "GPU": 1, "inference_node": 1, "memory": 2**31}, {"CPU": 2}]},
+            "autoscaling": {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 2},
+        }
+    )
+    config = serving_config(spec, {"default": REF}, {"default": "xgboost"})
+    (deployment,) = ServeApplicationSchema.model_validate(to_serve_config(spec, config)).deployments
+    assert deployment.placement_group_bundles[0]["GPU"] == 1 and deployment.placement_group_strategy == "PACK"
+    assert deployment.autoscaling_config["max_replicas"] == 3
+    assert deployment.ray_actor_options.accelerator_type == "T4"
+    built = server_deployment(to_serve_config(spec, config)["deployments"][0])
+    replica = built._replica_config
+    assert replica.placement_group_bundles[1] == {"CPU": 2}
+    assert replica.ray_actor_options["resources"] == {"inference_node": 1}
+    assert built._deployment_config.autoscaling_config.upscale_delay_s == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (
+            {"placement": {"bundles": [{"CPU": 1}], "strategy": "PAK"}},
+            "placement.strategy: strategy 'PAK' is not one of",
+        ),
+        (
+            {"num_gpus": 1, "placement": {"bundles": [{"CPU": 1}]}},
+            "placement.bundles[0] must hold the replica itself (GPU 1 > 0)",
+        ),
+        ({"placement": {"bundles": [{"CPU": 0}]}}, "bundle 0 must name at least one positive resource"),
+        ({"num_replicas": 2, "autoscaling": {"max_replicas": 3}}, "num_replicas=2 and autoscaling both set"),
+        ({"autoscaling": {"min_replicas": 5, "max_replicas": 3}}, "min_replicas 5 is above max_replicas 3"),
+        ({"autoscaling": {"max_replicas": 3, "initial_replicas": 9}}, "initial_replicas 9 must be between"),
+        ({"autoscaling": {"max_replica": 3}}, "autoscaling.max_replica: unknown option"),
+        ({"max_replicas_per_node": 1, "placement": {"bundles": [{"CPU": 1}]}}, "cannot be combined"),
+        ({"memory": -5}, "memory: Input should be greater than or equal to 1"),
+        ({"resources": "not json"}, "resources must be a JSON object"),
+    ],
+)
+def test_invalid_resource_combinations_name_the_reason(options, expected):
+    from ray_deploy import SpecError
+
+    with pytest.raises(SpecError) as raised:
+        DeploymentSpec.from_options({"app": "gpu", **options})
+    assert expected in str(raised.value)

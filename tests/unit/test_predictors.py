@@ -105,3 +105,24 @@ def test_user_predictor_from_a_code_dir(tmp_path):
 def test_user_predictor_errors_name_the_problem(name, expected):
     with pytest.raises(PredictorError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         load_predictor_class(name)
+
+
+def test_gpu_replicas_try_the_gpu_path_and_say_which_path_ran(classifier, data, monkeypatch):
+    """With CUDA_VISIBLE_DEVICES set (as Ray sets it for a replica holding a GPU) the built-ins try
+    their GPU path; on this CPU-only machine they fall back, answer the same, and say why."""
+    import copy
+
+    from onnxmltools import convert_xgboost
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    onnx_model = convert_xgboost(classifier, initial_types=[("input", FloatTensorType([None, 30]))])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert build_predictor("xgboost", copy.deepcopy(classifier), {}).device == "cpu"
+    assert build_predictor("onnx", onnx_model, {}).device == "cpu"
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    on_gpu_node = build_predictor("xgboost", copy.deepcopy(classifier), {})
+    assert on_gpu_node.device.startswith("cpu (GPU 0 assigned;"), on_gpu_node.device
+    np.testing.assert_array_equal(on_gpu_node.predict(data[2]), classifier.predict(data[2]))
+    onnx_on_gpu_node = build_predictor("onnx", onnx_model, {})
+    assert "install onnxruntime-gpu" in onnx_on_gpu_node.device

@@ -79,7 +79,26 @@ class RayServeDecorator(StepDecorator):
     num_cpus : float, default 1.0
         CPUs reserved by each replica (fractions allowed).
     num_gpus : float, default 0.0
-        GPUs reserved by each replica (fractions allowed).
+        GPUs reserved by each replica (fractions allowed). Built-in predictors use the GPU
+        when the replica holds one and the library can (XGBoost, onnxruntime-gpu).
+    memory : int, optional, default None
+        Memory reserved by each replica, in bytes.
+    accelerator_type : str, optional, default None
+        Accelerator each replica's node must have, e.g. "A10G" or "T4".
+    resources : Dict[str, float], default {}
+        Custom Ray resources each replica reserves, e.g. {"inference_node": 1}.
+    max_replicas_per_node : int, optional, default None
+        Most replicas of the app on one node (cannot be combined with placement).
+    placement : Dict[str, Any], optional, default None
+        A placement group per replica: {"bundles": [{"CPU": 1, "GPU": 1}, {"CPU": 2}],
+        "strategy": "PACK"} (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD). The replica runs in
+        bundle 0, so num_cpus/num_gpus/memory/resources must fit in it; the other bundles are
+        reserved beside it (e.g. for workers the predictor starts).
+    autoscaling : Dict[str, Any], optional, default None
+        Replica autoscaling instead of num_replicas: {"min_replicas": 1, "max_replicas": 4,
+        "initial_replicas": None, "target_ongoing_requests": 2, "upscale_delay_s": 10,
+        "downscale_delay_s": 60, "look_back_period_s": 10}. On a cluster with an autoscaler,
+        replicas that do not fit make Ray add nodes.
     max_ongoing_requests : int, default 32
         Requests one replica handles at once.
     max_batch_size : int, default 1

@@ -1,0 +1,182 @@
+"""Exporting a running app for another cluster: Ray's Serve config file, or a KubeRay RayService.
+
+The exported app is the same app: the router's (and each isolated variant's) deployment options
+and ``user_config`` (model references, weights, provenance), with ``import_path`` entry points in
+this package. What does not travel is left out and said so: the deploying process's
+``runtime_env`` (a package on this cluster's GCS) and any credentials in URIs.
+
+The target cluster needs this package (and any user predictor code) in its image, and models it
+can reach: a local Metaflow datastore is readable only on this machine, so ``export`` warns unless
+the models live in S3 (or another shared datastore).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+from ray_deploy.apply import running_app, variant_apps
+from ray_deploy.cluster import connect
+from ray_deploy.errors import DeployError
+from ray_deploy.progress import report
+from ray_deploy.serving.app import (
+    APP_BUILDER_IMPORT_PATH,
+    VARIANT_APP_BUILDER_IMPORT_PATH,
+    ServingConfig,
+    variant_app_name,
+    variant_app_options,
+)
+
+RAY_VERSION = "2.60.0"
+DEFAULT_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"
+DEFAULT_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311-gpu"
+
+
+def without_credentials(uri: str | None) -> str | None:
+    """``https://user:secret@host/x`` -> ``https://host/x``; other text unchanged."""
+    if not uri or "@" not in uri:
+        return uri
+    parsed = urlparse(uri)
+    if not parsed.username and not parsed.password:
+        return uri
+    host = parsed.hostname or ""
+    netloc = f"{host}:{parsed.port}" if parsed.port else host
+    return urlunparse(parsed._replace(netloc=netloc))
+
+
+def _portable(options: dict[str, Any]) -> dict[str, Any]:
+    options = copy.deepcopy(options)
+    actor = options.get("ray_actor_options") or {}
+    actor.pop("runtime_env", None)  # this cluster's working_dir package; not reachable elsewhere
+    options["ray_actor_options"] = actor
+    config = options.get("user_config")
+    if isinstance(config, dict) and "app" in config and "variants" in config:
+        config["registry_uri"] = without_credentials(config.get("registry_uri"))
+    return options
+
+
+def serve_config(app: str, address: str | None = None) -> dict[str, Any]:
+    """The running app as a Serve config file (``serve deploy``; KubeRay's serveConfigV2).
+
+    Raises:
+        DeployError: no such app deployed by ray-deploy.
+    """
+    with connect(address, start_local=False):
+        running = running_app(app)
+        if running is None:
+            raise DeployError(f"no app {app!r} deployed by ray-deploy on this cluster")
+        present = set(variant_apps(app))
+    config = running.config
+    local = sorted({v.label for v in config.variants if v.model.datastore_type == "local"})
+    if local:
+        report(
+            f"warning: {', '.join(local)} load from a local Metaflow datastore, which another cluster cannot read; "
+            "run the flow with the S3 datastore (METAFLOW_DEFAULT_DATASTORE=s3) before deploying elsewhere"
+        )
+    applications = [
+        {
+            "name": app,
+            "route_prefix": running.route_prefix,
+            "import_path": APP_BUILDER_IMPORT_PATH,
+            "args": {},
+            "deployments": [_portable(running.options)],
+        }
+    ]
+    for variant in _isolated(config):
+        name = variant_app_name(app, variant)
+        if name not in present:
+            continue
+        options = variant_app_options(app, variant)
+        applications.append(
+            {
+                "name": name,
+                "route_prefix": None,
+                "import_path": VARIANT_APP_BUILDER_IMPORT_PATH,
+                "args": {"name": options["name"]},
+                "deployments": [_portable(options)],
+            }
+        )
+    return {"applications": applications}
+
+
+def _isolated(config: ServingConfig) -> list[Any]:
+    return [v for v in config.variants if v.isolated is not None]
+
+
+def kuberay_manifest(
+    app: str,
+    address: str | None = None,
+    image: str | None = None,
+    gpu_image: str | None = None,
+    max_gpu_workers: int = 4,
+    max_cpu_workers: int = 4,
+) -> dict[str, Any]:
+    """A KubeRay ``RayService`` serving the app: serveConfigV2 from the running app, an autoscaling
+    cluster with a CPU worker group and a GPU worker group (both scaling from zero)."""
+    import yaml
+
+    config = serve_config(app, address)
+    image = image or DEFAULT_IMAGE
+    gpu_image = gpu_image or DEFAULT_GPU_IMAGE
+    ports = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+        {"containerPort": 8000, "name": "serve"},
+    ]
+
+    def container(name: str, image_name: str, cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
+        limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+        if gpus:
+            limits["nvidia.com/gpu"] = gpus
+        return {
+            "name": name,
+            "image": image_name,
+            "resources": {"limits": limits, "requests": {"cpu": cpu, "memory": memory}},
+            **({"ports": ports} if name == "ray-head" else {}),
+        }
+
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": app, "labels": {"app.kubernetes.io/managed-by": "ray-deploy"}},
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(config, sort_keys=False),
+            "rayClusterConfig": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": True,
+                "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 60},
+                "headGroupSpec": {
+                    # The head schedules no replicas: workers come and go with the load.
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                    "template": {"spec": {"containers": [container("ray-head", image, "2", "8Gi")]}},
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "cpu-workers",
+                        "replicas": 1,
+                        "minReplicas": 0,
+                        "maxReplicas": max_cpu_workers,
+                        "rayStartParams": {},
+                        "template": {"spec": {"containers": [container("ray-worker", image, "4", "16Gi")]}},
+                    },
+                    {
+                        "groupName": "gpu-workers",
+                        "replicas": 0,
+                        "minReplicas": 0,
+                        "maxReplicas": max_gpu_workers,
+                        "rayStartParams": {},
+                        "template": {
+                            "spec": {
+                                "containers": [container("ray-worker", gpu_image, "8", "32Gi", gpus=1)],
+                                "tolerations": [
+                                    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+                                ],
+                            }
+                        },
+                    },
+                ],
+            },
+        },
+    }
