@@ -232,14 +232,14 @@ class SchedulingWatch:
         self.note = ""
 
     def check(self, app: str, messages: list[str]) -> None:
-        waiting = [m for m in messages if "to be scheduled" in (m or "")]
-        if not waiting:
-            self.since, self.note = None, ""
-            return
         launching = _nodes_on_the_way()
+        waiting = [m for m in messages if "to be scheduled" in (m or "")]
         if launching:
             self.since = None
             self.note = f"; the autoscaler is starting {launching}"
+            return
+        if not waiting:
+            self.since, self.note = None, ""
             return
         now = time.monotonic()
         self.since = self.since or now
@@ -253,16 +253,33 @@ class SchedulingWatch:
 
 
 def _nodes_on_the_way() -> str:
-    """'2 node(s) (gpu_worker)' while the autoscaler launches nodes; '' if none (or unknown)."""
-    try:
-        import ray
-        from ray.autoscaler.v2.sdk import get_cluster_status
+    """'2 node(s) (gpu_worker)' while the cluster's autoscaler launches nodes; '' if none or unknown.
 
-        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
-    except Exception:
-        return ""
-    types = [launch.ray_node_type_name for launch in status.pending_launches for _ in range(launch.count)]
-    types += [node.ray_node_type_name for node in status.pending_nodes]
+    Ray 2.60's ``ray start --head`` runs the v1 autoscaler, which publishes its report in the GCS
+    key-value store (what ``ray status`` prints); the v2 autoscaler answers a GCS call instead.
+    """
+    types: list[str] = []
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        report_v1 = json.loads(raw).get("autoscaler_report", {}) if raw else {}
+        for node_type, count in (report_v1.get("pending_launches") or {}).items():
+            types += [node_type] * int(count)
+        types += [entry[1] for entry in report_v1.get("pending_nodes") or [] if len(entry) > 1]
+    except Exception as exc:
+        logger.debug("no v1 autoscaler report: %s", exc)
+    if not types:
+        try:
+            import ray
+            from ray.autoscaler.v2.sdk import get_cluster_status
+
+            status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+            types = [launch.ray_node_type_name for launch in status.pending_launches for _ in range(launch.count)]
+            types += [node.ray_node_type_name for node in status.pending_nodes]
+        except Exception as exc:
+            logger.debug("no v2 autoscaler status: %s", exc)
     return f"{len(types)} node(s) ({', '.join(sorted(set(types)))})" if types else ""
 
 

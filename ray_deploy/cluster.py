@@ -8,6 +8,7 @@ starts with ``RAY_AUTH_MODE=token``, and every client here presents the token.
 Local head settings come from the environment (defaults in brackets):
 ``RAY_DEPLOY_GCS_PORT`` [6379], ``RAY_DEPLOY_DASHBOARD_PORT`` [8265], ``RAY_DEPLOY_HTTP_PORT``
 [8000], ``RAY_DEPLOY_METRICS_PORT`` [8080: the head's Prometheus endpoint, our metrics included],
+``RAY_DEPLOY_CLIENT_PORT`` [10001: Ray client, for ``ray://`` addresses],
 ``RAY_DEPLOY_HTTP_HOST`` [127.0.0.1: Serve answers on loopback only unless told otherwise],
 ``RAY_DEPLOY_NUM_CPUS`` [all cores], ``RAY_DEPLOY_NUM_GPUS`` [0].
 """
@@ -52,6 +53,7 @@ class LocalClusterSettings:
     http_port: int = 8000
     http_host: str = LOOPBACK
     metrics_port: int = 8080
+    client_port: int = 10001
     num_cpus: float | None = None
     num_gpus: float | None = None
 
@@ -72,6 +74,7 @@ class LocalClusterSettings:
             http_port=number("RAY_DEPLOY_HTTP_PORT", int, cls.http_port),
             http_host=os.environ.get("RAY_DEPLOY_HTTP_HOST") or LOOPBACK,
             metrics_port=number("RAY_DEPLOY_METRICS_PORT", int, cls.metrics_port),
+            client_port=number("RAY_DEPLOY_CLIENT_PORT", int, cls.client_port),
             num_cpus=number("RAY_DEPLOY_NUM_CPUS", float, None),
             num_gpus=number("RAY_DEPLOY_NUM_GPUS", float, None),
         )
@@ -203,6 +206,38 @@ def _token_env() -> dict[str, str]:
     return env
 
 
+def _autoscaling_config_for(
+    settings: LocalClusterSettings, path: str, env: dict[str, str]
+) -> tuple[str, dict[str, float]]:
+    """A copy of an autoscaler YAML fitted to this head; returns (its path, the head's resources).
+
+    For Ray's fake multi-node provider (simulated nodes on this machine): its nodes must join this
+    head's GCS (``provider.gcs_address``; otherwise they dial port 6379), and the provider only
+    works with ``RAY_FAKE_CLUSTER=1``. The autoscaler reads the file as is, with no defaults.
+    """
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ClusterError(f"autoscaling config {path}: cannot read it ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("available_node_types"), dict):
+        raise ClusterError(f"autoscaling config {path}: expected a Ray cluster config with available_node_types")
+    head_type = config.get("head_node_type")
+    if head_type not in config["available_node_types"]:
+        raise ClusterError(f"autoscaling config {path}: head_node_type {head_type!r} is not in available_node_types")
+    provider = config.setdefault("provider", {})
+    if provider.get("type") == "fake_multinode":
+        provider["gcs_address"] = settings.address
+        env["RAY_FAKE_CLUSTER"] = "1"
+        env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "1")
+    Path(settings.temp_dir).mkdir(parents=True, exist_ok=True)
+    resolved = Path(settings.temp_dir) / "autoscaling.yaml"
+    resolved.write_text(yaml.safe_dump(config, sort_keys=False))
+    head = config["available_node_types"][head_type].get("resources", {})
+    return str(resolved), {k: float(v) for k, v in head.items() if k in ("CPU", "GPU")}
+
+
 def start_local_cluster(
     settings: LocalClusterSettings | None = None, autoscaling_config: str | None = None
 ) -> ClusterInfo:
@@ -235,21 +270,25 @@ def start_local_cluster(
         f"--dashboard-host={LOOPBACK}",
         f"--dashboard-port={settings.dashboard_port}",
         f"--metrics-export-port={settings.metrics_port}",
+        f"--ray-client-server-port={settings.client_port}",
         f"--temp-dir={settings.temp_dir}",
         "--disable-usage-stats",
     ]
-    if settings.num_cpus is not None:
-        command.append(f"--num-cpus={settings.num_cpus:g}")
-    if settings.num_gpus is not None:
-        command.append(f"--num-gpus={settings.num_gpus:g}")
+    env = _token_env()
+    num_cpus, num_gpus = settings.num_cpus, settings.num_gpus
     if autoscaling_config:
-        command.append(f"--autoscaling-config={autoscaling_config}")
+        resolved, head = _autoscaling_config_for(settings, autoscaling_config, env)
+        command.append(f"--autoscaling-config={resolved}")
+        # The head's resources are the config's head node type (the autoscaler plans with them).
+        num_cpus, num_gpus = head.get("CPU", num_cpus), head.get("GPU", num_gpus)
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus:g}")
+    if num_gpus is not None:
+        command.append(f"--num-gpus={num_gpus:g}")
     report(f"starting a local Ray head at {settings.address} (dashboard {settings.dashboard_url}) ...")
     started = time.monotonic()
     try:
-        result = subprocess.run(
-            command, env=_token_env(), capture_output=True, text=True, timeout=_START_TIMEOUT_S, check=False
-        )
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=_START_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         raise ClusterError(f"'ray start --head' did not finish within {_START_TIMEOUT_S:g}s") from None
     if result.returncode != 0:

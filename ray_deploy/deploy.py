@@ -45,7 +45,7 @@ from ray_deploy.serving.app import (
     serving_config,
     variant_app_name,
 )
-from ray_deploy.serving.metrics import app_devices, app_metrics
+from ray_deploy.serving.metrics import app_devices, app_metrics, replica_reports
 from ray_deploy.spec import DeploymentSpec
 from ray_deploy.traffic import Mover, roll_out
 
@@ -292,6 +292,7 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                 continue
             config = ServingConfig.model_validate(user_config)
             status = statuses.get(name)
+            reports = replica_reports(name, _live_replicas(details, [name, *variant_apps(name)]))
             apps.append(
                 {
                     "app": name,
@@ -323,7 +324,8 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                     "rollout": config.rollout.model_dump() if config.rollout else None,
                     "source": config.source,
                     "metrics": app_metrics(name),
-                    "devices": app_devices(name, _live_replicas(details, [name, *variant_apps(name)])),
+                    "devices": app_devices(reports),
+                    "replica_placement": {r: info.get("placement", {}) for r, info in reports.items()},
                     "config": user_config,
                 }
             )

@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_DEPLOY_GCS_PORT", "6399")
 os.environ.setdefault("RAY_DEPLOY_DASHBOARD_PORT", "8299")
 os.environ.setdefault("RAY_DEPLOY_HTTP_PORT", "8099")
 os.environ.setdefault("RAY_DEPLOY_METRICS_PORT", "8599")
+os.environ.setdefault("RAY_DEPLOY_CLIENT_PORT", "9091")
 # Logical CPUs: several 0.25-0.5 CPU replicas fit on a 2-core machine.
 os.environ.setdefault("RAY_DEPLOY_NUM_CPUS", "4")
 os.environ.pop("RAY_ADDRESS", None)

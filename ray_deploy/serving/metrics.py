@@ -122,13 +122,14 @@ class StatsCollector:
 
     def __init__(self) -> None:
         self._reports: dict[str, dict[str, tuple[float, dict[str, dict[str, Any]]]]] = {}
-        self._devices: dict[str, dict[str, dict[str, str]]] = {}
+        self._devices: dict[str, dict[str, dict[str, Any]]] = {}
 
-    def report_devices(self, app: str, replica: str, devices: dict[str, str]) -> None:
-        """Which path (GPU or CPU, and why) each variant took on one replica, as it loaded."""
-        self._devices.setdefault(app, {})[replica] = devices
+    def report_devices(self, app: str, replica: str, info: dict[str, Any]) -> None:
+        """Where one replica runs (node, placement group, GPUs) and which path (GPU or CPU, and
+        why) each of its variants took, as it loaded them."""
+        self._devices.setdefault(app, {})[replica] = info
 
-    def devices(self, app: str) -> dict[str, dict[str, str]]:
+    def devices(self, app: str) -> dict[str, dict[str, Any]]:
         return dict(self._devices.get(app, {}))
 
     def report(self, app: str, replica: str, stats: dict[str, dict[str, Any]]) -> None:
@@ -172,27 +173,31 @@ def app_metrics(app: str) -> dict[str, dict[str, Any]]:
     return {variant: VariantStats.from_dict(data).summary() for variant, data in snapshot.items()}
 
 
-def app_devices(app: str, live_replicas: set[str] | None = None) -> dict[str, dict[str, int]]:
-    """For each variant label of an app: how many (live) replicas run it on each device path."""
+def replica_reports(app: str, live_replicas: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Replica id -> {"devices": {label: path}, "placement": {...}} for an app's (live) replicas."""
     import ray
 
     collector = get_collector(create=False)
     if collector is None:
         return {}
+    reports = ray.get(collector.devices.remote(app), timeout=30)
+    return {r: info for r, info in reports.items() if live_replicas is None or r in live_replicas}
+
+
+def app_devices(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """For each variant label: how many replicas run it on each device path."""
     by_label: dict[str, dict[str, int]] = {}
-    for replica, devices in ray.get(collector.devices.remote(app), timeout=30).items():
-        if live_replicas is not None and replica not in live_replicas:
-            continue
-        for label, device in devices.items():
+    for info in reports.values():
+        for label, device in info.get("devices", {}).items():
             by_label.setdefault(label, {})
             by_label[label][device] = by_label[label].get(device, 0) + 1
     return by_label
 
 
-def report_devices(app: str, replica: str, devices: dict[str, str]) -> None:
+def report_devices(app: str, replica: str, devices: dict[str, str], placement: dict[str, Any]) -> None:
     """Fire and forget, from a replica: never blocks or breaks serving."""
     try:
-        get_collector(create=True).report_devices.remote(app, replica, devices)
+        get_collector(create=True).report_devices.remote(app, replica, {"devices": devices, "placement": placement})
     except Exception:
         import logging
 

@@ -214,7 +214,7 @@ class ModelServer:
         self.shadows = [v for v in variants if v.config.shadow]
         self.config = config
         local = {v.label: v.describe()["device"] for v in variants if not isinstance(v.predictor, RemoteVariant)}
-        report_devices(config.app, self._replica, local)
+        report_devices(config.app, self._replica, local, replica_placement())
         self._predict_batched.set_max_batch_size(config.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info(
@@ -251,7 +251,7 @@ class ModelServer:
             "route_prefix": self.config.route_prefix,
             "variants": [v.describe() for v in self.variants],
             "source": self.config.source,
-            "replica": {"id": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid()},
+            "replica": replica_placement(),
         }
 
     async def _score(self, request: Request) -> JSONResponse:
@@ -384,6 +384,21 @@ class ModelServer:
         return results
 
 
+def replica_placement() -> dict[str, Any]:
+    """Where this replica runs: its id, process, node, placement group and visible GPUs."""
+    import ray
+
+    context = ray.get_runtime_context()
+    group = context.get_placement_group_id()
+    return {
+        "id": serve.get_replica_context().replica_id.unique_id,
+        "pid": os.getpid(),
+        "node_id": context.get_node_id(),
+        "placement_group_id": group,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     chunks = []
     size = 0
@@ -412,7 +427,9 @@ class VariantServer:
         self.variant = await asyncio.to_thread(load_variant, config, loaded)
         logger.info("ray-deploy: isolated variant %s <- %s", config.label, config.model.uri)
         replica = serve.get_replica_context().replica_id.unique_id
-        report_devices(user_config["app"], replica, {config.label: self.variant.describe()["device"]})
+        report_devices(
+            user_config["app"], replica, {config.label: self.variant.describe()["device"]}, replica_placement()
+        )
 
     async def score(self, body: Any) -> Any:
         """Predictions for a scoring body the router has already read (RequestError on bad input)."""
@@ -422,4 +439,4 @@ class VariantServer:
 
     def describe(self) -> dict[str, Any]:
         assert self.variant is not None
-        return {**self.variant.describe(), "replica": {"pid": os.getpid()}}
+        return {**self.variant.describe(), "replica": replica_placement()}

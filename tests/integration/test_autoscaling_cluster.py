@@ -1,0 +1,121 @@
+"""Ray's real autoscaler on one machine (the fake multi-node provider, logical GPUs): GPU replicas
+in placement groups make it add GPU nodes, which go away again when the app is deleted; replicas
+that no node type can hold fail the deploy in bounded time.
+
+This cluster is a second head on its own ports, started with `ray-deploy cluster up --config
+configs/cluster/local-autoscaling.yaml`, and stopped (with every simulated node) at the end.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PORTS = {
+    "RAY_DEPLOY_GCS_PORT": "6799",
+    "RAY_DEPLOY_DASHBOARD_PORT": "8798",
+    "RAY_DEPLOY_HTTP_PORT": "8797",
+    "RAY_DEPLOY_METRICS_PORT": "8796",
+    "RAY_DEPLOY_CLIENT_PORT": "9092",
+}
+APP = "gpu-app"
+
+STEPS = """
+@step
+def start(self):
+    import xgboost
+    from sklearn.datasets import load_breast_cancer
+    X, y = load_breast_cancer(return_X_y=True)
+    self.model = xgboost.XGBClassifier(n_estimators=10, max_depth=3, n_jobs=1).fit(X, y)
+    self.next(self.deploy)
+"""
+
+
+def ray_deploy(env: dict, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("ray-deploy")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster():
+    env = {**os.environ, **PORTS}
+    env.pop("RAY_DEPLOY_NUM_CPUS", None)  # the config's head node type says what the head has
+    up = ray_deploy(env, "cluster", "up", "--config", str(REPO / "configs" / "cluster" / "local-autoscaling.yaml"))
+    assert up.returncode == 0, up.stderr[-3000:]
+    try:
+        yield env
+    finally:
+        ray_deploy(env, "cluster", "down", timeout=120)
+
+
+def nodes(env: dict) -> list[dict]:
+    shown = ray_deploy(env, "cluster", "status", "--json", timeout=60)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    return [n for n in json.loads(shown.stdout)["nodes"] if n["alive"]]
+
+
+def gpu_nodes(env: dict) -> list[dict]:
+    return [n for n in nodes(env) if n["resources"].get("GPU", 0) >= 1]
+
+
+def test_gpu_replicas_bring_gpu_nodes_that_leave_with_the_app(autoscaling_cluster, tmp_path, write_flow, run_flow):
+    env = autoscaling_cluster
+    assert gpu_nodes(env) == [], "GPU worker nodes start at zero"
+    options = (
+        f'app="{APP}", predictor="xgboost", num_cpus=0.5, num_gpus=1, num_replicas=2, deploy_timeout_s=240, '
+        'placement={"bundles": [{"CPU": 1, "GPU": 1}], "strategy": "STRICT_PACK"}'
+    )
+    flow = write_flow(tmp_path / "gpu_flow.py", "GpuFlow", STEPS, options)
+    done = run_flow(flow, env=env, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "the autoscaler is starting" in output, "progress must say that nodes are on their way"
+
+    (row,) = json.loads(ray_deploy(env, "status", APP, "--json").stdout)
+    assert row["replicas"]["ModelServer"] == {"RUNNING": 2}, row["replicas"]
+    url = f"http://127.0.0.1:{PORTS['RAY_DEPLOY_HTTP_PORT']}/{APP}"
+    assert httpx.post(url, json={"instances": [[1.0] * 30]}, timeout=30).status_code == 200
+
+    # Where each replica runs, as the replicas report it: a GPU node each, inside a placement group.
+    placements = row["replica_placement"]
+    assert len(placements) == 2
+    gpu_node_ids = {n["node_id"] for n in gpu_nodes(env)}
+    assert len(gpu_node_ids) == 2, "one GPU node per replica (STRICT_PACK bundle of one GPU each)"
+    assert {p["node_id"] for p in placements.values()} == gpu_node_ids
+    for placement in placements.values():
+        assert placement["placement_group_id"], "each replica runs inside its placement group"
+        assert placement["cuda_visible_devices"] == "0"
+
+    # Each replica tried the GPU path, and says why it runs on the CPU here.
+    ((label, devices),) = row["devices"].items()
+    ((path, count),) = devices.items()
+    assert count == 2 and path.startswith("cpu (GPU 0 assigned;")
+
+    assert ray_deploy(env, "delete", APP).returncode == 0
+    deadline = time.monotonic() + 180
+    while gpu_nodes(env) and time.monotonic() < deadline:
+        time.sleep(3)
+    assert gpu_nodes(env) == [], "idle GPU nodes must be removed after the app is gone"
+
+
+def test_replicas_no_node_type_can_hold_fail_in_bounded_time(autoscaling_cluster, tmp_path, write_flow, run_flow):
+    """8 GPUs per replica: no node type offers that, so the autoscaler never starts a node for it."""
+    env = autoscaling_cluster
+    options = 'app="too-big", predictor="xgboost", num_cpus=0.5, num_gpus=8, deploy_timeout_s=900'
+    flow = write_flow(tmp_path / "big_flow.py", "BigFlow", STEPS, options)
+    started = time.monotonic()
+    done = run_flow(flow, env=env, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "cannot be scheduled and no node is being added" in output, output[-3000:]
+    assert "GPU" in output
+    assert time.monotonic() - started < 600, "the deploy must not wait out deploy_timeout_s"
+    assert "too-big" not in json.loads(ray_deploy(env, "cluster", "status", "--json").stdout)["applications"]
