@@ -29,6 +29,30 @@ from ray_deploy.deploy import app_status, delete_app
 from ray_deploy.errors import RayDeployError
 
 
+def app_lines(row: dict[str, Any]) -> list[str]:
+    """One app's status as text: state and URL, rollout, each release with its share, device
+    paths and live metrics."""
+    lines = [f"{row['app']}: {row['status']} {row.get('url', row.get('detail', ''))}"]
+    if row.get("rollout"):
+        state = row["rollout"]
+        lines.append(f"  rollout ({state['strategy']}): {state['percent']:g}% on {', '.join(state['new'])}")
+    for variant in row.get("variants", []):
+        label = variant.get("label", variant["name"])
+        version = f" = MLflow {variant['model_version']}" if variant.get("model_version") else ""
+        share = "shadow" if variant.get("shadow") else f"{variant['weight']:g}%"
+        lines.append(f"  {label} ({share}): {variant['model_uri']}{version} via {variant['predictor']}")
+        devices = row.get("devices", {}).get(label)
+        if devices:
+            lines.append("    runs on: " + "; ".join(f"{path} x{count} replica(s)" for path, count in devices.items()))
+        seen = row.get("metrics", {}).get(label)
+        if seen:
+            lines.append(
+                f"    {seen['requests']} requests, {seen['errors']} errors, "
+                f"{seen['client_errors']} client errors, p50 <= {seen['p50_ms']} ms, p99 <= {seen['p99_ms']} ms"
+            )
+    return lines
+
+
 def _print(value: Any, as_json: bool) -> None:
     if as_json:
         print(json.dumps(value, indent=2, sort_keys=True, default=str))
@@ -36,26 +60,7 @@ def _print(value: Any, as_json: bool) -> None:
     rows = value if isinstance(value, list) else [value]
     for row in rows:
         if "app" in row:
-            print(f"{row['app']}: {row['status']} {row['url']}")
-            if row.get("rollout"):
-                state = row["rollout"]
-                print(f"  rollout ({state['strategy']}): {state['percent']:g}% on {', '.join(state['new'])}")
-            for variant in row["variants"]:
-                version = f" = MLflow {variant['model_version']}" if variant.get("model_version") else ""
-                share = "shadow" if variant.get("shadow") else f"{variant['weight']:g}%"
-                print(
-                    f"  {variant.get('label', variant['name'])} ({share}): {variant['model_uri']}{version} "
-                    f"via {variant['predictor']}"
-                )
-                devices = row.get("devices", {}).get(variant.get("label", variant["name"]))
-                if devices:
-                    print("    runs on: " + "; ".join(f"{path} x{count} replica(s)" for path, count in devices.items()))
-                seen = row.get("metrics", {}).get(variant.get("label", variant["name"]))
-                if seen:
-                    print(
-                        f"    {seen['requests']} requests, {seen['errors']} errors, "
-                        f"{seen['client_errors']} client errors, p50 <= {seen['p50_ms']} ms, p99 <= {seen['p99_ms']} ms"
-                    )
+            print("\n".join(app_lines(row)))
         else:
             print(json.dumps(row, indent=2, sort_keys=True, default=str))
 

@@ -123,6 +123,24 @@ def test_flow_cli_and_console_script_show_the_app(train_run, ray_head, repo):
     missing = subprocess.run([str(ray_deploy), "status", "nope"], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and missing.stderr.startswith("DeployError: no app 'nope'")
 
+    # The flow's own status shows what `ray-deploy status` shows: shares, device paths, live metrics.
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        text = subprocess.run(
+            [sys.executable, str(repo / "flows" / "train_flow.py"), "--no-pylint", "ray-serve", "status"],
+            capture_output=True,
+            text=True,
+            cwd=repo,
+            timeout=120,
+        ).stdout
+        if " requests, " in text or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert "cancer: RUNNING" in text and "(100%)" in text and "runs on: cpu" in text
+    assert " requests, 0 errors" in text
+
 
 def test_cluster_status_reports_token_auth_and_resources(ray_head):
     ray_deploy = Path(sys.executable).with_name("ray-deploy")

@@ -4,7 +4,7 @@ from metaflow._vendor import click
 from metaflow.exception import MetaflowException
 
 from ray_deploy import DeploymentSpec, RayDeployError, app_status, delete_app
-from ray_deploy.cli import parse_weights, print_lineage
+from ray_deploy.cli import app_lines, parse_weights, print_lineage
 
 
 class RayServeCommandError(MetaflowException):
@@ -75,18 +75,8 @@ def status(obj, app=None, as_json=False):
         obj.echo_always(json.dumps(rows, indent=2), err=False)
         return
     for row in rows:
-        obj.echo_always("%s: %s %s" % (row["app"], row["status"], row.get("url", row.get("detail", ""))), err=False)
-        for variant in row.get("variants", []):
-            obj.echo_always(
-                "  %s (%s): %s via %s"
-                % (
-                    variant["label"],
-                    "shadow" if variant["shadow"] else "%g%%" % variant["weight"],
-                    variant["model_version"] or variant["model_uri"],
-                    variant["predictor"],
-                ),
-                err=False,
-            )
+        for line in app_lines(row):
+            obj.echo_always(line, err=False)
 
 
 @ray_serve.command(help="Delete this flow's apps from the cluster.")
