@@ -8,6 +8,7 @@
     ray-deploy promote APP                 finish a rollout that holds at a canary step
     ray-deploy rollback APP                back to the previous release (rebuilt from the registry)
     ray-deploy export APP --serve-config   the app as Ray's Serve config file (serve deploy, serveConfigV2)
+    ray-deploy restore [APP]               re-create recorded apps the cluster lost (e.g. after a head restart)
     ray-deploy export APP --kuberay        the app as a KubeRay RayService (autoscaling, GPU worker group)
     ray-deploy lineage APP                 app -> variant -> model version -> task -> artifact -> data, checked
     ray-deploy lineage --model NAME@ALIAS  the same from the registry side (or NAME/VERSION)
@@ -145,6 +146,13 @@ def _rollback(args: argparse.Namespace) -> None:
     _show_config(rollback(args.app, address=args.address, reason=reason), args.json)
 
 
+def _restore(args: argparse.Namespace) -> None:
+    from ray_deploy.restore import restore
+
+    restored = restore(args.app, address=args.address)
+    print("restored: " + (", ".join(restored) if restored else "nothing (every recorded app is running)"))
+
+
 def _export(args: argparse.Namespace) -> None:
     import yaml
 
@@ -239,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("app")
     rollback.add_argument("--reason", default=None, help="why (recorded on the model versions)")
     rollback.set_defaults(run=_rollback)
+
+    restore = commands.add_parser("restore", parents=[common], help="re-create recorded apps the cluster lost")
+    restore.add_argument("app", nargs="?", default=None, help="only this app (default: every recorded app)")
+    restore.set_defaults(run=_restore)
 
     export = commands.add_parser("export", parents=[common], help="write the app for another cluster")
     export.add_argument("app")

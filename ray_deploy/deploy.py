@@ -168,6 +168,7 @@ def deploy(
                 production_alias=spec.production_alias,
                 canary_alias=spec.canary_alias,
                 options=options,
+                code_dir=code_dir,
             )
         mover = Mover(spec.app, spec.route, url, options, spec.deploy_timeout_s, recorder)
         rollout: dict[str, Any] = {}

@@ -31,6 +31,7 @@ EVENT_PREFIX = "ray_deploy.event."
 RELEASE_PREFIX = "ray_deploy.release."
 VARIANT_CONFIG_TAG = "ray_deploy.variant_config"
 SETTINGS_TAG = "ray_deploy.app_settings"
+CODE_DIR_TAG = "ray_deploy.code_dir"
 
 
 def version_of(variant: VariantConfig) -> VersionRef | None:
@@ -50,6 +51,7 @@ class TrafficRecorder:
     production_alias: str = "production"
     canary_alias: str = "canary"
     options: dict[str, Any] = field(default_factory=dict)
+    code_dir: str | None = None
 
     def record(
         self,
@@ -180,6 +182,8 @@ class TrafficRecorder:
             self.registry.client.set_registered_model_tag(
                 name, f"{SETTINGS_TAG}.{self.app}", json.dumps({"settings": settings, "options": self.options})
             )
+            if self.code_dir:
+                self.registry.client.set_registered_model_tag(name, f"{CODE_DIR_TAG}.{self.app}", self.code_dir)
 
 
 def releases(registry: Registry, name: str, app: str) -> list[dict[str, Any]]:
