@@ -36,6 +36,11 @@ def options_flow(write_flow, directory: Path, options: str) -> tuple[Path, Path]
         ('app="iris", bogus=1', "bogus"),
         ("num_cpus=0.25", "app: required"),
         ('app="iris", predictor="missing_module:Thing"', "cannot import module 'missing_module'"),
+        ('app="iris", num_cpus="lots"', "num_cpus: Input should be a valid number"),
+        ('app="iris", variants={"a": {"weight": 60}, "b": {"weight": 30}}', "variants: weights sum to 90"),
+        ('app="iris", rollout={"strategy": "canery"}', "rollout.strategy: strategy 'canery' is not one of"),
+        ('app="iris", num_replicas=2, autoscaling={"max_replicas": 3}', "num_replicas=2 and autoscaling both set"),
+        ('app="iris", num_gpus=1, placement={"bundles": [{"CPU": 1}]}', "bundles[0] must hold the replica itself"),
     ],
 )
 def test_bad_option_stops_the_run_before_training(tmp_path, write_flow, run_flow, options, expected):
@@ -45,6 +50,38 @@ def test_bad_option_stops_the_run_before_training(tmp_path, write_flow, run_flow
     assert finished.returncode != 0
     assert expected in output, output[-2000:]
     assert not marker.exists(), "the start step ran although an option was invalid"
+
+
+@pytest.mark.parametrize(
+    ("assignment", "options", "expected"),
+    [
+        ("", 'app="no-artifact", num_cpus=0.25', "model: the step did not set an artifact named 'model'"),
+        (
+            "self.model = 'not a model'",
+            'app="wrong-type", predictor="xgboost", num_cpus=0.25',
+            "predictor 'xgboost' needs an xgboost.XGBModel or xgboost.Booster, got str",
+        ),
+    ],
+)
+def test_bad_model_artifact_fails_the_deploy_step_not_the_replicas(
+    tmp_path, write_flow, run_flow, ray_head, assignment, options, expected
+):
+    """Found in the deploy step, before Serve is touched: no app appears, nothing restarts."""
+    steps = f"""
+    @step
+    def start(self):
+        {assignment or "pass"}
+        self.next(self.deploy)
+    """
+    flow = write_flow(tmp_path / "artifact_flow.py", "ArtifactFlow", steps, options)
+    finished = run_flow(flow)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode != 0
+    assert expected in output, output[-3000:]
+    app = options.split('"')[1]
+    exe = Path(sys.executable).with_name("ray-deploy")
+    shown = subprocess.run([str(exe), "status", app], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 1 and f"no app {app!r}" in shown.stderr
 
 
 def test_unreachable_cluster_fails_the_step_naming_the_address(tmp_path, write_flow, run_flow):
