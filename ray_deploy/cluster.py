@@ -124,8 +124,22 @@ class ClusterInfo:
 
 
 def resolve_address(address: str | None = None) -> str | None:
-    """The address to use: the explicit one, else ``RAY_ADDRESS``, else None (the local head)."""
-    return address or os.environ.get("RAY_ADDRESS") or None
+    """The address to use: the explicit one, else ``RAY_ADDRESS``, else None (the local head).
+
+    A dashboard address (``http://head:8265``, what Ray Jobs use in ``RAY_ADDRESS``) becomes the
+    same head's Ray client address, ``ray://head:<RAY_DEPLOY_CLIENT_PORT or 10001>``: deploying
+    needs a driver connection, which the dashboard does not offer. KubeRay's head service exposes
+    both ports.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        host = urlparse(address).hostname
+        if not host:
+            raise ClusterError(f"Ray address {address!r}: a dashboard address needs a host, e.g. http://head:8265")
+        port = LocalClusterSettings.from_env().client_port
+        report(f"{address} is a dashboard address; deploying through the Ray client at ray://{host}:{port}")
+        return f"ray://{host}:{port}"
+    return address
 
 
 def auth_token_path() -> Path:
@@ -203,6 +217,10 @@ def _token_env() -> dict[str, str]:
     env.setdefault("RAY_AUTH_MODE", "token")
     # Serve says why replicas wait for resources after this many seconds (its default is 30).
     env.setdefault("RAY_SERVE_SLOW_STARTUP_WARNING_S", "10")
+    # grpcio >= 1.81 restarts its threads in a forked child before exec; Ray's client server forks
+    # a server per ray:// client and that child then crashes (SIGSEGV) or hangs about a third of
+    # the time (grpc/grpc#43055). Ray forks only to exec, so gRPC's fork support is not needed.
+    env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
     return env
 
 

@@ -1,0 +1,82 @@
+"""Deploying to a cluster by address, as to a remote one: the Ray client (`ray://host:port`, with
+token auth) and the dashboard address (`http://host:8265`, what Ray Jobs users have in
+RAY_ADDRESS). The user's predictor code travels with the deployment."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PREDICTORS = '''
+class Tagged:
+    """A user predictor that exists only in the flow's directory: it must travel with the deployment."""
+
+    def __init__(self, model, config):
+        self.model = model
+        self.n_features = 4
+        self.tag = config.get("tag", "?")
+
+    def predict(self, rows):
+        return [f"{self.tag}-{label}" for label in self.model.predict(rows)]
+'''
+
+STEPS = """
+@step
+def start(self):
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    X, y = load_iris(return_X_y=True)
+    self.model = LogisticRegression(C=0.81, max_iter=3000).fit(X, y)
+    self.next(self.deploy)
+"""
+
+
+@pytest.mark.parametrize("kind", ["ray-client", "dashboard"])
+def test_flow_deploys_through_a_remote_style_address(kind, tmp_path, write_flow, run_flow, ray_head, http):
+    address = {
+        "ray-client": f"ray://127.0.0.1:{os.environ['RAY_DEPLOY_CLIENT_PORT']}",
+        "dashboard": ray_head.dashboard_url,
+    }[kind]
+    app = f"remote-{kind}"
+    (tmp_path / "remote_predictors.py").write_text(PREDICTORS)
+    options = f'app="{app}", predictor="remote_predictors:Tagged", predictor_config={{"tag": "{kind}"}}, num_cpus=0.25'
+    flow = write_flow(tmp_path / "remote_flow.py", "RemoteFlow", STEPS, options)
+    done = run_flow(flow, env={"RAY_ADDRESS": address})
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    if kind == "dashboard":
+        assert "is a dashboard address; deploying through the Ray client" in output
+    answer = http.post(f"{ray_head.http_url}/{app}", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+    assert answer.status_code == 200 and answer.json()["predictions"] == [f"{kind}-0"]
+
+    exe = Path(sys.executable).with_name("ray-deploy")
+    shown = subprocess.run(
+        [str(exe), "status", app, "--json", "--address", address], capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert json.loads(shown.stdout)[0]["status"] == "RUNNING"
+    subprocess.run([str(exe), "delete", app, "--address", address], timeout=120)
+
+
+def test_ray_client_without_the_token_is_refused(ray_head, tmp_path):
+    """Token auth covers the Ray client port too: a client without the token gets nowhere."""
+    script = tmp_path / "no_token.py"
+    script.write_text(
+        "import ray\n"
+        f"ray.init('ray://127.0.0.1:{os.environ['RAY_DEPLOY_CLIENT_PORT']}')\n"
+        "print('CONNECTED', ray.cluster_resources())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "missing-token")
+    env["RAY_AUTH_MODE"] = "token"
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    try:
+        refused = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    except subprocess.TimeoutExpired:
+        return  # the client kept waiting for a connection it was never granted
+    assert refused.returncode != 0 and "CONNECTED" not in refused.stdout
