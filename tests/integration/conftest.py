@@ -67,59 +67,95 @@ def repo():
     return REPO
 
 
+class MlflowServer:
+    """A real `mlflow server` process over HTTP on loopback, with its own SQLite store."""
+
+    def __init__(self, root: Path, port: int | None = None):
+        import socket
+
+        self.root = root
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        self.port = port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.process = None
+
+    def start(self) -> "MlflowServer":
+        import subprocess
+        import time
+
+        mlflow = Path(sys.executable).with_name("mlflow")
+        self._log = open(self.root / "server.log", "a")
+        self.process = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+            + ["--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts"]
+            + ["--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.uri}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        self.stop()
+        pytest.fail("mlflow server did not answer /health within 120s")
+
+    def stop(self, kill: bool = False) -> None:
+        import subprocess
+
+        if self.process is None:
+            return
+        # `mlflow server` runs uvicorn in a child process: stop the whole group.
+        for child in _children(self.process.pid):
+            _signal(child, kill)
+        _signal(self.process.pid, kill)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.process = None
+        self._log.close()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid:
+            child = int(entry.name)
+            found += [child, *_children(child)]
+    return found
+
+
+def _signal(pid: int, kill: bool) -> None:
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` over HTTP on loopback, with its own SQLite store; stopped at the end."""
-    import socket
-    import subprocess
-    import time
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mlflow = Path(sys.executable).with_name("mlflow")
-    log = open(root / "server.log", "w")
-    server = subprocess.Popen(
-        [
-            str(mlflow),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--serve-artifacts",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not answer /health within 120s")
-    yield uri
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
-    log.close()
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -161,3 +197,18 @@ def write_flow():
         return path
 
     return write
+
+
+@pytest.fixture()
+def start_mlflow_server(tmp_path_factory):
+    """Start `mlflow server` processes a test can stop and restart; all stopped at the end."""
+    servers = []
+
+    def start(root: Path | None = None, port: int | None = None) -> MlflowServer:
+        server = MlflowServer(root or tmp_path_factory.mktemp("mlflow-server"), port).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(kill=True)
