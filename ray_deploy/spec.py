@@ -39,6 +39,13 @@ def _parse_json_string(value: Any, field: str) -> Any:
     return value
 
 
+def one_of(value: str, field: str, allowed: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``allowed``, else a ValueError naming the field and the choices."""
+    if value not in allowed:
+        raise ValueError(f"{field} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -167,9 +174,7 @@ class PlacementSpec(_Spec):
     @field_validator("strategy")
     @classmethod
     def _strategy_known(cls, value: str) -> str:
-        if value not in PLACEMENT_STRATEGIES:
-            raise ValueError(f"strategy {value!r} is not one of {', '.join(PLACEMENT_STRATEGIES)}")
-        return value
+        return one_of(value, "strategy", PLACEMENT_STRATEGIES)
 
     @field_validator("bundles")
     @classmethod
@@ -241,9 +246,7 @@ class RolloutSpec(_Spec):
     @field_validator("strategy")
     @classmethod
     def _strategy_known(cls, value: str) -> str:
-        if value not in ROLLOUT_STRATEGIES:
-            raise ValueError(f"strategy {value!r} is not one of {', '.join(ROLLOUT_STRATEGIES)}")
-        return value
+        return one_of(value, "strategy", ROLLOUT_STRATEGIES)
 
     @field_validator("steps", mode="before")
     @classmethod

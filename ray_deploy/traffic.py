@@ -19,7 +19,7 @@ from ray_deploy.history import TrafficRecorder, previous_release
 from ray_deploy.lineage import Registry, recorded_at
 from ray_deploy.progress import Waiter, report
 from ray_deploy.rollout import GateResult, Plan, watch
-from ray_deploy.serving.app import SERVER_DEPLOYMENT, ServingConfig, VariantConfig
+from ray_deploy.serving.app import SERVER_DEPLOYMENT, ServingConfig
 from ray_deploy.serving.metrics import VariantStats, get_collector
 from ray_deploy.spec import RolloutSpec
 
@@ -274,6 +274,3 @@ def describe_variants(config: ServingConfig) -> list[dict[str, Any]]:
         }
         for v in config.variants
     ]
-
-
-__all__ = ["Mover", "Plan", "VariantConfig", "promote", "roll_out", "rollback", "set_traffic"]
