@@ -10,12 +10,16 @@ Local head settings come from the environment (defaults in brackets):
 [8000], ``RAY_DEPLOY_METRICS_PORT`` [8080: the head's Prometheus endpoint, our metrics included],
 ``RAY_DEPLOY_CLIENT_PORT`` [10001: Ray client, for ``ray://`` addresses],
 ``RAY_DEPLOY_HTTP_HOST`` [127.0.0.1: Serve answers on loopback only unless told otherwise],
-``RAY_DEPLOY_NUM_CPUS`` [all cores], ``RAY_DEPLOY_NUM_GPUS`` [0].
+``RAY_DEPLOY_NUM_CPUS`` [all cores], ``RAY_DEPLOY_NUM_GPUS`` [0],
+``RAY_DEPLOY_DATA_PATH`` [direct: replicas answer HTTP on loopback behind the ray-deploy front;
+``proxy`` for Serve's defaults, ``haproxy`` for Serve's HAProxy mode; see ``ray_deploy.front``],
+``RAY_DEPLOY_PROXY_PORT`` [a free port: where Serve's own proxy listens behind the front].
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -34,6 +38,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ray_deploy.errors import ClusterError, ClusterUnreachable
+from ray_deploy.front import DATA_PATHS, ensure_front, head_environment
 from ray_deploy.progress import report
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,8 @@ class LocalClusterSettings:
     client_port: int = 10001
     num_cpus: float | None = None
     num_gpus: float | None = None
+    data_path: str = "direct"
+    proxy_port: int | None = None
 
     @classmethod
     def from_env(cls) -> LocalClusterSettings:
@@ -68,6 +75,9 @@ class LocalClusterSettings:
             except ValueError:
                 raise ClusterError(f"{name}: expected a number, got {raw!r}") from None
 
+        data_path = os.environ.get("RAY_DEPLOY_DATA_PATH") or cls.data_path
+        if data_path not in DATA_PATHS:
+            raise ClusterError(f"RAY_DEPLOY_DATA_PATH: expected one of {', '.join(DATA_PATHS)}, got {data_path!r}")
         return cls(
             gcs_port=number("RAY_DEPLOY_GCS_PORT", int, cls.gcs_port),
             dashboard_port=number("RAY_DEPLOY_DASHBOARD_PORT", int, cls.dashboard_port),
@@ -77,6 +87,8 @@ class LocalClusterSettings:
             client_port=number("RAY_DEPLOY_CLIENT_PORT", int, cls.client_port),
             num_cpus=number("RAY_DEPLOY_NUM_CPUS", float, None),
             num_gpus=number("RAY_DEPLOY_NUM_GPUS", float, None),
+            data_path=data_path,
+            proxy_port=number("RAY_DEPLOY_PROXY_PORT", int, None),
         )
 
     @property
@@ -92,6 +104,19 @@ class LocalClusterSettings:
     @property
     def dashboard_url(self) -> str:
         return f"http://{LOOPBACK}:{self.dashboard_port}"
+
+    @property
+    def head_file(self) -> Path:
+        """What the head was started with (its data path, Serve's proxy port), for later clients."""
+        return Path(self.temp_dir) / "ray_deploy_head.json"
+
+    def head_state(self) -> dict[str, Any]:
+        """The recorded data path of the running head; heads started elsewhere use Serve's proxy."""
+        try:
+            state = json.loads(self.head_file.read_text())
+        except (OSError, ValueError):
+            return {"data_path": "proxy"}
+        return state if isinstance(state, dict) else {"data_path": "proxy"}
 
 
 FORWARDED_ENV = ("METAFLOW_S3_ENDPOINT_URL", "METAFLOW_S3_VERIFY_CERTIFICATE", "AWS_DEFAULT_REGION", "AWS_REGION")
@@ -293,6 +318,11 @@ def start_local_cluster(
         "--disable-usage-stats",
     ]
     env = _token_env()
+    for name, value in head_environment(settings.data_path, settings.http_host).items():
+        env.setdefault(name, value)
+    state: dict[str, Any] = {"data_path": settings.data_path, "http_port": settings.http_port}
+    if settings.data_path == "direct":
+        state["proxy_port"] = settings.proxy_port or _free_port(settings.http_host)
     num_cpus, num_gpus = settings.num_cpus, settings.num_gpus
     if autoscaling_config:
         resolved, head = _autoscaling_config_for(settings, autoscaling_config, env)
@@ -312,6 +342,7 @@ def start_local_cluster(
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
         raise ClusterError(f"'ray start --head' failed (exit {result.returncode}):\n{tail}")
+    settings.head_file.write_text(json.dumps(state))
     report(f"local Ray head is up after {time.monotonic() - started:.1f}s")
     return info
 
@@ -365,6 +396,12 @@ def _processes_using(settings: LocalClusterSettings) -> list[int]:
         matched |= children
         grew = bool(children)
     return sorted(matched)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host if host != "0.0.0.0" else LOOPBACK, 0))
+        return probe.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -440,7 +477,18 @@ def connect(address: str | None = None, code_dir: str | None = None, start_local
                 http_url=f"http://{host}:{http_port}",
                 local=False,
             )
-        serve.start(http_options={"host": settings.http_host, "port": _port_of(info.http_url)})
+        head = settings.head_state() if _is_local_head(target, settings) else {"data_path": "proxy"}
+        if head.get("data_path") == "direct":
+            # Serve's proxy moves behind the front, which takes the HTTP port.
+            serve.start(http_options={"host": settings.http_host, "port": int(head["proxy_port"])})
+            ensure_front(
+                settings.http_host,
+                settings.http_port,
+                int(head["proxy_port"]),
+                os.path.join(settings.temp_dir, "front"),
+            )
+        else:
+            serve.start(http_options={"host": settings.http_host, "port": _port_of(info.http_url)})
         yield info
     finally:
         if not already:
@@ -486,6 +534,21 @@ def _use_token_auth() -> None:
         Config.initialize("")
 
 
+def _is_local_head(target: str, settings: LocalClusterSettings) -> bool:
+    """Whether ``target`` is the local head these settings describe (GCS or Ray client address)."""
+    if target in (settings.address, "auto"):
+        return True
+    if "://" in target:
+        parsed = urlparse(target)
+        return (
+            parsed.scheme == "ray"
+            and parsed.hostname in (LOOPBACK, "localhost")
+            and parsed.port == settings.client_port
+        )
+    host, _, port = target.rpartition(":")
+    return host in (LOOPBACK, "localhost") and port == str(settings.gcs_port)
+
+
 def _port_of(url: str) -> int:
     return urlparse(url).port or 80
 
@@ -505,9 +568,14 @@ def cluster_status(address: str | None = None) -> dict[str, Any]:
             }
             for node in ray.nodes()
         ]
+        from ray_deploy.front import front_status
+
         apps = {name: str(app.status.value) for name, app in serve.status().applications.items()}
+        front = front_status()
         return {
             **info.to_dict(),
+            "data_path": "direct" if front else "proxy",
+            "front": front,
             "nodes": nodes,
             "resources": ray.cluster_resources(),
             "available": ray.available_resources(),

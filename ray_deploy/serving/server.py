@@ -103,6 +103,9 @@ def load_variant(config: VariantConfig, cache: dict[tuple, LoadedVariant] | None
     return LoadedVariant(config=config, predictor=predictor)
 
 
+REMOTE_ATTEMPTS = 4
+
+
 @dataclass
 class RemoteVariant:
     """Stands in for the predictor of an isolated variant: its own Serve app answers ``score``."""
@@ -114,13 +117,23 @@ class RemoteVariant:
     device: str = "isolated"
 
     async def score(self, body: Any) -> Any:
-        try:
-            return await self.handle.score.remote(body)
-        except Exception as exc:
-            cause = exc if isinstance(exc, RequestError) else getattr(exc, "cause", None)
-            if isinstance(cause, RequestError):
-                raise RequestError(cause.message, cause.status) from None
-            raise
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        # Predictions are idempotent: a request whose replica died under it is sent again, and
+        # Serve routes it to a live replica (or one it restarted).
+        for attempt in range(REMOTE_ATTEMPTS):
+            try:
+                return await self.handle.score.remote(body)
+            except (ActorDiedError, ActorUnavailableError):
+                if attempt == REMOTE_ATTEMPTS - 1:
+                    raise
+                logger.warning("ray-deploy: a replica of %s went away; sending the request again", self.app_name)
+                await asyncio.sleep(0.05 * (attempt + 1))
+            except Exception as exc:
+                cause = exc if isinstance(exc, RequestError) else getattr(exc, "cause", None)
+                if isinstance(cause, RequestError):
+                    raise RequestError(cause.message, cause.status) from None
+                raise
 
 
 def attach_variant(app: str, config: VariantConfig, cache: dict[tuple, LoadedVariant]) -> LoadedVariant:
