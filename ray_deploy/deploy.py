@@ -47,7 +47,7 @@ from ray_deploy.serving.app import (
 )
 from ray_deploy.serving.metrics import app_devices, app_metrics, replica_reports
 from ray_deploy.spec import DeploymentSpec
-from ray_deploy.traffic import Mover, roll_out
+from ray_deploy.traffic import Mover, finish, roll_out
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,34 @@ class DeployResult:
             ],
             "deploy_seconds": round(self.seconds, 3),
         }
+
+
+def _unchanged(running: RunningApp, config: ServingConfig, options: dict[str, Any]) -> bool:
+    """Whether applying ``config`` with ``options`` would change nothing that runs: the same task
+    deploying the same release again (e.g. run again by @retry). Then nothing is applied and
+    nothing recorded twice. Another task (possibly with other user code) always applies."""
+    if running.config.model_dump(exclude={"rollout"}) != config.model_dump(exclude={"rollout"}):
+        return False
+    return _same_options(running.options, options)
+
+
+def _same_options(running: dict[str, Any], incoming: dict[str, Any]) -> bool:
+    # Serve reports its defaults too (e.g. every actor resource, autoscaling fields not given).
+    for key in (set(running) | set(incoming)) - {"user_config"}:
+        have, want = running.get(key), incoming.get(key)
+        if key == "ray_actor_options":
+            have, want = have or {}, want or {}
+            if any((have.get(k) or None) != (want.get(k) or None) for k in RESOURCE_KEYS):
+                return False
+        elif key == "autoscaling_config" and have and want:
+            if any(have.get(k) != v for k, v in want.items()):
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "accelerator_type", "resources")
 
 
 def deploy(
@@ -178,8 +206,19 @@ def deploy(
                 mover.apply(config, "deployed", "first deploy", settled=True)
             else:
                 plan = Plan.between(running.config, config)
-                if not plan.new_labels and not plan.old_labels:
-                    mover.apply(config, "deployed", "same models, settings updated", settled=True)
+                interrupted = running.config.rollout
+                if not plan.new_labels and not plan.old_labels and interrupted is not None:
+                    # This very release was being rolled out when its deploy stopped (e.g. the
+                    # task died and @retry runs it again): finish that rollout, don't start another.
+                    if set(interrupted.new) == {v.label for v in plan.new} and spec.rollout.plan[-1] >= 100:
+                        finish(mover, Plan.resume(running.config), config, "finishing the interrupted rollout")
+                    else:
+                        report(f"app {spec.app!r}: this release is already rolling out; nothing to change")
+                elif not plan.new_labels and not plan.old_labels:
+                    if _unchanged(running, config.with_variants(plan.new), options):
+                        report(f"app {spec.app!r}: already serving this release; nothing to change")
+                    else:
+                        mover.apply(config, "deployed", "same models, settings updated", settled=True)
                 else:
                     rollout = roll_out(mover, plan, config, running.config, spec.rollout)
             if running is not None:
