@@ -64,14 +64,12 @@ def head_environment(data_path: str, http_host: str) -> dict[str, str]:
     if data_path == "haproxy":
         return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
     return {
-        # Throughput-optimized Serve: direct ingress, buffered request-path logs, gRPC between
-        # handles and replicas, frozen GC after start.
+        # Throughput-optimized Serve: direct ingress, user code on the replica's event loop,
+        # buffered request-path logs, gRPC between handles and replicas, frozen GC after start.
+        # Our router keeps the loop free: predictions that take long run on a thread of their
+        # own (see ``INLINE_PREDICT_S`` in ray_deploy/serving/server.py).
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        # ... but user code keeps its own thread: a predictor that blocks would otherwise stall
-        # the replica's HTTP server, its health checks and the ongoing-request counts that
-        # autoscaling reads (measured: ~25% fewer requests/s for a trivial model, see benchmarks).
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
         "RAY_SERVE_DEFAULT_HTTP_HOST": http_host,
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DRAINING_PERIOD_S,
     }

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,10 +55,35 @@ FALLBACK_HEADER = "X-Ray-Deploy-Fallback-From"
 _SCORE_PATHS = ("", "/", "/invocations")
 
 
+INLINE_PREDICT_S = 0.002
+"""Predictions that typically take less than this run on the replica's event loop; slower ones
+run on the replica's prediction thread, so that the event loop keeps accepting requests,
+answering health checks and counting ongoing requests for the autoscaler."""
+_PREDICT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-deploy-predict")
+
+
+def _timed(predict: Any, payload: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    result = predict(payload)
+    return result, time.perf_counter() - started
+
+
 @dataclass
 class LoadedVariant:
     config: VariantConfig
     predictor: Any
+    typical_s: float | None = None  # moving average of this variant's predict time
+
+    async def predict(self, payload: Any) -> Any:
+        """The predictor's answer, computed inline when it is known to be quick, else on the
+        prediction thread (one per replica: predictions stay serialized, as predictors expect)."""
+        if self.typical_s is not None and self.typical_s < INLINE_PREDICT_S:
+            result, took = _timed(self.predictor.predict, payload)
+        else:
+            loop = asyncio.get_running_loop()
+            result, took = await loop.run_in_executor(_PREDICT_THREAD, _timed, self.predictor.predict, payload)
+        self.typical_s = took if self.typical_s is None else 0.8 * self.typical_s + 0.2 * took
+        return result
 
     @property
     def payload_format(self) -> str:
@@ -185,6 +211,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
+SHADOW_BATCH = 64
+SHADOW_DELAY_S = 0.02
+SHADOW_QUEUE_LIMIT = 4096
+
+
+def _outcome(status: int) -> str:
+    return "ok" if status < 400 else "client_error" if status < 500 else "error"
+
+
 def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -200,7 +235,9 @@ class ModelServer:
         self.served: list[LoadedVariant] = []
         self.fallback: LoadedVariant | None = None
         self.shadows: list[LoadedVariant] = []
-        self._shadow_tasks: set[asyncio.Task] = set()
+        self._shadow_queue: list[tuple[ModelInput, Any]] = []
+        self._shadow_worker: asyncio.Task | None = None
+        self.shadow_dropped = 0
         self._pusher: asyncio.Task | None = None
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._requests_total = metrics.Counter(
@@ -265,6 +302,7 @@ class ModelServer:
             "variants": [v.describe() for v in self.variants],
             "source": self.config.source,
             "replica": replica_placement(),
+            "shadow_skipped": self.shadow_dropped,
         }
 
     async def _score(self, request: Request) -> JSONResponse:
@@ -304,9 +342,8 @@ class ModelServer:
 
     def _record(self, variant: LoadedVariant, latency_ms: float, status: int, predictions: Any) -> None:
         self.stats.setdefault(variant.label, VariantStats()).record(latency_ms, status, predictions)
-        outcome = "ok" if status < 400 else "client_error" if status < 500 else "error"
         tags = {"app": self.config.app, "variant": variant.config.name, "release": variant.config.release or ""}
-        self._requests_total.inc(tags={**tags, "outcome": outcome})
+        self._requests_total.inc(tags={**tags, "outcome": _outcome(status)})
         self._latency_ms.observe(latency_ms, tags=tags)
         if self._pusher is None:
             self._pusher = asyncio.get_running_loop().create_task(self._push_stats())
@@ -341,7 +378,7 @@ class ModelServer:
         payload = variant.make_payload(model_input)
         if self.config.max_batch_size > 1 and variant.payload_format == "array":
             return await self._predict_batched((variant, payload))
-        return variant.predictor.predict(payload)
+        return await variant.predict(payload)
 
     async def _answer(self, body: Any, variant: LoadedVariant) -> tuple[JSONResponse, Any]:
         assert self.config is not None
@@ -351,10 +388,7 @@ class ModelServer:
         # say which model answered (also in headers, for clients that only look at those).
         predictions = to_jsonable(predictions)
         if self.shadows:
-            # After this answer is on its way: the caller never waits for (or sees) a shadow.
-            task = asyncio.get_running_loop().create_task(self._run_shadows(model_input, predictions))
-            self._shadow_tasks.add(task)
-            task.add_done_callback(self._shadow_tasks.discard)
+            self._queue_shadow(model_input, predictions)
         body = {"predictions": predictions, "variant": variant.config.name}
         headers = {VARIANT_HEADER: variant.config.name}
         if variant.config.model_version:
@@ -362,21 +396,71 @@ class ModelServer:
             headers[MODEL_VERSION_HEADER] = variant.config.model_version
         return JSONResponse(body, headers=headers), predictions
 
-    async def _run_shadows(self, model_input: ModelInput, served: list[Any]) -> None:
-        await asyncio.sleep(0)
-        for shadow in self.shadows:
-            started = time.perf_counter()
-            status, answer = 500, None
-            try:
-                answer = to_jsonable(await self._predict(shadow, model_input))
-                status = 200
-            except RequestError as exc:
-                status = exc.status
-            except Exception:
-                logger.exception("ray-deploy: shadow variant %s failed", shadow.config.name)
-            self._record(shadow, (time.perf_counter() - started) * 1000, status, answer)
+    def _queue_shadow(self, model_input: ModelInput, served: Any) -> None:
+        """Shadows score off the request path, in batches: the caller never waits for (or sees)
+        a shadow, and a request costs the router one list append. Best effort: beyond
+        ``SHADOW_QUEUE_LIMIT`` waiting requests, shadows skip requests (counted)."""
+        if len(self._shadow_queue) >= SHADOW_QUEUE_LIMIT:
+            self.shadow_dropped += 1
+            return
+        self._shadow_queue.append((model_input, served))
+        if self._shadow_worker is None or self._shadow_worker.done():
+            self._shadow_worker = asyncio.get_running_loop().create_task(self._drain_shadows())
+
+    async def _drain_shadows(self) -> None:
+        while self._shadow_queue:
+            await asyncio.sleep(SHADOW_DELAY_S)
+            batch = self._shadow_queue[:SHADOW_BATCH]
+            del self._shadow_queue[: len(batch)]
+            for shadow in self.shadows:
+                try:
+                    await self._shadow_batch(shadow, batch)
+                except Exception:
+                    logger.exception("ray-deploy: shadow variant %s failed", shadow.config.name)
+
+    async def _shadow_batch(self, shadow: LoadedVariant, batch: list[tuple[ModelInput, Any]]) -> None:
+        """Score a batch of requests with one shadow: one predict call for array models."""
+        answers: list[Any] = [None] * len(batch)
+        statuses = [500] * len(batch)
+        started = time.perf_counter()
+        if shadow.payload_format == "array" and not isinstance(shadow.predictor, RemoteVariant):
+            arrays, rows = [], []
+            for index, (model_input, _) in enumerate(batch):
+                try:
+                    arrays.append(shadow.make_payload(model_input))
+                    rows.append(index)
+                except RequestError as exc:
+                    statuses[index] = exc.status
+            if arrays:
+                stacked = await shadow.predict(np.concatenate(arrays))
+                offset = 0
+                for index, array in zip(rows, arrays):
+                    answers[index] = to_jsonable(stacked[offset : offset + len(array)])
+                    statuses[index] = 200
+                    offset += len(array)
+        else:
+            for index, (model_input, _) in enumerate(batch):
+                try:
+                    answers[index] = to_jsonable(await self._predict(shadow, model_input))
+                    statuses[index] = 200
+                except RequestError as exc:
+                    statuses[index] = exc.status
+                except Exception:
+                    logger.exception("ray-deploy: shadow variant %s failed", shadow.config.name)
+        per_row_ms = (time.perf_counter() - started) * 1000 / len(batch)
+        stats = self.stats.setdefault(shadow.label, VariantStats())
+        for (_, served), answer, status in zip(batch, answers, statuses):
+            stats.record(per_row_ms, status, answer)
             if answer is not None:
-                self.stats[shadow.label].compare(served, answer)
+                stats.compare(served, answer)
+        tags = {"app": self.config.app, "variant": shadow.config.name, "release": shadow.config.release or ""}
+        for outcome in ("ok", "client_error", "error"):
+            count = sum(1 for status in statuses if _outcome(status) == outcome)
+            if count:
+                self._requests_total.inc(count, tags={**tags, "outcome": outcome})
+        self._latency_ms.observe(per_row_ms, tags=tags)
+        if self._pusher is None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_stats())
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _predict_batched(self, items: list[tuple[LoadedVariant, np.ndarray]]) -> list[Any]:
@@ -388,7 +472,7 @@ class ModelServer:
         for indices in by_variant.values():
             variant = items[indices[0]][0]
             arrays = [items[i][1] for i in indices]
-            stacked = variant.predictor.predict(np.concatenate(arrays))
+            stacked = await variant.predict(np.concatenate(arrays))
             offset = 0
             for i, array in zip(indices, arrays):
                 results[i] = stacked[offset : offset + len(array)]
@@ -448,7 +532,7 @@ class VariantServer:
         """Predictions for a scoring body the router has already read (RequestError on bad input)."""
         assert self.variant is not None
         model_input = parse_model_input(body)
-        return to_jsonable(self.variant.predictor.predict(self.variant.make_payload(model_input)))
+        return to_jsonable(await self.variant.predict(self.variant.make_payload(model_input)))
 
     def describe(self) -> dict[str, Any]:
         assert self.variant is not None
