@@ -34,7 +34,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests --durations=15
 
 unit: install
 	$(VENV)/bin/pytest tests/unit

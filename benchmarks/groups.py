@@ -1,0 +1,395 @@
+"""One group of rows, run in a process of its own (started by ``benchmarks.run``):
+
+    python -m benchmarks.groups GROUP PLAN.json OUT.json
+
+The process's environment selects the head (``benchmarks.heads.head_environment``). A head
+group starts its Ray head, deploys and measures each row in turn (deleting each app after its
+row; the last one goes with the head), and stops the head at the end, whatever happened. A row that fails is recorded with its
+error and the next row runs. The result (head, rows, deploy cost) is written to OUT.json.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from benchmarks.measure import REPO, measure_http, measure_inprocess, wait_until_answers
+from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, Plan, RowSpec
+
+TRAIN_FLOW = REPO / "flows" / "train_flow.py"
+FLOW_TIMEOUT_S = 900.0
+VARIANT_SAMPLE_REQUESTS = 40
+HEAD_STOP_GRACE_S = 2.0
+"""Seconds a head's processes get after SIGTERM before SIGKILL (nothing of the head is kept)."""
+_SERVING_LINE = re.compile(r"app '([^']+)' is serving at (\S+) \(([\d.]+)s\)")
+
+
+def row_result(spec: RowSpec, **fields: Any) -> dict[str, Any]:
+    return {"id": spec.id, "title": spec.title, "group": spec.group, "http": spec.http, "points": [], **fields}
+
+
+def attempt(spec: RowSpec, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one row; its error (type, message, where) is recorded instead of raised."""
+    started = time.monotonic()
+    print(f"[bench] {spec.id} ...", file=sys.stderr, flush=True)
+    try:
+        result = row_result(spec, **measure())
+    except Exception as exc:
+        where = traceback.format_exc(limit=-3)
+        print(where, file=sys.stderr, flush=True)
+        result = row_result(spec, error=f"{type(exc).__name__}: {exc}", traceback=where[-3000:])
+    result["row_seconds"] = round(time.monotonic() - started, 2)
+    return result
+
+
+# -- rows without Ray --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def measure_inprocess_row(plan: Plan) -> dict[str, Any]:
+    s = plan.settings
+    point = measure_inprocess(
+        Path(plan.onnx_path).read_bytes(),
+        plan.request_row,
+        seconds=s.seconds,
+        warmup_s=s.warmup_s,
+        max_calls=s.inprocess_max_calls,
+    )
+    return {"points": [point]}
+
+
+def measure_fastapi_row(plan: Plan) -> dict[str, Any]:
+    """Start the FastAPI server on a free loopback port, measure it, stop it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/predict"
+    log = open(Path(plan.workdir) / "fastapi.log", "ab")  # noqa: SIM115 - closed below
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.fastapi_server", plan.onnx_path, "--port", str(port)],
+        cwd=str(REPO),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        ready_s = wait_until_answers(url, plan.body)
+        s = plan.settings
+        points = measure_http(url, plan.body, concurrency=s.concurrency, seconds=s.seconds, warmup_s=s.warmup_s)
+        return {"url": url, "startup": {"first_answer_s": round(ready_s, 3)}, "points": points}
+    finally:
+        stop_process(server)
+        log.close()
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Stop a process this module started: SIGTERM, then SIGKILL after 10 s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+# -- rows on a Ray head ------------------------------------------------------------------------
+
+
+def app_name(spec: RowSpec) -> str:
+    return "bench-" + spec.id.replace("_", "-")
+
+
+OUR_APPS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
+    # row id: (spec options, variant name -> stored model)
+    "ours": ({"predictor": "onnx"}, {"default": "onnx"}),
+    "ours_proxy": ({"predictor": "onnx"}, {"default": "onnx"}),
+    "ours_ab": (
+        {"variants": {"a": {"predictor": "onnx", "weight": 50}, "b": {"predictor": "onnx", "weight": 50}}},
+        {"a": "onnx", "b": "onnx"},
+    ),
+    "ours_ab_xgb": (
+        {"variants": {"xgb": {"predictor": "xgboost", "weight": 50}, "onnx": {"predictor": "onnx", "weight": 50}}},
+        {"xgb": "xgboost", "onnx": "onnx"},
+    ),
+    "ours_shadow": (
+        {"variants": {"served": {"predictor": "onnx", "weight": 100}, "shadow": {"predictor": "onnx", "shadow": True}}},
+        {"served": "onnx", "shadow": "onnx"},
+    ),
+    "ours_batched": ({"predictor": "onnx", "max_batch_size": None, "batch_wait_timeout_s": None}, {"default": "onnx"}),
+}
+
+
+def our_spec_options(spec: RowSpec, plan: Plan) -> dict[str, Any]:
+    s = plan.settings
+    options, _ = OUR_APPS[spec.id]
+    options = dict(options)
+    if spec.id == "ours_batched":
+        options.update(max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s)
+    return {
+        "app": app_name(spec),
+        "num_cpus": s.replica_num_cpus,
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "lineage": False,
+        **options,
+    }
+
+
+def measure_our_row(spec: RowSpec, plan: Plan, *, keep: bool) -> dict[str, Any]:
+    """Deploy with the package's own API, wait for a scoring answer, measure, delete the app (unless ``keep``)."""
+    from ray_deploy import DeploymentSpec, ModelRef, delete_app, deploy
+
+    options = our_spec_options(spec, plan)
+    deployment = DeploymentSpec.from_options(options)
+    refs = {
+        variant: ModelRef.model_validate(plan.model_refs[stored]) for variant, stored in OUR_APPS[spec.id][1].items()
+    }
+    started = time.monotonic()
+    result = deploy(deployment, refs)
+    deploy_s = time.monotonic() - started
+    wait_s = wait_until_answers(result.url, plan.body)
+    try:
+        answered = sample_answers(result.url, plan.body)
+        s = plan.settings
+        points = measure_http(result.url, plan.body, concurrency=s.concurrency, seconds=s.seconds, warmup_s=s.warmup_s)
+    finally:
+        if not keep:
+            delete_app(deployment.app)
+    return {
+        "url": result.url,
+        "app": deployment.app,
+        "options": {k: v for k, v in options.items() if k != "app"},
+        "deploy": {"deploy_s": round(deploy_s, 3), "first_answer_s": round(deploy_s + wait_s, 3)},
+        "answers": answered,
+        "points": points,
+    }
+
+
+def sample_answers(url: str, body: str, count: int = VARIANT_SAMPLE_REQUESTS) -> dict[str, Any]:
+    """A few answers before the load: which variants answered, and one answer's body."""
+    import httpx
+
+    variants: Counter[str] = Counter()
+    example = None
+    with httpx.Client(timeout=10) as client:
+        for _ in range(count):
+            answer = client.post(url, content=body, headers={"Content-Type": "application/json"})
+            data = answer.json()
+            example = example or data
+            variants[str(data.get("variant"))] += 1
+    return {"variants": dict(variants), "example": example}
+
+
+def measure_handwritten_row(plan: Plan, http_url: str, *, keep: bool) -> dict[str, Any]:
+    """Deploy the hand-written app with ``serve.run``, measure it, delete it (unless ``keep``).
+
+    The last row of a group keeps its app: the head goes next, and deleting a direct-ingress
+    replica waits for Serve's draining period (30 s by default in HAProxy mode).
+    """
+    from ray import serve
+
+    from benchmarks.handwritten import APP_NAME, ROUTE_PREFIX, deploy_handwritten
+
+    s = plan.settings
+    started = time.monotonic()
+    deploy_handwritten(
+        Path(plan.onnx_path).read_bytes(), num_cpus=s.replica_num_cpus, max_ongoing_requests=s.max_ongoing_requests
+    )
+    deploy_s = time.monotonic() - started
+    url = http_url + ROUTE_PREFIX
+    wait_s = wait_until_answers(url, plan.body)
+    try:
+        answered = sample_answers(url, plan.body, count=3)
+        points = measure_http(url, plan.body, concurrency=s.concurrency, seconds=s.seconds, warmup_s=s.warmup_s)
+    finally:
+        if not keep:
+            serve.delete(APP_NAME)
+    return {
+        "url": url,
+        "deploy": {"deploy_s": round(deploy_s, 3), "first_answer_s": round(deploy_s + wait_s, 3)},
+        "answers": answered,
+        "points": points,
+    }
+
+
+def head_state() -> dict[str, Any]:
+    """What the package recorded about the running head (its data path), if it records anything."""
+    from ray_deploy.cluster import LocalClusterSettings
+
+    settings = LocalClusterSettings.from_env()
+    state: dict[str, Any] = {"address": settings.address, "http_port": settings.http_port}
+    if hasattr(settings, "head_state"):
+        state.update(settings.head_state())
+    else:
+        state["data_path"] = "proxy (this ray_deploy has no RAY_DEPLOY_DATA_PATH)"
+    return state
+
+
+def run_head_group(group: str, plan: Plan) -> dict[str, Any]:
+    from ray_deploy import connect, start_local_cluster, stop_local_cluster
+
+    specs = plan.rows_of(group)
+    head: dict[str, Any] = {
+        "group": group,
+        "requested_data_path": GROUP_DATA_PATHS[group],
+        "env_data_path": os.environ.get("RAY_DEPLOY_DATA_PATH"),
+    }
+    rows: list[dict[str, Any]] = []
+    deploy_cost = None
+    started = time.monotonic()
+    try:
+        start_local_cluster()
+        head["start_s"] = round(time.monotonic() - started, 2)
+        head["state"] = head_state()
+        with connect() as info:
+            head["http_url"] = info.http_url
+            for index, spec in enumerate(specs):
+                keep = index == len(specs) - 1
+                if spec.id.startswith("handwritten"):
+                    measure = partial(measure_handwritten_row, plan, info.http_url, keep=keep)
+                else:
+                    measure = partial(measure_our_row, spec, plan, keep=keep)
+                rows.append(attempt(spec, measure))
+            if group == "default" and plan.settings.deploy_cost:
+                deploy_cost = measure_deploy_cost(plan)
+    except Exception as exc:
+        head["error"] = f"{type(exc).__name__}: {exc}"
+        print(traceback.format_exc(), file=sys.stderr, flush=True)
+        done = {row["id"] for row in rows}
+        rows += [row_result(s, error=f"the {group} head failed: {head['error']}") for s in specs if s.id not in done]
+    finally:
+        stopping = time.monotonic()
+        stop_local_cluster(grace_s=HEAD_STOP_GRACE_S)
+        head["stop_s"] = round(time.monotonic() - stopping, 2)
+    return {"group": group, "head": head, "rows": rows, "deploy_cost": deploy_cost}
+
+
+def run_local_group(plan: Plan) -> dict[str, Any]:
+    runners = {"inprocess": measure_inprocess_row, "fastapi": measure_fastapi_row}
+    rows = [attempt(spec, partial(runners[spec.id], plan)) for spec in plan.rows_of("local")]
+    return {"group": "local", "head": None, "rows": rows, "deploy_cost": None}
+
+
+# -- deploy cost -------------------------------------------------------------------------------
+
+
+def write_flow_without_deploy(source: Path, target: Path) -> Path:
+    """A copy of ``source`` with every ``@ray_serve`` removed, and steps that read ``self.ray_serve`` emptied.
+
+    Made from the flow's own source each time (never a hand-kept copy), so the two runs differ
+    only by the deploy.
+    """
+    tree = ast.parse(source.read_text())
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        node.decorator_list = [d for d in node.decorator_list if not _is_ray_serve(d)]
+        reads_record = any(isinstance(n, ast.Attribute) and n.attr == "ray_serve" for n in ast.walk(node))
+        if reads_record:
+            node.body = [ast.Pass()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n")
+    return target
+
+
+def _is_ray_serve(decorator: ast.expr) -> bool:
+    func = decorator.func if isinstance(decorator, ast.Call) else decorator
+    return (isinstance(func, ast.Name) and func.id == "ray_serve") or (
+        isinstance(func, ast.Attribute) and func.attr == "ray_serve"
+    )
+
+
+def run_flow(flow: Path, env: dict[str, str], log: Path) -> dict[str, Any]:
+    started = time.monotonic()
+    with open(log, "w") as out:
+        result = subprocess.run(
+            [sys.executable, str(flow), "--no-pylint", "run"],
+            cwd=str(REPO),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=FLOW_TIMEOUT_S,
+            check=False,
+        )
+    wall_s = time.monotonic() - started
+    text = log.read_text(errors="replace")
+    serving = _SERVING_LINE.findall(text)
+    run: dict[str, Any] = {"flow": str(flow), "wall_s": round(wall_s, 2), "returncode": result.returncode}
+    if serving:
+        run["deploy_s"] = float(serving[-1][2])
+        run["url"] = serving[-1][1]
+    if result.returncode != 0:
+        run["error"] = text.strip()[-2000:]
+    return run
+
+
+def measure_deploy_cost(plan: Plan) -> dict[str, Any]:
+    """The example flow with and without its deploy step's ``@ray_serve``, on the running head.
+
+    Runs: the flow without the deploy, the flow (first deploy of app ``cancer``), the flow again
+    (a new release of a serving app). ``deploy_s`` is the package's own "serving after" time;
+    the flow's ``end`` step then asks the live app for a prediction, so a run that passes answered.
+    """
+    from ray_deploy import delete_app
+
+    workdir = Path(plan.workdir)
+    env = dict(os.environ)
+    env.update(
+        USERNAME="ci",
+        METAFLOW_DATASTORE_SYSROOT_LOCAL=str(workdir / "flows-datastore"),
+        RAY_DEPLOY_HOME=str(workdir / "ray-deploy-home"),
+    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    print("[bench] deploy cost ...", file=sys.stderr, flush=True)
+    cost: dict[str, Any] = {"flow": str(TRAIN_FLOW.relative_to(REPO))}
+    try:
+        no_deploy = write_flow_without_deploy(TRAIN_FLOW, workdir / "flows" / "train_flow_no_deploy.py")
+        cost["without_deploy"] = run_flow(no_deploy, env, workdir / "flow-without-deploy.log")
+        cost["first_deploy"] = run_flow(TRAIN_FLOW, env, workdir / "flow-first-deploy.log")
+        cost["redeploy"] = run_flow(TRAIN_FLOW, env, workdir / "flow-redeploy.log")
+        base = cost["without_deploy"]["wall_s"]
+        for key in ("first_deploy", "redeploy"):
+            cost[key]["extra_s"] = round(cost[key]["wall_s"] - base, 2)
+    except Exception as exc:
+        cost["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            delete_app("cancer")
+        except Exception as exc:
+            cost.setdefault("cleanup_error", f"{type(exc).__name__}: {exc}")
+    return cost
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or args[0] not in GROUPS:
+        raise SystemExit(f"usage: python -m benchmarks.groups {{{','.join(GROUPS)}}} PLAN.json OUT.json")
+    group, plan_path, out_path = args
+    # The harness stops a group that runs too long with SIGTERM: unwind, so the finally blocks
+    # stop the FastAPI server and the Ray head this process started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    plan = Plan.read(Path(plan_path))
+    result = run_local_group(plan) if group == "local" else run_head_group(group, plan)
+    Path(out_path).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

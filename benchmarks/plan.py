@@ -1,0 +1,204 @@
+"""What a benchmark run measures: the rows, the modes, and the plan handed to each group process.
+
+A *row* is one way of serving the model; a *point* is one row at one concurrency. Rows that
+need the same kind of Ray head form a *group*, run in a process of its own (Serve reads its
+data-path settings when a process imports it, so each head gets a fresh driver too):
+
+    local    in-process predict, plain FastAPI + uvicorn          no Ray
+    proxy    hand-written Serve app, our app (reference)           RAY_DEPLOY_DATA_PATH=proxy
+    haproxy  hand-written Serve app                                RAY_DEPLOY_DATA_PATH=haproxy
+    default  our app: one variant, A/B, shadow, batching; deploy cost   the package's default
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+GROUPS = ("local", "proxy", "haproxy", "default")
+GROUP_DATA_PATHS = {"proxy": "proxy", "haproxy": "haproxy", "default": "default"}
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One way of serving the model."""
+
+    id: str
+    title: str
+    group: str
+    description: str
+    http: bool = True
+
+
+ROWS = (
+    RowSpec(
+        "inprocess",
+        "in-process predict",
+        "local",
+        "onnxruntime InferenceSession.run on one row in a loop, in one Python process: no HTTP, no "
+        "JSON; concurrency does not apply (shown under c=1).",
+        http=False,
+    ),
+    RowSpec(
+        "fastapi",
+        "FastAPI + uvicorn",
+        "local",
+        "one uvicorn process on 127.0.0.1 (benchmarks/fastapi_server.py), the same ONNX model, one onnxruntime thread.",
+    ),
+    RowSpec(
+        "handwritten_proxy",
+        "hand-written Serve, proxy",
+        "proxy",
+        "a minimal @serve.deployment class (benchmarks/handwritten.py) on a head with Serve's default "
+        "data path (HTTP proxy actor, then an actor call to the replica).",
+    ),
+    RowSpec(
+        "handwritten_haproxy",
+        "hand-written Serve, HAProxy mode",
+        "haproxy",
+        "the same deployment on Serve's fastest data path: RAY_SERVE_ENABLE_HA_PROXY=1 and "
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (HAProxy in front of direct-ingress replicas).",
+    ),
+    RowSpec(
+        "handwritten_direct",
+        "hand-written Serve, our data path",
+        "default",
+        "the same deployment on a head with the package's default data path: with the 'ours' row, it "
+        "separates what the data path costs from what our app's request handling costs.",
+    ),
+    RowSpec(
+        "ours_proxy",
+        "ours, 1 variant, proxy",
+        "proxy",
+        "our app (ray_deploy.deploy, one ONNX variant) on a head with Serve's default data path: "
+        "the reference for what the package's own data path adds.",
+    ),
+    RowSpec(
+        "ours",
+        "ours, 1 variant",
+        "default",
+        "our app with one ONNX variant, deployed with ray_deploy.deploy on a head with the package's "
+        "default data path, through the URL deploy returns; server-side batching off (the default).",
+    ),
+    RowSpec(
+        "ours_ab",
+        "ours, A/B 50/50",
+        "default",
+        "our app with two ONNX variants splitting traffic 50/50 (the same model twice, so the row "
+        "measures the split itself).",
+    ),
+    RowSpec(
+        "ours_ab_xgb",
+        "ours, A/B XGBoost vs ONNX",
+        "default",
+        "our app splitting 50/50 between the native XGBoost model and its ONNX export (the example "
+        "A/B test; XGBoost's own predict costs more per row).",
+    ),
+    RowSpec(
+        "ours_shadow",
+        "ours, served + shadow",
+        "default",
+        "our app with the ONNX variant serving all traffic and a second ONNX variant as its shadow "
+        "(every request is also scored by the shadow, after the answer is sent).",
+    ),
+    RowSpec(
+        "ours_batched",
+        "ours, batching on",
+        "default",
+        "our app with one ONNX variant and server-side batching on (max_batch_size and "
+        "batch_wait_timeout_s as in the settings).",
+    ),
+)
+ROWS_BY_ID = {row.id: row for row in ROWS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how hard each point runs, and what the replicas reserve."""
+
+    mode: str
+    concurrency: tuple[int, ...] = (1, 8, 32)
+    seconds: float = 2.0
+    warmup_s: float = 0.5
+    rows: tuple[str, ...] = ()
+    replica_num_cpus: float = 0.5
+    max_ongoing_requests: int = 32
+    max_batch_size: int = 16
+    batch_wait_timeout_s: float = 0.002
+    inprocess_max_calls: int = 2_000_000
+    deploy_cost: bool = False
+    group_timeout_s: float = 600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MODES = {
+    "smoke": Settings(
+        mode="smoke",
+        concurrency=(1,),
+        seconds=1.0,
+        warmup_s=0.3,
+        rows=("inprocess", "fastapi", "ours"),
+        group_timeout_s=300.0,
+    ),
+    "quick": Settings(
+        mode="quick",
+        seconds=2.0,
+        warmup_s=0.5,
+        rows=tuple(r.id for r in ROWS if r.id not in ("ours_ab_xgb", "handwritten_direct")),
+        group_timeout_s=300.0,
+    ),
+    "full": Settings(
+        mode="full",
+        seconds=10.0,
+        warmup_s=2.0,
+        rows=tuple(r.id for r in ROWS),
+        deploy_cost=True,
+        group_timeout_s=1800.0,
+    ),
+}
+
+
+def settings_for(mode: str, **overrides: Any) -> Settings:
+    """A mode's settings with the given fields replaced (None leaves a field as the mode has it)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = [r for r in given.get("rows", ()) if r not in ROWS_BY_ID]
+    if unknown:
+        raise ValueError(f"rows: {', '.join(unknown)} unknown; rows are {', '.join(ROWS_BY_ID)}")
+    return replace(MODES[mode], **given)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a group process needs, written as JSON into the run's work directory."""
+
+    settings: Settings
+    workdir: str
+    onnx_path: str
+    request_row: list[float]
+    model_refs: dict[str, Any] = field(default_factory=dict)
+    repo: str = ""
+
+    @property
+    def body(self) -> str:
+        return json.dumps({"instances": [self.request_row]})
+
+    def rows_of(self, group: str) -> list[RowSpec]:
+        return [ROWS_BY_ID[r] for r in self.settings.rows if ROWS_BY_ID[r].group == group]
+
+    def write(self, path: Path) -> None:
+        data = asdict(self)
+        path.write_text(json.dumps(data, indent=1))
+
+    @classmethod
+    def read(cls, path: Path) -> Plan:
+        data = json.loads(path.read_text())
+        settings = data.pop("settings")
+        settings["concurrency"] = tuple(settings["concurrency"])
+        settings["rows"] = tuple(settings["rows"])
+        return cls(settings=Settings(**settings), **data)

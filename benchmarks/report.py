@@ -1,0 +1,375 @@
+"""Ratios between rows, the issue's targets, and the Markdown and PNG reports.
+
+Throughput ratios divide requests/s of two rows at the same concurrency; the shadow cost is the
+relative increase of p50 latency (``p50(shadow) / p50(ours) - 1``). A target is *met* or
+*missed* at each concurrency it applies to, and *n/a* when a row is missing or failed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.plan import ROWS, ROWS_BY_ID
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``numerator`` row against ``denominator`` row, with the issue's target if it sets one."""
+
+    name: str
+    title: str
+    numerator: str
+    denominator: str
+    metric: str = "rps"  # "rps": throughput ratio, at least target; "p50_cost": p50 increase, at most target
+    target: float | None = None
+    target_at: tuple[int, ...] | None = None  # concurrencies the target applies to; None: all
+
+    def value(self, num: dict[str, Any] | None, den: dict[str, Any] | None) -> float | None:
+        if not num or not den:
+            return None
+        if self.metric == "rps":
+            return num["rps"] / den["rps"] if num.get("rps") and den.get("rps") else None
+        if num.get("p50_ms") is None or not den.get("p50_ms"):
+            return None
+        return num["p50_ms"] / den["p50_ms"] - 1.0
+
+    def status(self, value: float | None, concurrency: int) -> str | None:
+        if self.target is None or (self.target_at is not None and concurrency not in self.target_at):
+            return None
+        if value is None:
+            return "n/a"
+        met = value >= self.target if self.metric == "rps" else value <= self.target
+        return "met" if met else "missed"
+
+    def describe_target(self) -> str:
+        if self.target is None:
+            return "reported"
+        where = "" if self.target_at is None else " at c=" + ", ".join(map(str, self.target_at))
+        if self.metric == "rps":
+            return f">= {self.target:g}x{where}"
+        return f"<= {self.target:.0%}{where}"
+
+
+RATIOS = (
+    Ratio(
+        "ours_vs_handwritten_proxy",
+        "ours / hand-written on Serve's default path",
+        "ours",
+        "handwritten_proxy",
+        target=5.0,
+        target_at=(1, 8),
+    ),
+    Ratio(
+        "ours_vs_handwritten_haproxy", "ours / hand-written on HAProxy mode", "ours", "handwritten_haproxy", target=0.95
+    ),
+    Ratio("ab_vs_ours", "A/B 50/50 / ours one variant", "ours_ab", "ours", target=0.85),
+    Ratio("shadow_p50_cost", "shadow p50 cost (p50 increase)", "ours_shadow", "ours", metric="p50_cost", target=0.10),
+    Ratio("batching_gain", "batching gain (batching on / off)", "ours_batched", "ours"),
+    Ratio("ab_xgb_vs_ours", "A/B XGBoost vs ONNX / ours one variant", "ours_ab_xgb", "ours"),
+    Ratio("ours_vs_handwritten_direct", "ours / hand-written, both on our data path", "ours", "handwritten_direct"),
+    Ratio("ours_vs_ours_proxy", "ours / ours on Serve's default path", "ours", "ours_proxy"),
+    Ratio(
+        "handwritten_haproxy_vs_proxy",
+        "hand-written: HAProxy mode / default path",
+        "handwritten_haproxy",
+        "handwritten_proxy",
+    ),
+    Ratio("ours_vs_fastapi", "ours / FastAPI + uvicorn", "ours", "fastapi"),
+)
+
+
+def point_at(row: dict[str, Any] | None, concurrency: int) -> dict[str, Any] | None:
+    """The row's point at a concurrency (the in-process row's single point counts as c=1)."""
+    if not row or row.get("error"):
+        return None
+    for point in row.get("points", []):
+        if point.get("concurrency") == concurrency or (point.get("concurrency") is None and concurrency == 1):
+            return point
+    return None
+
+
+def compute_ratios(rows: list[dict[str, Any]], concurrency: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Every ratio whose rows were part of the run, at each concurrency."""
+    by_id = {row["id"]: row for row in rows}
+    found = []
+    for ratio in RATIOS:
+        if ratio.numerator not in by_id or ratio.denominator not in by_id:
+            continue
+        at = {}
+        for c in concurrency:
+            value = ratio.value(point_at(by_id[ratio.numerator], c), point_at(by_id[ratio.denominator], c))
+            at[str(c)] = {"value": None if value is None else round(value, 4), "status": ratio.status(value, c)}
+        statuses = [entry["status"] for entry in at.values() if entry["status"]]
+        verdict = None
+        if statuses:
+            verdict = "met" if all(s == "met" for s in statuses) else "n/a" if "n/a" in statuses else "missed"
+        found.append(
+            {
+                "name": ratio.name,
+                "title": ratio.title,
+                "numerator": ratio.numerator,
+                "denominator": ratio.denominator,
+                "metric": ratio.metric,
+                "target": ratio.target,
+                "target_at": list(ratio.target_at) if ratio.target_at else None,
+                "target_text": ratio.describe_target(),
+                "at": at,
+                "verdict": verdict,
+            }
+        )
+    return found
+
+
+# -- Markdown -----------------------------------------------------------------------------------
+
+
+def _number(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def _ratio_text(ratio: dict[str, Any], c: int) -> str:
+    entry = ratio["at"].get(str(c), {})
+    value = entry.get("value")
+    if value is None:
+        text = "–"
+    elif ratio["metric"] == "p50_cost":
+        text = f"{value:+.1%}"
+    else:
+        text = f"{value:.2f}x"
+    status = entry.get("status")
+    return f"{text} ({status})" if status else text
+
+
+def results_table(rows: list[dict[str, Any]], concurrency: tuple[int, ...]) -> list[str]:
+    head = "| row | " + " | ".join(f"c={c} req/s | c={c} p50 ms | c={c} p99 ms" for c in concurrency) + " |"
+    lines = [head, "|---|" + "---:|" * (3 * len(concurrency))]
+    for row in rows:
+        cells = []
+        for c in concurrency:
+            point = point_at(row, c)
+            if point is None:
+                cells += ["error" if row.get("error") else "n/a", "", ""]
+                continue
+            failed = f" ({point['failed']} failed)" if point.get("failed") else ""
+            cells += [_number(point.get("rps")) + failed, _ms(point.get("p50_ms")), _ms(point.get("p99_ms"))]
+        lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ratios_table(ratios: list[dict[str, Any]], concurrency: tuple[int, ...]) -> list[str]:
+    lines = [
+        "| ratio | target | " + " | ".join(f"c={c}" for c in concurrency) + " | verdict |",
+        "|---|---|" + "---:|" * len(concurrency) + "---|",
+    ]
+    for ratio in ratios:
+        cells = [_ratio_text(ratio, c) for c in concurrency]
+        verdict = {"met": "**met**", "missed": "**missed**", "n/a": "n/a"}.get(ratio["verdict"], "")
+        lines.append(f"| {ratio['title']} | {ratio['target_text']} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines
+
+
+def machine_lines(machine: dict[str, Any]) -> list[str]:
+    versions = ", ".join(f"{name} {version}" for name, version in machine.get("versions", {}).items())
+    load = machine.get("load_average", {})
+    return [
+        f"- CPU: {machine.get('cpu_model', '?')}, {machine.get('cpu_count')} logical CPUs "
+        f"({machine.get('cpus_usable')} usable by this process)",
+        f"- memory: {machine.get('memory_gib', '?')} GiB; load average at start {load.get('start')}, "
+        f"at end {load.get('end')}",
+        f"- {machine.get('platform', '')}; {versions}",
+        f"- git: {machine.get('git', '?')}",
+    ]
+
+
+def deploy_cost_lines(cost: dict[str, Any] | None) -> list[str]:
+    if not cost:
+        return ["Not measured in this mode (`--full`, or `--deploy-cost`, measures it)."]
+    lines = [
+        f"`{cost.get('flow')}` run end to end (`python flows/train_flow.py --no-pylint run`, its own "
+        "datastore, the benchmark head already up), against the same flow with `@ray_serve` taken off "
+        "(made from its source by `benchmarks/groups.py`). The first deploy also creates the embedded MLflow "
+        "registry (a fresh `RAY_DEPLOY_HOME`); the second run deploys a new release of the serving app "
+        "(Serve reconfigures the live replicas).",
+        "",
+        "| run | wall s | extra over no deploy | deploy call to serving s | exit |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, title in (("without_deploy", "flow without the deploy"), ("first_deploy", "flow, first deploy"),
+                       ("redeploy", "flow, new release of a serving app")):  # fmt: skip
+        run = cost.get(key)
+        if not run:
+            continue
+        extra = "" if key == "without_deploy" else _number(run.get("extra_s"), 1)
+        lines.append(
+            f"| {title} | {_number(run.get('wall_s'), 1)} | {extra} | {_number(run.get('deploy_s'), 1)} "
+            f"| {run.get('returncode')} |"
+        )
+    if cost.get("error"):
+        lines += ["", f"Error: `{cost['error']}`"]
+    return lines
+
+
+def deploy_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| row | deploy call returned after s | deploy call to first answer s |", "|---|---:|---:|"]
+    for row in rows:
+        deploy = row.get("deploy") or row.get("startup")
+        if not deploy:
+            continue
+        lines.append(
+            f"| {row['title']} | {_number(deploy.get('deploy_s'), 2)} | {_number(deploy.get('first_answer_s'), 2)} |"
+        )
+    return lines
+
+
+def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
+    settings = results["settings"]
+    concurrency = tuple(settings["concurrency"])
+    rows = results["rows"]
+    model = results.get("model", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `{results.get('command') or 'python -m benchmarks.run --' + results['mode']}` on "
+        f"{results['started_at']} "
+        f"({results['wall_s']:.0f} s). Regenerate with "
+        "`python -m benchmarks.run --full --out results.json --markdown docs/benchmarks.md` "
+        "(`--quick` for a 3-minute run; `python -m benchmarks.run --help` for the options). "
+        "Timing on a shared 2-core machine is noisy: compare rows of one run, not runs.",
+        "",
+        "## Machine",
+        "",
+        *machine_lines(results.get("machine", {})),
+        "",
+        "## Results",
+        "",
+        f"Closed-loop load from `benchmarks/loadgen.py` (HTTP/1.1 keep-alive, one process, on the same "
+        f"machine): {settings['seconds']:g} s per point after {settings['warmup_s']:g} s of warm-up; "
+        "c = connections, each with one request in flight. Every HTTP row sends the same "
+        f'`{{"instances": [[...{model.get("features", 20)} floats...]]}}` and gets the ONNX model\'s label back.',
+        "",
+        *results_table(rows, concurrency),
+        "",
+    ]
+    failed_rows = [row for row in rows if row.get("error")]
+    if failed_rows:
+        lines += ["Rows that failed:", ""]
+        lines += [f"- {row['title']}: `{row['error'][:400]}`" for row in failed_rows]
+        lines.append("")
+    if plot_name:
+        lines += [f"![requests per second by row and concurrency, log scale]({plot_name})", ""]
+    lines += [
+        "## Ratios and the issue's targets",
+        "",
+        *ratios_table(results.get("ratios", []), concurrency),
+        "",
+        "## Rows",
+        "",
+    ]
+    data_paths = {head["group"]: head for head in results.get("heads", []) if head}
+    for row in rows:
+        spec = ROWS_BY_ID.get(row["id"])
+        head = data_paths.get(row["group"])
+        where = ""
+        if head:
+            state = head.get("state") or {}
+            where = f" Head: `RAY_DEPLOY_DATA_PATH={head.get('env_data_path') or '(unset)'}`, recorded data path `{state.get('data_path', '?')}`."
+        lines.append(f"- **{row['title']}** (`{row['id']}`): {spec.description if spec else ''}{where}")
+    lines += [
+        "",
+        "## Model",
+        "",
+        f"XGBoost classifier like `flows/train_flow.py` trains, on scikit-learn's bundled breast-cancer data: "
+        f"{model.get('trees')} trees of depth {model.get('max_depth')}, the {model.get('feature_choice')}, "
+        f"seed {model.get('seed')}; held-out accuracy {model.get('test_accuracy')}. Exported with "
+        f"`ray_deploy.xgboost_to_onnx` ({model.get('onnx_bytes')} bytes). Our apps load it by reference from a "
+        "local Metaflow datastore the harness writes (`benchmarks/models.py`), as replicas load a flow's artifacts.",
+        "",
+        f"Replicas: 1 per app, `num_cpus={settings['replica_num_cpus']:g}`, "
+        f"`max_ongoing_requests={settings['max_ongoing_requests']}`, one onnxruntime thread; batching row: "
+        f"`max_batch_size={settings['max_batch_size']}`, `batch_wait_timeout_s={settings['batch_wait_timeout_s']:g}`. "
+        "Lineage (MLflow) is off for the apps measured here.",
+        "",
+        "## Deploy time",
+        "",
+        *deploy_lines(rows),
+        "",
+        "## Deploy cost of the example flow",
+        "",
+        *deploy_cost_lines(results.get("deploy_cost")),
+        "",
+        "## Heads",
+        "",
+        "| group | RAY_DEPLOY_DATA_PATH | recorded data path | head start s | head stop s | error |",
+        "|---|---|---|---:|---:|---|",
+    ]
+    for head in results.get("heads", []):
+        if not head:
+            continue
+        state = head.get("state") or {}
+        lines.append(
+            f"| {head['group']} | {head.get('env_data_path') or '(unset)'} | {state.get('data_path', '?')} | "
+            f"{_number(head.get('start_s'), 1)} | {_number(head.get('stop_s'), 1)} | {head.get('error') or ''} |"
+        )
+    lines += [
+        "",
+        "## Caveats",
+        "",
+        "- The load generator is one Python process on the same 2 cores as the server under test: at c=32 "
+        "it takes a core's worth of CPU itself, so the highest numbers are partly client-bound.",
+        "- Each point is a few seconds (`--quick`) or tens of seconds (`--full`); other work on the machine "
+        "shows up as p99 spikes. Load averages at the start and end are in the machine section.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- PNG ----------------------------------------------------------------------------------------
+
+
+def render_plot(results: dict[str, Any], path: Path) -> None:
+    """Requests/s per row per concurrency, grouped bars on a log scale (matplotlib, Agg backend)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    concurrency = tuple(results["settings"]["concurrency"])
+    rows = [row for row in results["rows"] if not row.get("error") and row.get("points")]
+    order = {spec.id: index for index, spec in enumerate(ROWS)}
+    rows.sort(key=lambda row: order.get(row["id"], len(order)))
+    width = 0.8 / max(1, len(concurrency))
+    figure, axes = plt.subplots(figsize=(max(7.0, 1.1 * len(rows) + 2), 4.8), dpi=110)
+    for index, c in enumerate(concurrency):
+        xs, heights = [], []
+        for position, row in enumerate(rows):
+            point = point_at(row, c)
+            if point and point.get("rps"):
+                xs.append(position + (index - (len(concurrency) - 1) / 2) * width)
+                heights.append(point["rps"])
+        bars = axes.bar(xs, heights, width=width, label=f"c={c}")
+        axes.bar_label(bars, labels=[f"{h:,.0f}" for h in heights], fontsize=6, rotation=90, padding=2)
+    axes.set_yscale("log")
+    axes.set_ylabel("requests/s (log scale)")
+    axes.set_xticks(range(len(rows)))
+    titles = [row["title"] + (" (1 row, no HTTP)" if not row.get("http", True) else "") for row in rows]
+    axes.set_xticklabels(titles, rotation=30, ha="right", fontsize=8)
+    axes.set_title(f"Throughput by row and concurrency ({results['mode']}, {results['started_at'][:10]})")
+    axes.legend(title="connections", fontsize=8)
+    axes.grid(axis="y", which="both", alpha=0.3)
+    axes.margins(y=0.15)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)

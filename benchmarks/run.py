@@ -1,0 +1,363 @@
+"""Run the benchmark harness (issue #6): one model, every way of serving it, side by side.
+
+    python -m benchmarks.run --quick [--out results.json] [--markdown docs/benchmarks.md]
+    python -m benchmarks.run --full  --out results.json --markdown docs/benchmarks.md
+    python -m benchmarks.run --smoke --out /tmp/r.json --markdown /tmp/r.md   (the test's mode)
+    python -m benchmarks.run --render results.json --markdown docs/benchmarks.md   (reports only)
+
+Modes: ``--smoke`` (c=1, 1 s points, in-process + FastAPI + our app, about a minute),
+``--quick`` (c=1/8/32, 2 s points, every row but the XGBoost A/B; under 3 minutes on 2 cores),
+``--full`` (10 s points, every row, and the deploy cost of the example flow).
+
+The harness trains the model (``benchmarks/models.py``), then runs each group of rows in a
+process of its own (``benchmarks/groups.py``), each head group on a fresh Ray head with its
+data path (``benchmarks/heads.py``), on the benchmark's own ports: GCS 6389, dashboard 8289,
+HTTP 8089, metrics 8589, client 9089 (override with ``RAY_DEPLOY_*_PORT``). It refuses to start
+if something already listens there (``--stop-existing-head`` stops a benchmark head left
+behind). A row that fails is recorded with its error and the run goes on; the exit status is 1
+if any row failed.
+
+Writes the results as JSON (``--out``), a Markdown report (``--markdown``) and a PNG plot
+(``--plot``, default: beside the Markdown with a ``.png`` suffix), and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks.heads import (
+    BENCHMARK_PORTS,
+    benchmark_environment,
+    head_environment,
+    ports_in_use,
+    prepare_haproxy_directory,
+)
+from benchmarks.measure import REPO
+from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, MODES, ROWS_BY_ID, Plan, Settings, settings_for
+from benchmarks.report import compute_ratios, ratios_table, render_markdown, render_plot, results_table
+
+VERSIONED_PACKAGES = ("ray", "onnxruntime", "xgboost", "scikit-learn", "fastapi", "uvicorn", "metaflow", "numpy")
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU, memory, platform, package versions and the git commit the run measured."""
+    cpu_model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_gib = round(int(line.split()[1]) / 1024**2, 1)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": memory_gib,
+        "platform": platform.platform(),
+        "versions": versions,
+        "git": git_description(),
+        "load_average": {"start": [round(x, 2) for x in os.getloadavg()]},
+    }
+
+
+def git_description() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return f"{commit}{' with uncommitted changes' if dirty else ''}" if commit else "?"
+
+
+def prepare_plan(settings: Settings, workdir: Path) -> tuple[Plan, dict[str, Any]]:
+    """Train and export the model, store it where replicas can load it, and write the plan."""
+    from benchmarks.models import build_models, store_models
+
+    models = build_models(workdir / "model")
+    refs = store_models(models, workdir / "model" / ".metaflow")
+    plan = Plan(
+        settings=settings,
+        workdir=str(workdir),
+        onnx_path=str(models.onnx_path),
+        request_row=models.row,
+        model_refs={name: ref.model_dump(mode="json") for name, ref in refs.items()},
+        repo=str(REPO),
+    )
+    plan.write(workdir / "plan.json")
+    return plan, models.describe()
+
+
+def run_group(group: str, plan: Plan, env: dict[str, str]) -> dict[str, Any]:
+    """Run one group in its own process, bounded in time; a crash or timeout becomes row errors."""
+    workdir = Path(plan.workdir)
+    out = workdir / f"group-{group}.json"
+    log_path = workdir / f"group-{group}.log"
+    group_env = dict(env) if group == "local" else head_environment(env, GROUP_DATA_PATHS[group])
+    group_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    if group == "haproxy":
+        prepare_haproxy_directory(env)
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.groups", group, str(workdir / "plan.json"), str(out)],
+            cwd=str(REPO),
+            env=group_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            process.wait(timeout=plan.settings.group_timeout_s)
+            problem = None if process.returncode == 0 else f"exited with status {process.returncode}"
+        except subprocess.TimeoutExpired:
+            problem = f"did not finish within {plan.settings.group_timeout_s:g}s and was stopped"
+            _stop_session(process)
+        except BaseException:  # Ctrl-C: the group runs in its own session and would not see it
+            _stop_session(process)
+            if group != "local":
+                _stop_benchmark_head()
+            raise
+    if group != "local":
+        _stop_benchmark_head()  # the group stops its head itself; this covers a crash or a timeout
+    seconds = round(time.monotonic() - started, 1)
+    if problem is None and out.is_file():
+        result = json.loads(out.read_text())
+        result["seconds"] = seconds
+        return result
+    tail = log_path.read_text(errors="replace").strip()[-3000:] if log_path.is_file() else ""
+    error = f"group {group!r} {problem or 'wrote no result'}; log {log_path}: ...{tail[-600:]}"
+    rows = [
+        {"id": s.id, "title": s.title, "group": group, "http": s.http, "points": [], "error": error}
+        for s in plan.rows_of(group)
+    ]
+    return {"group": group, "head": {"group": group, "error": error}, "rows": rows, "seconds": seconds}
+
+
+def _stop_session(process: subprocess.Popen) -> None:
+    """Stop a group process this harness started (in its own session) and everything under it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _stop_benchmark_head() -> None:
+    from benchmarks.groups import HEAD_STOP_GRACE_S
+    from ray_deploy import stop_local_cluster
+
+    try:
+        stop_local_cluster(grace_s=HEAD_STOP_GRACE_S)
+    except Exception as exc:  # reported; the next group's port check will say if a head is still there
+        progress(f"could not stop the benchmark head: {exc}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    modes = parser.add_mutually_exclusive_group(required=True)
+    for mode in MODES:
+        modes.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode, help=f"{mode} mode")
+    modes.add_argument(
+        "--render", type=Path, default=None, metavar="RESULTS.json", help="only write the reports of an earlier run"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--markdown", type=Path, default=None, help="write the Markdown report here")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG plot path (default: beside --markdown)")
+    parser.add_argument(
+        "--rows", default=None, help=f"comma-separated rows instead of the mode's: {','.join(ROWS_BY_ID)}"
+    )
+    parser.add_argument("--concurrency", default=None, help="comma-separated connection counts, e.g. 1,8,32")
+    parser.add_argument("--seconds", type=float, default=None, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds before each point")
+    parser.add_argument(
+        "--deploy-cost",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the example flow with and without its deploy (default: on in --full)",
+    )
+    parser.add_argument("--workdir", type=Path, default=None, help="keep models, plan and logs here")
+    parser.add_argument("--stop-existing-head", action="store_true", help="stop a head on the benchmark ports first")
+    return parser.parse_args(argv)
+
+
+def measurement_command(args: argparse.Namespace) -> str:
+    """The command that repeats this run's measurements (where the reports go left out)."""
+    words = ["python -m benchmarks.run", f"--{args.mode}"]
+    for flag, value in (("--rows", args.rows), ("--concurrency", args.concurrency)):
+        if value is not None:
+            words.append(f"{flag} {value}")
+    for flag, value in (("--seconds", args.seconds), ("--warmup", args.warmup)):
+        if value is not None:
+            words.append(f"{flag} {value:g}")
+    if args.deploy_cost is not None:
+        words.append("--deploy-cost" if args.deploy_cost else "--no-deploy-cost")
+    return " ".join(words)
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    def numbers(text: str | None) -> tuple[int, ...] | None:
+        return None if text is None else tuple(int(part) for part in text.split(",") if part.strip())
+
+    return settings_for(
+        args.mode,
+        rows=None if args.rows is None else tuple(r.strip() for r in args.rows.split(",") if r.strip()),
+        concurrency=numbers(args.concurrency),
+        seconds=args.seconds,
+        warmup_s=args.warmup,
+        deploy_cost=args.deploy_cost,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render is not None:
+        results = json.loads(args.render.read_text())
+        write_reports(results, args)
+        return 0
+    try:
+        settings = build_settings(args)
+    except ValueError as exc:
+        print(f"ValueError: {exc}", file=sys.stderr)
+        return 2
+    env = benchmark_environment(os.environ)
+    os.environ.clear()
+    os.environ.update(env)  # this process stops benchmark heads too (safety net): same ports as its groups
+    groups = [g for g in GROUPS if any(ROWS_BY_ID[r].group == g for r in settings.rows)]
+    if any(g != "local" for g in groups):
+        busy = ports_in_use(env)
+        if busy and args.stop_existing_head:
+            progress(f"stopping the head on the benchmark ports ({', '.join(busy)}) ...")
+            _stop_benchmark_head()
+            busy = ports_in_use(env)
+        if busy:
+            print(
+                f"PortsInUse: something already listens on the benchmark ports {', '.join(busy)}. The harness starts "
+                f"and stops its own heads there. If it is a benchmark head left behind, rerun with "
+                f"--stop-existing-head (or: RAY_DEPLOY_GCS_PORT={env['RAY_DEPLOY_GCS_PORT']} ray-deploy cluster down); "
+                f"otherwise choose free ports with {', '.join(BENCHMARK_PORTS)}.",
+                file=sys.stderr,
+            )
+            return 2
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ray-deploy-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    started = time.monotonic()
+    machine = describe_machine()
+    progress(f"{settings.mode}: rows {', '.join(settings.rows)} at c={settings.concurrency}; work dir {workdir}")
+    plan, model = prepare_plan(settings, workdir)
+    rows: list[dict[str, Any]] = []
+    heads: list[dict[str, Any]] = []
+    deploy_cost = None
+    for group in groups:
+        progress(f"group {group}: {', '.join(s.id for s in plan.rows_of(group))} ...")
+        result = run_group(group, plan, env)
+        rows += result["rows"]
+        if result.get("head"):
+            heads.append(result["head"])
+        deploy_cost = result.get("deploy_cost") or deploy_cost
+        failed = [row["id"] for row in result["rows"] if row.get("error")]
+        progress(f"group {group} done in {result['seconds']}s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    order = {row_id: index for index, row_id in enumerate(settings.rows)}
+    rows.sort(key=lambda row: order.get(row["id"], len(order)))
+    machine["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
+    results = {
+        "schema": 1,
+        "mode": settings.mode,
+        "command": measurement_command(args),
+        "started_at": started_at,
+        "wall_s": round(time.monotonic() - started, 1),
+        "machine": machine,
+        "settings": settings.to_dict(),
+        "ports": {name: env[name] for name in BENCHMARK_PORTS},
+        "model": model,
+        "heads": heads,
+        "rows": rows,
+        "ratios": compute_ratios(rows, settings.concurrency),
+        "deploy_cost": deploy_cost,
+        "workdir": str(workdir),
+    }
+    write_reports(results, args)
+    print("\n".join(results_table(rows, settings.concurrency)))
+    print()
+    print("\n".join(ratios_table(results["ratios"], settings.concurrency)))
+    failed = [row["id"] for row in rows if row.get("error")]
+    if failed:
+        progress(f"rows that failed: {', '.join(failed)}; logs in {workdir}")
+    elif args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    progress(f"done in {results['wall_s']:.0f}s")
+    return 1 if failed else 0
+
+
+def write_reports(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """JSON, PNG and Markdown; a plot that cannot be drawn is recorded, not fatal."""
+    plot_path = args.plot or (args.markdown.with_suffix(".png") if args.markdown else None)
+    results["plot"] = None
+    if plot_path is not None:
+        try:
+            render_plot(results, plot_path)
+            results["plot"] = {"path": str(plot_path)}
+        except Exception as exc:
+            hint = " (pip install matplotlib)" if isinstance(exc, ImportError) else ""
+            results["plot"] = {"path": None, "error": f"{type(exc).__name__}: {exc}{hint}"}
+            progress(f"no plot: {results['plot']['error']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        progress(f"results: {args.out}")
+    if args.markdown:
+        plot_name = None
+        if results["plot"] and results["plot"].get("path"):
+            plot_name = os.path.relpath(plot_path.resolve(), args.markdown.resolve().parent)
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(render_markdown(results, plot_name))
+        progress(f"report: {args.markdown}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

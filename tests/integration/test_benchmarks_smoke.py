@@ -1,0 +1,68 @@
+"""The benchmark harness (issue #6) runs end to end in its smallest mode: every row answers, the
+reports are written. No timing is asserted: numbers on a shared machine say nothing here.
+
+The harness starts and stops its own Ray head on the benchmark's ports (6389/8289/8089/8589/9089),
+not the suite's session head, so the environment it gets names those ports explicitly (the suite's
+conftest puts its own ports into this process's environment).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARK_PORTS = {
+    "RAY_DEPLOY_GCS_PORT": "6389",
+    "RAY_DEPLOY_DASHBOARD_PORT": "8289",
+    "RAY_DEPLOY_HTTP_PORT": "8089",
+    "RAY_DEPLOY_METRICS_PORT": "8589",
+    "RAY_DEPLOY_CLIENT_PORT": "9089",
+}
+
+
+def test_smoke_run_measures_every_row_and_writes_reports(tmp_path):
+    out, markdown, plot = tmp_path / "results.json", tmp_path / "bench.md", tmp_path / "bench.png"
+    env = {**os.environ, **BENCHMARK_PORTS, "USERNAME": "ci", "RAY_DEPLOY_NUM_CPUS": "4"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--markdown", str(markdown)]
+        + ["--workdir", str(tmp_path / "work")],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.is_file(), f"no results (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    results = json.loads(out.read_text())
+    rows = {row["id"]: row for row in results["rows"]}
+    assert set(rows) == {"inprocess", "fastapi", "ours"}
+    for row in rows.values():
+        assert not row.get("error"), f"{row['id']}: {row.get('error')}\n{done.stderr[-4000:]}"
+        assert row["points"], row["id"]
+        for point in row["points"]:
+            assert point["ok"] > 0 and point["failed"] == 0, (row["id"], point)
+    assert [point["concurrency"] for point in rows["ours"]["points"]] == [1]
+    assert rows["ours"]["url"].startswith("http://127.0.0.1:8089/")
+    assert rows["ours"]["answers"]["variants"] == {"default": rows["ours"]["answers"]["variants"]["default"]}
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    (head,) = results["heads"]
+    assert head["state"]["address"] == "127.0.0.1:6389"
+    assert results["machine"]["cpu_count"] and results["machine"]["versions"]["ray"]
+    assert {r["name"] for r in results["ratios"]} == {"ours_vs_fastapi"}
+
+    report = markdown.read_text()
+    assert "| ours, 1 variant |" in report and "## Machine" in report
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plot.is_file() and plot.read_bytes().startswith(b"\x89PNG")
+        assert "](bench.png)" in report
+    else:
+        assert "matplotlib" in results["plot"]["error"]
