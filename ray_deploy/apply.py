@@ -147,6 +147,7 @@ def _wait_running(name: str, timeout_s: float) -> None:
 
     waiter = Waiter(f"isolated variant app {name!r}")
     deadline = time.monotonic() + timeout_s
+    stall = SchedulingWatch()
     while time.monotonic() < deadline:
         status = serve.status().applications.get(name)
         state = status.status.value if status else "NOT_STARTED"
@@ -158,7 +159,9 @@ def _wait_running(name: str, timeout_s: float) -> None:
             f"{d} " + ", ".join(f"{n} {r}" for r, n in info.replica_states.items())
             for d, info in (status.deployments.items() if status else [])
         )
-        waiter.update(f"{state}; replicas: {replicas or 'none yet'}")
+        waiter.update(f"{state}; replicas: {replicas or 'none yet'}{stall.note}")
+        if status is not None:
+            stall.check(name, [d.message for d in status.deployments.values()])
         time.sleep(_POLL_S)
     raise DeployError(f"isolated variant app {name!r} did not start within {timeout_s:g}s (deploy_timeout_s)")
 

@@ -17,8 +17,8 @@ os.environ.setdefault("RAY_DEPLOY_DASHBOARD_PORT", "8299")
 os.environ.setdefault("RAY_DEPLOY_HTTP_PORT", "8099")
 os.environ.setdefault("RAY_DEPLOY_METRICS_PORT", "8599")
 os.environ.setdefault("RAY_DEPLOY_CLIENT_PORT", "9091")
-# Logical CPUs: several 0.25-0.5 CPU replicas fit on a 2-core machine.
-os.environ.setdefault("RAY_DEPLOY_NUM_CPUS", "4")
+# Logical CPUs: the suite's apps (0.25-0.5 CPU replicas, mostly idle) fit on a 2-core machine.
+os.environ.setdefault("RAY_DEPLOY_NUM_CPUS", "8")
 os.environ.pop("RAY_ADDRESS", None)
 # Dummy credentials for the S3-compatible test server (moto): every node of the test cluster has
 # them, as real nodes have an instance role. Never real keys.

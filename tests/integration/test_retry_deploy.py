@@ -29,13 +29,14 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-from ray_deploy import Registry
+from ray_deploy import Registry, delete_app
 from ray_deploy.history import events, releases
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,7 @@ def die_once_live(task: str, url: str, crash_after: str, deadline_s: float = 400
     process, as a lost node would, without Metaflow recording the task as done."""
     import httpx
 
-    from ray_deploy import Registry
+    from ray_deploy import Registry, delete_app
     from ray_deploy.history import releases
 
     registry = Registry()
@@ -170,7 +171,7 @@ class Load:
 
 
 @pytest.fixture(scope="module", params=["answered", "recorded"])
-def scenario(request, tmp_path_factory, run_flow, ray_head) -> Scenario:
+def scenario(request, tmp_path_factory, run_flow, ray_head) -> Iterator[Scenario]:
     """A baseline release, then a run whose deploy step dies once live and is retried, under load."""
     crash_after = request.param
     app = f"retried-{crash_after}"
@@ -204,7 +205,8 @@ def scenario(request, tmp_path_factory, run_flow, ray_head) -> Scenario:
         time.sleep(3)  # answers after the run, from whatever it left serving
     finally:
         rows = load.stop()
-    return Scenario(crash_after, app, url, baseline, run_id_file.read_text().strip(), finished, rows, started, ended)
+    yield Scenario(crash_after, app, url, baseline, run_id_file.read_text().strip(), finished, rows, started, ended)
+    delete_app(app)  # its replicas' CPUs go back to the tests that follow
 
 
 def deploy_task(scenario: Scenario):
