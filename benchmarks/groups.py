@@ -357,7 +357,6 @@ def measure_deploy_cost(plan: Plan) -> dict[str, Any]:
         METAFLOW_DATASTORE_SYSROOT_LOCAL=str(workdir / "flows-datastore"),
         RAY_DEPLOY_HOME=str(workdir / "ray-deploy-home"),
     )
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     print("[bench] deploy cost ...", file=sys.stderr, flush=True)
     cost: dict[str, Any] = {"flow": str(TRAIN_FLOW.relative_to(REPO))}
     try:
@@ -368,6 +367,7 @@ def measure_deploy_cost(plan: Plan) -> dict[str, Any]:
         base = cost["without_deploy"]["wall_s"]
         for key in ("first_deploy", "redeploy"):
             cost[key]["extra_s"] = round(cost[key]["wall_s"] - base, 2)
+        cost["canary"] = measure_canary(plan)
     except Exception as exc:
         cost["error"] = f"{type(exc).__name__}: {exc}"
     finally:
@@ -376,6 +376,44 @@ def measure_deploy_cost(plan: Plan) -> dict[str, Any]:
         except Exception as exc:
             cost.setdefault("cleanup_error", f"{type(exc).__name__}: {exc}")
     return cost
+
+
+CANARY_STEPS = (25.0, 50.0, 100.0)
+CANARY_INTERVAL_S = 1.0
+
+
+def measure_canary(plan: Plan) -> dict[str, Any]:
+    """A canary rollout (ONNX release -> XGBoost release, 25/50/100 %, gated) on a serving app:
+    its wall time, and that time minus the configured waits (steps x interval_s)."""
+    from ray_deploy import DeploymentSpec, delete_app, deploy
+
+    base = {"app": "bench-canary", "num_cpus": plan.settings.replica_num_cpus, "lineage": False}
+    rollout = {"strategy": "canary", "steps": list(CANARY_STEPS), "interval_s": CANARY_INTERVAL_S}
+    rollout["max_error_rate"] = 0.05
+    try:
+        deploy(DeploymentSpec.from_options({**base, "predictor": "onnx"}), {"default": _ref(plan, "onnx")})
+        started = time.monotonic()
+        result = deploy(
+            DeploymentSpec.from_options({**base, "predictor": "xgboost", "rollout": rollout}),
+            {"default": _ref(plan, "xgboost")},
+        )
+        total = time.monotonic() - started
+    finally:
+        delete_app("bench-canary")
+    waits = len(CANARY_STEPS) * CANARY_INTERVAL_S
+    return {
+        "steps": list(CANARY_STEPS),
+        "interval_s": CANARY_INTERVAL_S,
+        "state": (result.rollout or {}).get("state"),
+        "wall_s": round(total, 2),
+        "excluding_waits_s": round(total - waits, 2),
+    }
+
+
+def _ref(plan: Plan, stored: str) -> Any:
+    from ray_deploy import ModelRef
+
+    return ModelRef.model_validate(plan.model_refs[stored])
 
 
 def main(argv: list[str] | None = None) -> None:

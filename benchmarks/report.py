@@ -215,6 +215,15 @@ def deploy_cost_lines(cost: dict[str, Any] | None) -> list[str]:
             f"| {title} | {_number(run.get('wall_s'), 1)} | {extra} | {_number(run.get('deploy_s'), 1)} "
             f"| {run.get('returncode')} |"
         )
+    canary = cost.get("canary")
+    if canary:
+        lines += [
+            "",
+            f"A canary rollout on a serving app (ONNX release to XGBoost release, steps {canary['steps']}, "
+            f"`interval_s` {canary['interval_s']:g}, gated; lineage off): {_number(canary.get('wall_s'), 1)} s "
+            f"wall, {_number(canary.get('excluding_waits_s'), 1)} s excluding the configured waits "
+            f"(ended {canary.get('state')}).",
+        ]
     if cost.get("error"):
         lines += ["", f"Error: `{cost['error']}`"]
     return lines
