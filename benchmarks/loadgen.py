@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import time
 from urllib.parse import urlsplit
 
@@ -78,9 +79,12 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, closing
 
 
+STOP = {"now": False}  # set by SIGTERM/SIGINT: finish the requests in flight, then report
+
+
 async def worker(host: str, port: int, request: bytes, until: float, record_from: float, tally: Tally) -> None:
     reader = writer = None
-    while time.monotonic() < until and tally.sent < MAX_REQUESTS:
+    while time.monotonic() < until and tally.sent < MAX_REQUESTS and not STOP["now"]:
         try:
             if writer is None:
                 reader, writer = await asyncio.open_connection(host, port)
@@ -122,6 +126,8 @@ async def run(
     url: str, body: bytes, headers: dict[str, str], concurrency: int, seconds: float, warmup_s: float
 ) -> dict:
     host, port, request = build_request(url, body, headers)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, STOP.__setitem__, "now", True)
     tally = Tally()
     start = time.monotonic()
     record_from = start + warmup_s

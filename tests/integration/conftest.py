@@ -212,3 +212,38 @@ def start_mlflow_server(tmp_path_factory):
     yield start
     for server in servers:
         server.stop(kill=True)
+
+
+class CountedLoad:
+    """Steady closed-loop load on ``url`` from a separate process (``benchmarks.loadgen``) for the
+    duration of a ``with`` block; ``counts`` (sent, ok, failed, errors) is filled when it ends."""
+
+    def __init__(self, url: str, body: str, concurrency: int = 2, max_seconds: float = 300):
+        self.command = [sys.executable, "-m", "benchmarks.loadgen", url, "--concurrency", str(concurrency)]
+        self.command += ["--seconds", str(max_seconds), "--warmup", "0", "--body", body]
+        self.counts: dict = {}
+
+    def __enter__(self) -> "CountedLoad":
+        import subprocess
+
+        self.process = subprocess.Popen(self.command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        import json
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        out, _ = self.process.communicate(timeout=60)
+        self.counts = json.loads(out) if out.strip() else {"error": f"loadgen exited {self.process.returncode}"}
+
+    def assert_nothing_lost(self, at_least: int = 20) -> None:
+        counts = self.counts
+        assert counts.get("sent", 0) >= at_least, f"too few requests to prove anything: {counts}"
+        assert counts["failed"] == 0 and counts["ok"] == counts["sent"], (counts["errors"], counts["sent"])
+
+
+@pytest.fixture()
+def counted_load():
+    """``with counted_load(url, body) as load: ...; load.assert_nothing_lost()``"""
+    return CountedLoad

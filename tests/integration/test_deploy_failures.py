@@ -1,5 +1,6 @@
 """A failed deploy changes nothing that serves; an unreachable cluster fails fast naming its address."""
 
+import json
 import time
 
 import pytest
@@ -23,12 +24,16 @@ def current(train_run, cancer_url, http):
     return ref, before
 
 
-def test_tampered_model_is_refused_and_previous_keeps_serving(current, cancer_url, http):
+def test_tampered_model_is_refused_and_previous_keeps_serving(current, cancer_url, http, counted_load):
     ref, before = current
     tampered = ref.model_copy(update={"sha256": "0" * 64})
     spec = DeploymentSpec.from_options({"app": "cancer", "num_cpus": 0.5, "deploy_timeout_s": 60})
-    with pytest.raises(ArtifactError, match="sha256 mismatch"):
-        deploy(spec, {"default": tampered}, {"default": "xgboost"})
+    with counted_load(cancer_url, json.dumps({"instances": [[1.0] * 30]})) as load:
+        time.sleep(1)
+        with pytest.raises(ArtifactError, match="sha256 mismatch"):
+            deploy(spec, {"default": tampered}, {"default": "xgboost"})
+        time.sleep(1)
+    load.assert_nothing_lost()
     assert served_model(http, cancer_url) == before
     assert http.post(cancer_url, json={"instances": [[1.0] * 30]}).status_code == 200
 

@@ -27,7 +27,7 @@ def start(self):
 
 
 def test_registry_killed_mid_deploy_leaves_nothing_unrecorded(
-    tmp_path, write_flow, run_flow, ray_head, http, start_mlflow_server
+    tmp_path, write_flow, run_flow, ray_head, http, start_mlflow_server, counted_load
 ):
     from mlflow import MlflowClient
 
@@ -62,8 +62,10 @@ def test_registry_killed_mid_deploy_leaves_nothing_unrecorded(
 
     watcher = threading.Thread(target=kill_when_registered)
     watcher.start()
-    second = run_flow(flow, "--release", "2", env=env)
-    watcher.join(timeout=60)
+    with counted_load(url, '{"instances": [[5.1, 3.5, 1.4, 0.2]]}') as load:
+        second = run_flow(flow, "--release", "2", env=env)
+        watcher.join(timeout=60)
+    load.assert_nothing_lost()
     output = second.stdout + second.stderr
     assert killed.is_set(), "the registry was not killed mid-deploy; the test proved nothing"
     assert second.returncode != 0, output[-3000:]
