@@ -1,12 +1,12 @@
 """A bounded soak: steady load on the example app; nothing fails and memory stays flat.
 
-    pytest tests/integration/test_soak.py -s                               # CI: 45 s of load
+    pytest tests/integration/test_soak.py -s                               # CI: 30 s of load
     RAY_DEPLOY_SOAK_SECONDS=600 pytest tests/integration/test_soak.py -s   # the long soak
     RAY_DEPLOY_SOAK_SECONDS=600 pytest -m soak tests/integration -s        # the same, by marker
 
 The example flow's app (``cancer``, XGBoost) gets a steady request load from a separate process
 (``loadgen.py``, one request in flight, ``RATE`` per second) for ``RAY_DEPLOY_SOAK_SECONDS``
-(default 45). Every ``SAMPLE_EVERY_S`` the test reads the resident memory (``VmRSS`` in
+(default 30). Every ``SAMPLE_EVERY_S`` the test reads the resident memory (``VmRSS`` in
 ``/proc/<pid>/status``) of every replica of the app and of the Serve controller, found among
 this head's own processes (other Ray heads on the machine are left out), and prints the samples
 as a table (``-s`` shows it). Data-path processes (Serve's proxy, the ray-deploy front and its
@@ -38,7 +38,7 @@ import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
-SOAK_SECONDS = float(os.environ.get("RAY_DEPLOY_SOAK_SECONDS") or 45)
+SOAK_SECONDS = float(os.environ.get("RAY_DEPLOY_SOAK_SECONDS") or 30)
 WARMUP_S = min(20.0, SOAK_SECONDS / 3)
 SAMPLE_EVERY_S = 2.0
 RATE = 50.0
