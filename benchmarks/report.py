@@ -338,6 +338,8 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         "it takes a core's worth of CPU itself, so the highest numbers are partly client-bound.",
         "- Each point is a few seconds (`--quick`) or tens of seconds (`--full`); other work on the machine "
         "shows up as p99 spikes. Load averages at the start and end are in the machine section.",
+        "- Why the rows differ, what was fixed after profiling, and what is left (ours and Ray's): "
+        '`docs/data-path.md`, section "Where the time goes".',
         "",
     ]
     return "\n".join(lines)
