@@ -1,9 +1,15 @@
-"""A head restart loses every Serve app; `ray-deploy restore` brings them back from the registry."""
+"""A head restart loses every Serve app; `ray-deploy restore` brings them back from the registry.
+
+Requests are counted before the restart and after the restore (nothing may fail in either);
+while the head is down nothing can answer, and what must not be lost is the app itself: the same
+model version and user code answer the same way after the restore.
+"""
 
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -47,7 +53,7 @@ def ray_deploy(env: dict, *args: str, timeout: int = 240) -> subprocess.Complete
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_apps_come_back_after_a_head_restart(tmp_path, write_flow, run_flow):
+def test_apps_come_back_after_a_head_restart(tmp_path, write_flow, run_flow, counted_load):
     env = {**os.environ, **PORTS}
     assert ray_deploy(env, "cluster", "up").returncode == 0
     try:
@@ -60,6 +66,9 @@ def test_apps_come_back_after_a_head_restart(tmp_path, write_flow, run_flow):
         rows = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
         before = httpx.post(url, json=rows, timeout=30).json()
         assert before["predictions"] == ["class-0", "class-2"]
+        with counted_load(url, json.dumps(rows)) as load:
+            time.sleep(3)
+        load.assert_nothing_lost()
 
         assert ray_deploy(env, "cluster", "down").returncode == 0
         assert ray_deploy(env, "cluster", "up").returncode == 0
@@ -71,6 +80,9 @@ def test_apps_come_back_after_a_head_restart(tmp_path, write_flow, run_flow):
         assert "restored: phoenix" in restored.stdout
         after = httpx.post(url, json=rows, timeout=30).json()
         assert after == before, "the same model version answers the same way after the restart"
+        with counted_load(url, json.dumps(rows)) as load:
+            time.sleep(3)
+        load.assert_nothing_lost()
         again = ray_deploy(env, "restore", "phoenix")
         assert again.returncode == 0 and "left as it is" in again.stderr
         (row,) = json.loads(ray_deploy(env, "status", "phoenix", "--json").stdout)
