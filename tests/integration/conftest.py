@@ -247,3 +247,49 @@ class CountedLoad:
 def counted_load():
     """``with counted_load(url, body) as load: ...; load.assert_nothing_lost()``"""
     return CountedLoad
+
+
+class RecordedLoad:
+    """``loadgen.py`` in its own process: steady requests (``rate``/s, one in flight) until
+    ``stop()``, each recorded as a JSON line (status, variant, model version, timing)."""
+
+    def __init__(self, url: str, directory: Path, body: str, rate: float = 20, max_seconds: float = 720):
+        import subprocess
+
+        self.out = directory / "load.jsonl"
+        self.stop_file = directory / "stop"
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("loadgen.py")), url, str(self.out), str(self.stop_file)]
+            + ["--rate", str(rate), "--max-seconds", str(max_seconds), "--body", body]
+        )
+
+    def rows(self) -> list[dict]:
+        import json
+
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+
+    def wait_for(self, count: int, timeout: float = 60) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.rows()) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def stop(self) -> list[dict]:
+        import subprocess
+
+        self.stop_file.touch()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        return self.rows()
+
+
+@pytest.fixture(scope="session")
+def recorded_load():
+    """``load = recorded_load(url, directory, body); ...; rows = load.stop()``"""
+    return RecordedLoad

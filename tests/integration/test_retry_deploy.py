@@ -139,39 +139,8 @@ class Scenario:
         return self.finished.stdout + self.finished.stderr
 
 
-class Load:
-    """tests/integration/loadgen.py in its own process: steady requests until told to stop."""
-
-    def __init__(self, url: str, directory: Path):
-        self.out = directory / "load.jsonl"
-        self.stop_file = directory / "stop"
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("loadgen.py")), url, str(self.out), str(self.stop_file)]
-            + ["--rate", "20", "--max-seconds", str(RUN_TIMEOUT_S + 120), "--body", json.dumps({"instances": [ROW]})]
-        )
-
-    def rows(self) -> list[dict]:
-        if not self.out.exists():
-            return []
-        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
-
-    def wait_for(self, count: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.rows()) < count and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-    def stop(self) -> list[dict]:
-        self.stop_file.touch()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        return self.rows()
-
-
 @pytest.fixture(scope="module", params=["answered", "recorded"])
-def scenario(request, tmp_path_factory, run_flow, ray_head) -> Iterator[Scenario]:
+def scenario(request, tmp_path_factory, run_flow, ray_head, recorded_load) -> Iterator[Scenario]:
     """A baseline release, then a run whose deploy step dies once live and is retried, under load."""
     crash_after = request.param
     app = f"retried-{crash_after}"
@@ -184,7 +153,8 @@ def scenario(request, tmp_path_factory, run_flow, ray_head) -> Iterator[Scenario
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     baseline = httpx.get(url, timeout=30).json()["variants"][0]["model_version"]
 
-    load = Load(url, directory)
+    body = json.dumps({"instances": [ROW]})
+    load = recorded_load(url, directory, body, rate=20, max_seconds=RUN_TIMEOUT_S + 120)
     try:
         load.wait_for(20)
         started = time.time()

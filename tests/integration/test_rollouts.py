@@ -64,43 +64,14 @@ def describe(http, url: str) -> dict:
     return http.get(url).json()
 
 
-class Load:
-    """The load generator process and what it recorded."""
-
-    def __init__(self, url: str, directory: Path):
-        self.out = directory / "load.jsonl"
-        self.stop_file = directory / "stop"
-        body = json.dumps({"instances": [ROW]})
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).with_name("loadgen.py")), url, str(self.out), str(self.stop_file)]
-            + ["--rate", "25", "--max-seconds", "600", "--body", body]
-        )
-
-    def rows(self) -> list[dict]:
-        if not self.out.exists():
-            return []
-        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
-
-    def wait_for(self, count: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.rows()) < count and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-    def stop(self) -> list[dict]:
-        self.stop_file.touch()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        return self.rows()
-
-
 def answered(rows: list[dict], start: float, end: float) -> set:
     """Model versions of the answers to requests sent and answered inside [start, end]."""
     return {r["model_version"] for r in rows if r["start"] >= start and r["end"] <= end}
 
 
-def test_rollouts_and_rollbacks_under_load_drop_nothing(tmp_path, write_flow, run_flow, ray_head, cancer_url, http):
+def test_rollouts_and_rollbacks_under_load_drop_nothing(
+    tmp_path, write_flow, run_flow, ray_head, cancer_url, http, recorded_load
+):
     (tmp_path / "flow").mkdir()
     flow = rollout_flow(write_flow, tmp_path / "flow")
     first = run_flow(flow, "--release", "1")
@@ -109,7 +80,7 @@ def test_rollouts_and_rollbacks_under_load_drop_nothing(tmp_path, write_flow, ru
     v1 = describe(http, url)["variants"][0]["model_version"]
     bystander = describe(http, cancer_url)
 
-    load = Load(url, tmp_path)
+    load = recorded_load(url, tmp_path, json.dumps({"instances": [ROW]}), rate=25, max_seconds=600)
     try:
         load.wait_for(20)
         canary_start = time.time()
