@@ -23,6 +23,7 @@ import numpy as np
 
 from ray_deploy.predictors.base import RequestError
 
+_NUMBER_TYPES = frozenset((int, float))  # exactly: bool is an int subclass and is refused
 INPUT_KEYS = ("instances", "inputs", "dataframe_split", "dataframe_records")
 _EXAMPLE = '{"instances": [[1.0, 2.0, 3.0]]}'
 
@@ -40,6 +41,21 @@ class ModelInput:
 
     def to_array(self, n_features: int | None = None) -> np.ndarray:
         """A 2-D float64 array, refusing non-numeric, non-finite or wrongly sized rows."""
+        rows = self.rows
+        width = len(rows[0])
+        if {type(value) for row in rows for value in row} <= _NUMBER_TYPES:
+            try:
+                array = np.array(rows, dtype=np.float64)
+            except (ValueError, OverflowError):  # rows of different widths, huge integers: explained below
+                array = None
+            if array is not None and array.ndim == 2 and _all_finite(rows, array):
+                if n_features is not None and width != n_features:
+                    raise RequestError(f"each row needs {n_features} features, got {width}")
+                return array
+        return self._explain_refusal(n_features)
+
+    def _explain_refusal(self, n_features: int | None) -> np.ndarray:
+        """The slow, exact check behind ``to_array``: the first bad row and column, named."""
         width = len(self.rows[0])
         for index, row in enumerate(self.rows):
             if len(row) != width:
@@ -51,7 +67,7 @@ class ModelInput:
                     raise RequestError(
                         f"row {index}, column {self._column_name(column)}: expected a number, got {_shown(value)}"
                     )
-                if not math.isfinite(value):
+                if not _finite_float(value):
                     raise RequestError(
                         f"row {index}, column {self._column_name(column)}: expected a finite number, got {value}"
                     )
@@ -179,6 +195,19 @@ def _dataframe_split(value: Any) -> tuple[list[list[Any]], list[str] | None]:
                     f"dataframe_split.data[{index}] has {len(row)} values but there are {len(columns)} columns"
                 )
     return rows, columns
+
+
+def _all_finite(rows: list[list[Any]], array: np.ndarray) -> bool:
+    if len(rows) == 1:  # the common case, one row per request: cheaper than a numpy call
+        return all(map(math.isfinite, rows[0]))
+    return bool(np.isfinite(array).all())
+
+
+def _finite_float(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _refuse_constant(name: str) -> Any:

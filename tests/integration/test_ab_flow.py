@@ -193,14 +193,18 @@ def test_per_variant_metrics_reach_prometheus(ab_run, http):
             text = http.get(endpoint).text
         except Exception:
             text = ""
-        lines = [
-            line for line in text.splitlines() if "ray_deploy_requests_total" in line and 'app="cancer-ab"' in line
-        ]
-        if {"xgb", "onnx"} <= {v for v in ("xgb", "onnx") if any(f'variant="{v}"' in line for line in lines)}:
+        ours = [line for line in text.splitlines() if 'app="cancer-ab"' in line]
+        lines = [line for line in ours if "ray_deploy_requests_total" in line]
+        buckets = [line for line in ours if "ray_deploy_request_latency_ms_bucket" in line]
+        if all(any(f'variant="{v}"' in line for line in lines + buckets) for v in ("xgb", "onnx")):
             break
         time.sleep(3)
     assert any('variant="xgb"' in line and 'outcome="ok"' in line for line in lines), lines
     assert any('variant="onnx"' in line and 'release="v' in line for line in lines), lines
+    # The latency histogram of each variant counts requests (its +Inf bucket holds all of them).
+    for variant in ("xgb", "onnx"):
+        total = [line for line in buckets if f'variant="{variant}"' in line and 'le="+Inf"' in line]
+        assert total and float(total[0].rsplit(" ", 1)[1]) >= 1, buckets
 
 
 def test_blue_green_moves_all_traffic_then_gates_then_drops_the_old_release(ab_run, http):

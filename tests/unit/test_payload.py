@@ -80,9 +80,17 @@ def test_bad_payload_shapes(payload, expected):
         ({"instances": [[1, 2, 3]]}, "each row needs 2 features, got 3"),
         ({"dataframe_records": [{"age": "old", "b": 1}]}, "column 0 ('age')"),
         ({"instances": [[1, 1e400]]}, "finite number"),
+        ({"instances": [[1, 10**400]]}, "row 0, column 1: expected a finite number"),
+        ({"instances": [[1.5, 2], [True, 2]]}, "row 1, column 0: expected a number, got a boolean"),
     ],
 )
 def test_rows_that_cannot_be_numbers(payload, expected):
     with pytest.raises(RequestError) as raised:
         parse_model_input(payload).to_array(2)
     assert expected in raised.value.message
+
+
+def test_numeric_rows_become_a_float_array():
+    array = parse_model_input({"instances": [[1, 2.5], [-3, 0.0]]}).to_array(2)
+    assert array.dtype == np.float64
+    assert array.tolist() == [[1.0, 2.5], [-3.0, 0.0]]
