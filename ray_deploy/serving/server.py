@@ -16,7 +16,6 @@ it, callers do not.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import json
 import logging
@@ -314,10 +313,6 @@ class ModelServer:
         self.config = config
         local = {v.label: v.describe()["device"] for v in variants if not isinstance(v.predictor, RemoteVariant)}
         report_devices(config.app, self._replica, local, replica_placement())
-        # Models and libraries are loaded for good: move them out of the garbage collector's
-        # way, so that its full passes (triggered by request garbage) do not walk them again.
-        gc.collect()
-        gc.freeze()
         self._predict_batched.set_max_batch_size(config.max_batch_size)
         self._predict_batched.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         logger.info(
