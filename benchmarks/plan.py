@@ -130,6 +130,7 @@ class Settings:
     inprocess_max_calls: int = 2_000_000
     deploy_cost: bool = False
     group_timeout_s: float = 600.0
+    repeat: int = 1  # rounds of every group; each point reports its median round
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -170,6 +171,8 @@ def settings_for(mode: str, **overrides: Any) -> Settings:
     unknown = [r for r in given.get("rows", ()) if r not in ROWS_BY_ID]
     if unknown:
         raise ValueError(f"rows: {', '.join(unknown)} unknown; rows are {', '.join(ROWS_BY_ID)}")
+    if given.get("repeat", 1) < 1:
+        raise ValueError(f"repeat: expected a whole number of rounds >= 1, got {given['repeat']}")
     return replace(MODES[mode], **given)
 
 

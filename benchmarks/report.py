@@ -264,7 +264,13 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         "",
         f"Closed-loop load from `benchmarks/loadgen.py` (HTTP/1.1 keep-alive, one process, on the same "
         f"machine): {settings['seconds']:g} s per point after {settings['warmup_s']:g} s of warm-up; "
-        "c = connections, each with one request in flight. Every HTTP row sends the same "
+        + (
+            f"every group ran {settings['repeat']} times, rounds interleaved, and each point is its median "
+            "round by requests/s (every round's requests/s is in the JSON, `rounds_rps`); "
+            if settings.get("repeat", 1) > 1
+            else ""
+        )
+        + "c = connections, each with one request in flight. Every HTTP row sends the same "
         f'`{{"instances": [[...{model.get("features", 20)} floats...]]}}` and gets the ONNX model\'s label back.',
         "",
         *results_table(rows, concurrency),

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -215,6 +216,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=None, help="warm-up seconds before each point")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="run every group N times, rounds interleaved; each point reports its median round (default 1)",
+    )
+    parser.add_argument(
         "--deploy-cost",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -231,7 +238,7 @@ def measurement_command(args: argparse.Namespace) -> str:
     for flag, value in (("--rows", args.rows), ("--concurrency", args.concurrency)):
         if value is not None:
             words.append(f"{flag} {value}")
-    for flag, value in (("--seconds", args.seconds), ("--warmup", args.warmup)):
+    for flag, value in (("--seconds", args.seconds), ("--warmup", args.warmup), ("--repeat", args.repeat)):
         if value is not None:
             words.append(f"{flag} {value:g}")
     if args.deploy_cost is not None:
@@ -250,6 +257,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
         seconds=args.seconds,
         warmup_s=args.warmup,
         deploy_cost=args.deploy_cost,
+        repeat=args.repeat,
     )
 
 
@@ -290,18 +298,28 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine()
     progress(f"{settings.mode}: rows {', '.join(settings.rows)} at c={settings.concurrency}; work dir {workdir}")
     plan, model = prepare_plan(settings, workdir)
-    rows: list[dict[str, Any]] = []
+    rounds: list[list[dict[str, Any]]] = []
     heads: list[dict[str, Any]] = []
     deploy_cost = None
-    for group in groups:
-        progress(f"group {group}: {', '.join(s.id for s in plan.rows_of(group))} ...")
-        result = run_group(group, plan, env)
-        rows += result["rows"]
-        if result.get("head"):
-            heads.append(result["head"])
-        deploy_cost = result.get("deploy_cost") or deploy_cost
-        failed = [row["id"] for row in result["rows"] if row.get("error")]
-        progress(f"group {group} done in {result['seconds']}s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    for round_index in range(settings.repeat):
+        if round_index == 1 and settings.deploy_cost:  # the flow runs are timed once
+            plan = replace(plan, settings=replace(plan.settings, deploy_cost=False))
+            plan.write(workdir / "plan.json")
+        rows_of_round: list[dict[str, Any]] = []
+        for group in groups:
+            where = f" (round {round_index + 1}/{settings.repeat})" if settings.repeat > 1 else ""
+            progress(f"group {group}{where}: {', '.join(s.id for s in plan.rows_of(group))} ...")
+            result = run_group(group, plan, env)
+            rows_of_round += result["rows"]
+            if result.get("head"):
+                heads.append({**result["head"], "round": round_index + 1})
+            deploy_cost = result.get("deploy_cost") or deploy_cost
+            failed = [row["id"] for row in result["rows"] if row.get("error")]
+            progress(
+                f"group {group} done in {result['seconds']}s" + (f"; failed: {', '.join(failed)}" if failed else "")
+            )
+        rounds.append(rows_of_round)
+    rows = median_rows(rounds)
     order = {row_id: index for index, row_id in enumerate(settings.rows)}
     rows.sort(key=lambda row: order.get(row["id"], len(order)))
     machine["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
@@ -332,6 +350,33 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     progress(f"done in {results['wall_s']:.0f}s")
     return 1 if failed else 0
+
+
+def median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per id from several rounds: each point is the round with the median requests/s
+    (the lower middle of an even count), so its latencies come from the same measurement; every
+    round's requests/s is kept as ``rounds_rps``. A row that failed in any round is reported
+    with that round's error."""
+    if len(rounds) == 1:
+        return rounds[0]
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for rows in rounds:
+        for row in rows:
+            by_id.setdefault(row["id"], []).append(row)
+    merged = []
+    for candidates in by_id.values():
+        failed = [row for row in candidates if row.get("error")]
+        if failed:
+            merged.append(failed[0])
+            continue
+        row = dict(candidates[0])
+        points = []
+        for index in range(len(row["points"])):
+            measured = sorted((r["points"][index] for r in candidates), key=lambda p: p.get("rps") or 0.0)
+            points.append({**measured[(len(measured) - 1) // 2], "rounds_rps": [p.get("rps") for p in measured]})
+        row["points"] = points
+        merged.append(row)
+    return merged
 
 
 def write_reports(results: dict[str, Any], args: argparse.Namespace) -> None:

@@ -18,7 +18,10 @@ Changes to one app hold its lock (``apply.app_lock``): a second deployer gets ``
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,14 +170,19 @@ def deploy(
         }
     config = serving_config(spec, models, predictors or {}, source)
     registry = Registry() if spec.lineage and lineage is not None else None
+    registry_answer: Future | None = None
     if registry is not None:
         report(f"checking the MLflow registry at {registry.registry_uri} ...")
-        registry.check_reachable()
+        registry.check_address()  # an address that does not answer fails here, before the cluster is asked
+        # The registry's first answer (seconds when it creates an embedded store) overlaps the
+        # cluster connection and the preflight; it is awaited before anything changes.
+        registry_answer = _in_background(registry.first_answer)
     with connect(spec.address, code_dir=code_dir) as cluster, app_lock(spec.app, "deploy"):
         report(f"checking {len(config.variants)} model(s) on the cluster before deploying {spec.app!r} ...")
         checked = preflight(config, timeout_s=spec.deploy_timeout_s)
         versions: dict[str, VersionRef] = {}
         if registry is not None:
+            registry_answer.result()
             versions = _register_versions(registry, spec, config, lineage)
             config = config.with_versions({n: str(v) for n, v in versions.items()}, registry.registry_uri)
         running = running_app(spec.app)
@@ -244,6 +252,20 @@ def deploy(
     seconds = time.monotonic() - started
     report(f"app {spec.app!r} is serving at {url} ({seconds:.1f}s)")
     return DeployResult(spec.app, url, spec.route, cluster, config, seconds, checked, versions, registry, rollout)
+
+
+def _in_background(work: Callable[[], Any]) -> Future:
+    """Run ``work`` on a daemon thread (a hung registry never holds the process at exit)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="ray-deploy-background", daemon=True).start()
+    return future
 
 
 def _undo(app: str, running: RunningApp | None) -> None:

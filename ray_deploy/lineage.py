@@ -137,6 +137,12 @@ class Registry:
         Raises:
             RegistryUnreachable: a server does not answer, or a SQLite file cannot be created.
         """
+        self.check_address()
+        self.first_answer()
+
+    def check_address(self) -> None:
+        """The quick half of ``check_reachable``: a server's port accepts a connection, a SQLite
+        file's directory exists or can be made (RegistryUnreachable otherwise)."""
         for uri in dict.fromkeys((self.tracking_uri, self.registry_uri)):
             parsed = urlparse(uri)
             if parsed.scheme in ("http", "https"):
@@ -157,6 +163,10 @@ class Registry:
                     raise RegistryUnreachable(
                         f"MLflow registry at {uri}: cannot create {path.parent} ({exc})"
                     ) from None
+
+    def first_answer(self) -> None:
+        """The registry answers a query (the first one creates an embedded SQLite store, which
+        takes seconds: ``deploy`` overlaps it with the preflight)."""
         try:
             self.client.search_registered_models(max_results=1)
         except LineageError:
