@@ -93,7 +93,7 @@ def parse_body(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise RequestError(f"request body is not UTF-8 text (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return _DECODER.decode(text)
     except RecursionError:
         raise RequestError("request body is nested too deeply") from None
     except ValueError as exc:
@@ -104,6 +104,11 @@ def parse_body(body: bytes) -> Any:
 
 def parse_model_input(payload: Any) -> ModelInput:
     """Turn a decoded scoring request into rows."""
+    if type(payload) is dict and len(payload) == 1 and type(payload.get("instances")) is list:
+        # The common request, {"instances": [[...], ...]}: no other key to check.
+        rows, columns = _rows(payload["instances"], "instances")
+        if rows:
+            return ModelInput(rows=rows, columns=columns, body=payload)
     if not isinstance(payload, dict):
         raise RequestError(f"request body must be a JSON object with one of {', '.join(INPUT_KEYS)}; e.g. {_EXAMPLE}")
     present = [key for key in INPUT_KEYS if key in payload]
@@ -223,3 +228,6 @@ def _type_name(value: Any) -> str:
 def _shown(value: Any) -> str:
     text = json.dumps(value, ensure_ascii=True)
     return f"{_type_name(value)} {text[:40] + '...' if len(text) > 40 else text}"
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)  # built once (json.loads with options builds one per call)

@@ -23,6 +23,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,11 +110,12 @@ class LoadedVariant:
         return getattr(self.predictor, "n_features", None)
 
     def make_payload(self, model_input: ModelInput) -> Any:
-        if self.payload_format == "json":
+        payload_format = self.payload_format
+        if payload_format == "array":
+            return model_input.to_array(self.n_features)
+        if payload_format == "json":
             return model_input.body
-        if self.payload_format == "dataframe":
-            return model_input.to_dataframe()
-        return model_input.to_array(self.n_features)
+        return model_input.to_dataframe()
 
     @property
     def label(self) -> str:
@@ -456,7 +458,7 @@ class ModelServer:
 
     async def _read_json_body(self, receive: Any, content_type: bytes | None, declared: bytes | None) -> Any:
         assert self.config is not None
-        if content_type is not None:
+        if content_type is not None and content_type != b"application/json":
             kind = content_type.decode("latin-1").split(";")[0].strip().lower()
             if kind not in ("application/json", "") and not kind.endswith("+json"):
                 raise RequestError(f"content type {kind!r} is not supported; send Content-Type: application/json", 415)
@@ -467,14 +469,14 @@ class ModelServer:
             )
         return parse_body(await _receive_body(receive, limit))
 
-    async def _predict(self, variant: LoadedVariant, model_input: ModelInput) -> Any:
-        assert self.config is not None
+    def _predict(self, variant: LoadedVariant, model_input: ModelInput) -> Awaitable[Any]:
+        """The variant's predictions, to await (a plain function: one coroutine less per request)."""
         if isinstance(variant.predictor, RemoteVariant):
-            return await variant.predictor.score(model_input.body)
+            return variant.predictor.score(model_input.body)
         payload = variant.make_payload(model_input)
         if self.config.max_batch_size > 1 and variant.payload_format == "array":
-            return await self._predict_batched((variant, payload))
-        return await variant.predict(payload)
+            return self._predict_batched((variant, payload))
+        return variant.predict(payload)
 
     async def _answer(self, body: Any, variant: LoadedVariant) -> tuple[JSONAnswer, Any]:
         model_input = parse_model_input(body)
