@@ -2,9 +2,10 @@
 
 Each replica keeps cumulative stats per variant and pushes them every few seconds to one
 detached ``StatsCollector`` actor, which merges the replicas of an app; ``ray-deploy status``
-and the rollout gates read them there. The same numbers are exported as Ray Serve (Prometheus)
-metrics: ``ray_deploy_requests_total`` and ``ray_deploy_request_latency_ms``, tagged by app,
-variant and outcome.
+and the rollout gates read them there. The same numbers reach Prometheus through Ray Serve's
+metrics (``PrometheusExport``): ``ray_deploy_requests_total`` and the latency histogram
+``ray_deploy_request_latency_ms_bucket`` / ``_sum`` / ``_count``, tagged by app, variant and
+release (and Serve's deployment, replica and application tags).
 """
 
 from __future__ import annotations
@@ -115,6 +116,69 @@ class VariantStats:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariantStats:
         return cls(**data)
+
+
+REQUESTS_METRIC = "deploy_requests"
+"""Ray prefixes ``ray_`` and a counter gets ``_total``: exposed as ``ray_deploy_requests_total``."""
+LATENCY_METRIC = "deploy_request_latency_ms"
+"""Exposed as ``ray_deploy_request_latency_ms_bucket`` (with ``le``), ``_sum`` and ``_count``."""
+LATENCY_LE = (*(repr(float(bound)) for bound in LATENCY_BUCKETS_MS), "+Inf")
+_OUTCOMES = ("ok", "client_error", "error")
+
+
+class PrometheusExport:
+    """A replica's per-variant request metrics for Prometheus, from its cumulative stats.
+
+    Called once per push (``PUSH_INTERVAL_S``), never per request: a Ray metric call costs a few
+    microseconds alone but 15-20 under load, and one per request took 8% of a replica's
+    throughput (measured with the benchmarks). So requests are added to the counter per variant
+    and outcome, and the latency histogram is published as its cumulative series, set as gauges
+    named as Prometheus names a histogram's series; PromQL reads them as it reads any histogram:
+    ``histogram_quantile(0.99, sum by (le, variant) (rate(ray_deploy_request_latency_ms_bucket[1m])))``.
+    They are exact, per replica (Serve's ``replica`` tag), and restart at zero with the replica,
+    which ``rate`` handles.
+    """
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        variant_keys = ("app", "variant", "release")
+        self._requests = metrics.Counter(
+            REQUESTS_METRIC,
+            description="Scoring requests by app, variant, release and outcome (ok, client_error, error).",
+            tag_keys=(*variant_keys, "outcome"),
+        )
+        self._bucket = metrics.Gauge(
+            f"{LATENCY_METRIC}_bucket",
+            description="Scoring requests answered within le milliseconds inside the replica (cumulative).",
+            tag_keys=(*variant_keys, "le"),
+        )
+        self._sum = metrics.Gauge(
+            f"{LATENCY_METRIC}_sum",
+            description="Total scoring latency inside the replica, in milliseconds (cumulative).",
+            tag_keys=variant_keys,
+        )
+        self._count = metrics.Gauge(
+            f"{LATENCY_METRIC}_count", description="Scoring requests timed (cumulative).", tag_keys=variant_keys
+        )
+        self._counted: dict[str, tuple[int, int, int]] = {}
+
+    def export(self, stats: dict[str, VariantStats], tags: dict[str, dict[str, str]], sums: dict[str, float]) -> None:
+        """Publish ``stats`` (cumulative, by variant label) under each label's ``tags``."""
+        for label, variant in list(stats.items()):
+            variant_tags = tags[label]
+            now = (variant.requests - variant.errors - variant.client_errors, variant.client_errors, variant.errors)
+            before = self._counted.get(label, (0, 0, 0))
+            for outcome, count, earlier in zip(_OUTCOMES, now, before):
+                if count > earlier:
+                    self._requests.inc(count - earlier, tags={**variant_tags, "outcome": outcome})
+            self._counted[label] = now
+            cumulative = 0
+            for le, count in zip(LATENCY_LE, variant.latency_counts):
+                cumulative += count
+                self._bucket.set(cumulative, tags={**variant_tags, "le": le})
+            self._count.set(cumulative, tags=variant_tags)
+            self._sum.set(sums.get(label, 0.0), tags=variant_tags)
 
 
 class StatsCollector:

@@ -1,6 +1,7 @@
 """The seed's A/B test: the ONNX export against the native XGBoost model, 50/50 behind one route."""
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -176,10 +177,35 @@ def test_shadow_variant_is_compared_never_returned(ab_run, http):
     assert last["observed"]["shadow_compared"] >= len(rows)
 
 
+def _samples(text: str, name: str, app: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of one metric in Prometheus' text format, for one app: (labels, value)."""
+    found = []
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        labels_text, value = line[len(name) + 1 :].rsplit("} ", 1)
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels_text))
+        if labels.get("app") == app:
+            found.append((labels, float(value)))
+    return found
+
+
+def _per_variant(samples: list[tuple[dict[str, str], float]], *keys: str) -> dict[tuple[str, ...], float]:
+    """Samples summed over replicas (and anything else not in ``keys``)."""
+    summed: dict[tuple[str, ...], float] = {}
+    for labels, value in samples:
+        key = tuple(labels.get(k, "") for k in keys)
+        summed[key] = summed.get(key, 0.0) + value
+    return summed
+
+
 def test_per_variant_metrics_reach_prometheus(ab_run, http):
-    """Ray's metrics endpoint on the head (what Prometheus scrapes) carries our counters per variant."""
+    """Ray's metrics endpoint on the head (what Prometheus scrapes) carries our counters per variant,
+    under the documented names, and a latency histogram that agrees with them."""
     import os
     import time
+
+    from ray_deploy.serving.metrics import LATENCY_LE
 
     url = ab_run["deploy"].task.data.ray_serve["url"]
     row = ab_run["deploy"].task.data.dataset["X_test"][0].tolist()
@@ -187,24 +213,31 @@ def test_per_variant_metrics_reach_prometheus(ab_run, http):
         assert http.post(url, json={"instances": [row]}, headers={"X-Request-Key": f"p{index}"}).status_code == 200
     endpoint = f"http://127.0.0.1:{os.environ['RAY_DEPLOY_METRICS_PORT']}/metrics"
     deadline = time.monotonic() + 90
-    lines: list[str] = []
-    while time.monotonic() < deadline:
+    while True:
         try:
             text = http.get(endpoint).text
         except Exception:
             text = ""
-        ours = [line for line in text.splitlines() if 'app="cancer-ab"' in line]
-        lines = [line for line in ours if "ray_deploy_requests_total" in line]
-        buckets = [line for line in ours if "ray_deploy_request_latency_ms_bucket" in line]
-        if all(any(f'variant="{v}"' in line for line in lines + buckets) for v in ("xgb", "onnx")):
+        requests = _per_variant(_samples(text, "ray_deploy_requests_total", "cancer-ab"), "variant", "outcome")
+        buckets = _per_variant(_samples(text, "ray_deploy_request_latency_ms_bucket", "cancer-ab"), "variant", "le")
+        counts = _per_variant(_samples(text, "ray_deploy_request_latency_ms_count", "cancer-ab"), "variant")
+        timed = _per_variant(_samples(text, "ray_deploy_request_latency_ms_sum", "cancer-ab"), "variant")
+        answered = {v: sum(n for (name, _), n in requests.items() if name == v) for v in ("xgb", "onnx")}
+        # Both variants answered, and the histogram counts every request the counter counts
+        # (both are published by the same push; the scrape may fall between two pushes).
+        settled = all(answered[v] >= 1 and counts.get((v,)) == answered[v] for v in ("xgb", "onnx"))
+        if settled or time.monotonic() > deadline:
             break
         time.sleep(3)
-    assert any('variant="xgb"' in line and 'outcome="ok"' in line for line in lines), lines
-    assert any('variant="onnx"' in line and 'release="v' in line for line in lines), lines
-    # The latency histogram of each variant counts requests (its +Inf bucket holds all of them).
+    assert requests.get(("xgb", "ok"), 0) >= 1, requests
+    assert settled, (requests, counts)
+    releases = {labels["release"] for labels, _ in _samples(text, "ray_deploy_requests_total", "cancer-ab")}
+    assert all(release.startswith("v") for release in releases), releases
     for variant in ("xgb", "onnx"):
-        total = [line for line in buckets if f'variant="{variant}"' in line and 'le="+Inf"' in line]
-        assert total and float(total[0].rsplit(" ", 1)[1]) >= 1, buckets
+        cumulative = [buckets.get((variant, le), 0.0) for le in LATENCY_LE]
+        assert cumulative == sorted(cumulative), cumulative  # buckets are cumulative ("le")
+        assert cumulative[-1] == counts[(variant,)]  # +Inf holds every request
+        assert 0 < timed[(variant,)] < 1000 * counts[(variant,)]  # milliseconds, each under a second
 
 
 def test_blue_green_moves_all_traffic_then_gates_then_drops_the_old_release(ab_run, http):
