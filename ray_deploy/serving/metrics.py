@@ -48,11 +48,24 @@ class VariantStats:
             self.client_errors += 1
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
         if isinstance(predictions, list):
-            for value in predictions:
-                first = value[0] if isinstance(value, list) and value else value
-                if isinstance(first, int | float) and not isinstance(first, bool):
-                    self.prediction_count += 1
-                    self.prediction_sum += float(first)
+            self._add_predictions(predictions)
+
+    def _add_predictions(self, predictions: list[Any]) -> None:
+        for value in predictions:
+            first = value[0] if isinstance(value, list) and value else value
+            if isinstance(first, int | float) and not isinstance(first, bool):
+                self.prediction_count += 1
+                self.prediction_sum += float(first)
+
+    def record_batch(self, latency_ms: float, statuses: list[int], answers: list[Any]) -> None:
+        """``record`` for requests that share one latency (a shadow's batch), in one pass."""
+        self.requests += len(statuses)
+        self.errors += sum(1 for status in statuses if status >= 500)
+        self.client_errors += sum(1 for status in statuses if 400 <= status < 500)
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += len(statuses)
+        for predictions in answers:
+            if isinstance(predictions, list):
+                self._add_predictions(predictions)
 
     def merge(self, other: VariantStats) -> VariantStats:
         return VariantStats(

@@ -273,7 +273,7 @@ class ModelServer:
         self.served: list[LoadedVariant] = []
         self.fallback: LoadedVariant | None = None
         self.shadows: list[LoadedVariant] = []
-        self._shadow_queue: list[tuple[ModelInput, Any]] = []
+        self._shadow_queue: list[tuple[ModelInput, Any, int | None]] = []
         self._shadow_worker: asyncio.Task | None = None
         self.shadow_dropped = 0
         self._pusher: asyncio.Task | None = None
@@ -438,20 +438,22 @@ class ModelServer:
         model_input = parse_model_input(body)
         predictions = to_jsonable(await self._predict(variant, model_input))
         if self.shadows:
-            self._queue_shadow(model_input, predictions)
+            # The rows were checked as numbers of this width if the served variant took an array.
+            checked = variant.payload_format == "array" and not isinstance(variant.predictor, RemoteVariant)
+            self._queue_shadow(model_input, predictions, len(model_input.rows[0]) if checked else None)
         # MLflow scoring clients read "predictions" and ignore the rest; "variant" and "model_version"
         # say which model answered (also in headers, for clients that only look at those).
         answer = b'{"predictions":' + _dumps(predictions) + variant.answer_tail
         return JSONAnswer(answer, 200, variant.answer_headers), predictions
 
-    def _queue_shadow(self, model_input: ModelInput, served: Any) -> None:
+    def _queue_shadow(self, model_input: ModelInput, served: Any, checked_width: int | None) -> None:
         """Shadows score off the request path, in batches: the caller never waits for (or sees)
         a shadow, and a request costs the router one list append. Best effort: beyond
         ``SHADOW_QUEUE_LIMIT`` waiting requests, shadows skip requests (counted)."""
         if len(self._shadow_queue) >= SHADOW_QUEUE_LIMIT:
             self.shadow_dropped += 1
             return
-        self._shadow_queue.append((model_input, served))
+        self._shadow_queue.append((model_input, served, checked_width))
         if self._shadow_worker is None or self._shadow_worker.done():
             self._shadow_worker = asyncio.get_running_loop().create_task(self._drain_shadows())
 
@@ -466,28 +468,38 @@ class ModelServer:
                 except Exception:
                     logger.exception("ray-deploy: shadow variant %s failed", shadow.config.name)
 
-    async def _shadow_batch(self, shadow: LoadedVariant, batch: list[tuple[ModelInput, Any]]) -> None:
+    async def _shadow_batch(self, shadow: LoadedVariant, batch: list[tuple[ModelInput, Any, int | None]]) -> None:
         """Score a batch of requests with one shadow: one predict call for array models."""
         answers: list[Any] = [None] * len(batch)
         statuses = [500] * len(batch)
         started = time.perf_counter()
+        widths = {width for _, _, width in batch}
         if shadow.payload_format == "array" and not isinstance(shadow.predictor, RemoteVariant):
-            arrays, rows = [], []
-            for index, (model_input, _) in enumerate(batch):
-                try:
-                    arrays.append(shadow.make_payload(model_input))
-                    rows.append(index)
-                except RequestError as exc:
-                    statuses[index] = exc.status
-            if arrays:
-                stacked = await shadow.predict(np.concatenate(arrays))
+            width = next(iter(widths))
+            if len(widths) == 1 and width is not None and shadow.n_features in (None, width):
+                # Every row was checked on the served path: one array for the whole batch.
+                sizes = [len(model_input) for model_input, _, _ in batch]
+                stacked = np.array([row for model_input, _, _ in batch for row in model_input.rows], dtype=np.float64)
+                rows = list(range(len(batch)))
+            else:
+                arrays, rows, sizes = [], [], []
+                for index, (model_input, _, _) in enumerate(batch):
+                    try:
+                        arrays.append(shadow.make_payload(model_input))
+                        rows.append(index)
+                        sizes.append(len(model_input))
+                    except RequestError as exc:
+                        statuses[index] = exc.status
+                stacked = np.concatenate(arrays) if arrays else None
+            if stacked is not None:
+                values = to_jsonable(await shadow.predict(stacked))
                 offset = 0
-                for index, array in zip(rows, arrays):
-                    answers[index] = to_jsonable(stacked[offset : offset + len(array)])
+                for index, size in zip(rows, sizes):
+                    answers[index] = values[offset : offset + size]
                     statuses[index] = 200
-                    offset += len(array)
+                    offset += size
         else:
-            for index, (model_input, _) in enumerate(batch):
+            for index, (model_input, _, _) in enumerate(batch):
                 try:
                     answers[index] = to_jsonable(await self._predict(shadow, model_input))
                     statuses[index] = 200
@@ -498,8 +510,8 @@ class ModelServer:
         per_row_ms = (time.perf_counter() - started) * 1000 / len(batch)
         stats = self.stats.get(shadow.label) or self._start_stats(shadow)
         self._latency_sums[shadow.label] += per_row_ms * len(batch)
-        for (_, served), answer, status in zip(batch, answers, statuses):
-            stats.record(per_row_ms, status, answer)
+        stats.record_batch(per_row_ms, statuses, answers)
+        for (_, served, _), answer in zip(batch, answers):
             if answer is not None:
                 stats.compare(served, answer)
         if self._pusher is None:

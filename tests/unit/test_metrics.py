@@ -26,3 +26,15 @@ def test_collector_merges_replicas_and_deltas_subtract():
     later = merged["a"].merge(first)
     assert later.minus(merged["a"]).requests == 1
     assert collector.snapshot("other") == {}
+
+
+def test_a_batch_is_recorded_as_its_requests_one_by_one():
+    statuses = [200, 200, 422, 500, 200]
+    answers = [[1], [0.5, 0.25], None, None, [[3.0, 1.0]]]
+    one_by_one, batched = VariantStats(), VariantStats()
+    for status, answer in zip(statuses, answers):
+        one_by_one.record(1.5, status, answer)
+    batched.record_batch(1.5, statuses, answers)
+    assert batched == one_by_one
+    assert (batched.requests, batched.errors, batched.client_errors) == (5, 1, 1)
+    assert batched.prediction_count == 4
