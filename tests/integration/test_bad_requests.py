@@ -82,6 +82,36 @@ def test_unknown_route_and_method(cancer_url, http):
     assert http.get(f"{cancer_url}/-/healthz").json() == {"status": "ok"}
 
 
+def test_streamed_bodies_are_read_whole_and_bounded(cancer_url, http):
+    """A body sent in chunks (no Content-Length) is scored like one sent at once; one that grows
+    past max_request_bytes is refused with 413 without being read to its end."""
+    row = json.dumps([ROW]).encode()
+    streamed = http.post(
+        cancer_url,
+        content=iter([b'{"instances": ', row[:40], row[40:], b"}"]),
+        headers={"Content-Type": "application/json"},
+    )
+    whole = http.post(cancer_url, json={"instances": [ROW]})
+    assert streamed.status_code == 200, streamed.text[:300]
+    assert streamed.json()["predictions"] == whole.json()["predictions"]
+
+    def endless_rows(limit_chunks=160):
+        yield b'{"instances": ['
+        for _ in range(limit_chunks):  # 160 chunks of 60 kB: beyond the 8 MiB default limit
+            yield b"[1.0]," * 10_000
+        yield b"[1.0]]}"
+
+    refused = http.post(cancer_url, content=endless_rows(), headers={"Content-Type": "application/json"})
+    assert refused.status_code == 413 and "max_request_bytes" in refused.json()["error"]
+    assert http.post(cancer_url, json={"instances": [ROW]}).status_code == 200
+
+
+def test_replica_runs_with_the_serving_gc_threshold(cancer_url, http):
+    from ray_deploy.serving.server import GC_THRESHOLD
+
+    assert http.get(cancer_url).json()["gc_threshold"] == GC_THRESHOLD
+
+
 def test_fuzzed_payloads_never_get_a_5xx(cancer_url, http):
     """Random JSON shaped like scoring requests (bounded: 120 examples, loopback only)."""
     from hypothesis import HealthCheck, given, settings

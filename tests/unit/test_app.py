@@ -70,6 +70,34 @@ def test_predictions_become_json():
     assert to_jsonable(np.array([1.5, np.nan])) == [1.5, None]
     assert to_jsonable(pd.Series([1, 2])) == [1, 2]
     assert to_jsonable(pd.DataFrame({"a": [1]})) == [{"a": 1}]
+    # Arrays of every size and kind: a non-finite value anywhere becomes null, ints stay ints.
+    big = np.arange(200, dtype=np.float32).reshape(100, 2) / 4
+    assert to_jsonable(big) == big.tolist()
+    big[99, 1] = np.inf
+    assert to_jsonable(big)[99] == [49.5, None] and to_jsonable(big)[:99] == big[:99].tolist()
+    assert to_jsonable(np.array([[0.25, -np.inf]], dtype=np.float32)) == [[0.25, None]]
+    labels = to_jsonable(np.array([0, 1, 1], dtype=np.int64))
+    assert labels == [0, 1, 1] and all(type(label) is int for label in labels)
+    assert to_jsonable(np.array([True, False])) == [True, False]
+
+
+def test_replica_gc_threshold_is_raised_unless_told_otherwise():
+    import gc
+
+    from ray_deploy.errors import RayDeployError
+    from ray_deploy.serving.server import GC_THRESHOLD, GC_THRESHOLD_ENV, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        assert tune_gc({}) == GC_THRESHOLD and gc.get_threshold() == (GC_THRESHOLD, *before[1:])
+        assert tune_gc({GC_THRESHOLD_ENV: "5000"}) == 5000
+        gc.set_threshold(*before)
+        assert tune_gc({GC_THRESHOLD_ENV: "0"}) == before[0]  # 0: Python's own threshold stays
+        with pytest.raises(RayDeployError, match=f"{GC_THRESHOLD_ENV}='lots': expected a whole number"):
+            tune_gc({GC_THRESHOLD_ENV: "lots"})
+        assert gc.get_threshold() == before
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_resources_placement_and_autoscaling_reach_serve_as_serve_takes_them():
