@@ -1,13 +1,16 @@
 """Ratios between rows, the issue's targets, and the Markdown and PNG reports.
 
 Throughput ratios divide requests/s of two rows at the same concurrency; the shadow cost is the
-relative increase of p50 latency (``p50(shadow) / p50(ours) - 1``). A target is *met* or
+relative increase of p50 latency (``p50(shadow) / p50(ours) - 1``). With ``--repeat``, a ratio
+is the median of its round-by-round values: rounds are interleaved, so round i of one row ran
+close in time to round i of the other, and a slow spell of the machine affects both sides. A target is *met* or
 *missed* at each concurrency it applies to, and *n/a* when a row is missing or failed.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +31,13 @@ class Ratio:
     target_at: tuple[int, ...] | None = None  # concurrencies the target applies to; None: all
 
     def value(self, num: dict[str, Any] | None, den: dict[str, Any] | None) -> float | None:
+        """The ratio of two points; of several rounds, the median of the round-by-round ratios."""
         if not num or not den:
             return None
+        paired = num.get("rounds"), den.get("rounds")
+        if paired[0] and paired[1] and len(paired[0]) == len(paired[1]) > 1:
+            values = [self.value(a, b) for a, b in zip(*paired)]
+            return statistics.median(values) if None not in values else None
         if self.metric == "rps":
             return num["rps"] / den["rps"] if num.get("rps") and den.get("rps") else None
         if num.get("p50_ms") is None or not den.get("p50_ms"):
@@ -287,6 +295,16 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
     lines += [
         "## Ratios and the issue's targets",
         "",
+        *(
+            [
+                "Each ratio is the median of its round-by-round values (round i of one row against round i "
+                "of the other: rounds are interleaved, so both ran close in time), not the ratio of the "
+                "median rounds above.",
+                "",
+            ]
+            if settings.get("repeat", 1) > 1
+            else []
+        ),
         *ratios_table(results.get("ratios", []), concurrency),
         "",
         "## Rows",

@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
 def median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per id from several rounds: each point is the round with the median requests/s
     (the lower middle of an even count), so its latencies come from the same measurement; every
-    round's requests/s is kept as ``rounds_rps``. A row that failed in any round is reported
-    with that round's error."""
+    round's requests/s is kept as ``rounds_rps`` (sorted) and every round's numbers as ``rounds``
+    (in the order they ran). A row that failed in any round is reported with that round's error."""
     if len(rounds) == 1:
         return rounds[0]
     by_id: dict[str, list[dict[str, Any]]] = {}
@@ -372,8 +372,17 @@ def median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         row = dict(candidates[0])
         points = []
         for index in range(len(row["points"])):
-            measured = sorted((r["points"][index] for r in candidates), key=lambda p: p.get("rps") or 0.0)
-            points.append({**measured[(len(measured) - 1) // 2], "rounds_rps": [p.get("rps") for p in measured]})
+            in_order = [r["points"][index] for r in candidates]
+            measured = sorted(in_order, key=lambda p: p.get("rps") or 0.0)
+            points.append(
+                {
+                    **measured[(len(measured) - 1) // 2],
+                    "rounds_rps": [p.get("rps") for p in measured],
+                    # Round by round, in the order they ran: ratios pair round i of one row with
+                    # round i of another (benchmarks/report.py).
+                    "rounds": [{key: p.get(key) for key in ("rps", "p50_ms", "p99_ms")} for p in in_order],
+                }
+            )
         row["points"] = points
         merged.append(row)
     return merged

@@ -119,9 +119,16 @@ class LocalClusterSettings:
         return state if isinstance(state, dict) else {"data_path": "proxy"}
 
 
-FORWARDED_ENV = ("METAFLOW_S3_ENDPOINT_URL", "METAFLOW_S3_VERIFY_CERTIFICATE", "AWS_DEFAULT_REGION", "AWS_REGION")
-"""Where the datastore is, forwarded to replicas so they read models where the flow wrote them.
-Credentials are never forwarded: nodes bring their own (instance role, or their environment)."""
+FORWARDED_ENV = (
+    "METAFLOW_S3_ENDPOINT_URL",
+    "METAFLOW_S3_VERIFY_CERTIFICATE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "RAY_DEPLOY_GC_THRESHOLD",
+)
+"""Forwarded to replicas: where the datastore is, so they read models where the flow wrote them,
+and the replicas' GC threshold. Credentials are never forwarded: nodes bring their own
+(instance role, or their environment)."""
 
 
 def deployment_runtime_env(code_dir: str | None) -> dict[str, Any] | None:
@@ -129,6 +136,9 @@ def deployment_runtime_env(code_dir: str | None) -> dict[str, Any] | None:
     runtime_env: dict[str, Any] = {}
     if code_dir:
         runtime_env.update(working_dir=code_dir, excludes=_CODE_EXCLUDES)
+    from ray_deploy.serving.app import gc_threshold_setting
+
+    gc_threshold_setting(os.environ)  # a bad value fails here, not in every replica
     forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     if forwarded:
         runtime_env["env_vars"] = forwarded

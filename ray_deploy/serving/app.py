@@ -20,12 +20,36 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_deploy.artifacts import ModelRef
+from ray_deploy.errors import RayDeployError
 from ray_deploy.spec import DeploymentSpec
 
 SERVER_DEPLOYMENT = "ModelServer"
 VARIANT_APP_SEPARATOR = "--"
 APP_BUILDER_IMPORT_PATH = "ray_deploy.serving.app:app_builder"
 VARIANT_APP_BUILDER_IMPORT_PATH = "ray_deploy.serving.app:variant_app_builder"
+
+
+GC_THRESHOLD = 20_000
+"""Generation-0 threshold of the garbage collector in a serving replica (Python's is 700).
+
+Requests in flight hold a few dozen container objects each (frames, dicts, ASGI messages), so
+at 32 concurrent requests Python's threshold is crossed every dozen requests or so and a
+collection walks objects that are about to be freed anyway: measured in a loaded replica, the
+collector took ~10 us of a ~160 us request (6%). With this threshold it runs about once a
+minute. Only cyclic garbage waits longer (at most this many objects); everything else is
+still freed by reference counting at once. ``RAY_DEPLOY_GC_THRESHOLD`` sets another value
+(forwarded from the deploying process to the replicas); 0 keeps Python's."""
+GC_THRESHOLD_ENV = "RAY_DEPLOY_GC_THRESHOLD"
+
+
+def gc_threshold_setting(environ: Any) -> int:
+    """The replicas' generation-0 GC threshold from ``RAY_DEPLOY_GC_THRESHOLD`` (0: Python's own)."""
+    raw = environ.get(GC_THRESHOLD_ENV, "").strip()
+    if not raw:
+        return GC_THRESHOLD
+    if not raw.isdigit():
+        raise RayDeployError(f"{GC_THRESHOLD_ENV}={raw!r}: expected a whole number of objects (0 keeps Python's)")
+    return int(raw)
 
 
 class VariantConfig(BaseModel):

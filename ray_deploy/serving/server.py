@@ -38,7 +38,7 @@ from ray_deploy.artifacts import load_model
 from ray_deploy.errors import RayDeployError
 from ray_deploy.predictors import build_predictor
 from ray_deploy.predictors.base import RequestError
-from ray_deploy.serving.app import ServingConfig, VariantConfig, variant_app_name
+from ray_deploy.serving.app import ServingConfig, VariantConfig, gc_threshold_setting, variant_app_name
 from ray_deploy.serving.metrics import PUSH_INTERVAL_S, PrometheusExport, VariantStats, get_collector, report_devices
 from ray_deploy.serving.payload import ModelInput, parse_body, parse_model_input
 
@@ -57,30 +57,11 @@ run on the replica's prediction thread, so that the event loop keeps accepting r
 answering health checks and counting ongoing requests for the autoscaler."""
 _PREDICT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-deploy-predict")
 
-GC_THRESHOLD = 20_000
-"""Generation-0 threshold of the garbage collector in a serving replica (Python's is 700).
-
-Requests in flight hold a few dozen container objects each (frames, dicts, ASGI messages), so
-at 32 concurrent requests Python's threshold is crossed every dozen requests or so and a
-collection walks objects that are about to be freed anyway: measured in a loaded replica, the
-collector took ~10 us of a ~160 us request (6%). With this threshold it runs about once a
-minute. Only cyclic garbage waits longer (at most this many objects); everything else is
-still freed by reference counting at once. ``RAY_DEPLOY_GC_THRESHOLD`` in the replicas'
-environment sets another value; 0 keeps Python's."""
-GC_THRESHOLD_ENV = "RAY_DEPLOY_GC_THRESHOLD"
-
 
 def tune_gc(environ: Any = os.environ) -> int:
-    """Set this process's generation-0 GC threshold for serving; returns the threshold in force."""
-    raw = environ.get(GC_THRESHOLD_ENV, "").strip()
-    if raw:
-        if not raw.isdigit():
-            raise RayDeployError(
-                f"{GC_THRESHOLD_ENV}={raw!r}: expected a whole number of objects (0 keeps Python's threshold)"
-            )
-        threshold = int(raw)
-    else:
-        threshold = GC_THRESHOLD
+    """Set this process's generation-0 GC threshold for serving (``GC_THRESHOLD`` unless
+    ``RAY_DEPLOY_GC_THRESHOLD`` says otherwise); returns the threshold in force."""
+    threshold = gc_threshold_setting(environ)
     if threshold > 0:
         _, older, oldest = gc.get_threshold()
         gc.set_threshold(threshold, older, oldest)
@@ -417,9 +398,9 @@ class ModelServer:
                 raw = variant.predict_inline(model_input.to_array(variant.n_features))
             else:
                 raw = await self._predict(variant, model_input)
-            predictions = to_jsonable(raw)
-            response = self._answer(variant, model_input, predictions)
-            status = 200
+            answered = to_jsonable(raw)
+            response = self._answer(variant, model_input, answered)
+            status, predictions = 200, answered
             return response
         except RequestError as exc:
             status = exc.status
@@ -440,9 +421,9 @@ class ModelServer:
         status, predictions = 500, None
         try:
             model_input = parse_model_input(body)
-            predictions = to_jsonable(await self._predict(variant, model_input))
-            response = self._answer(variant, model_input, predictions)
-            status = 200
+            answered = to_jsonable(await self._predict(variant, model_input))
+            response = self._answer(variant, model_input, answered)
+            status, predictions = 200, answered
             return response
         except RequestError as exc:
             status = exc.status

@@ -81,11 +81,12 @@ def test_predictions_become_json():
     assert to_jsonable(np.array([True, False])) == [True, False]
 
 
-def test_replica_gc_threshold_is_raised_unless_told_otherwise():
+def test_replica_gc_threshold_is_raised_unless_told_otherwise(monkeypatch):
     import gc
 
     from ray_deploy.errors import RayDeployError
-    from ray_deploy.serving.server import GC_THRESHOLD, GC_THRESHOLD_ENV, tune_gc
+    from ray_deploy.serving.app import GC_THRESHOLD, GC_THRESHOLD_ENV
+    from ray_deploy.serving.server import tune_gc
 
     before = gc.get_threshold()
     try:
@@ -98,6 +99,14 @@ def test_replica_gc_threshold_is_raised_unless_told_otherwise():
         assert gc.get_threshold() == before
     finally:
         gc.set_threshold(*before)
+    # Set where the deploy runs, it reaches the replicas; a bad value fails the deploy up front.
+    from ray_deploy.cluster import deployment_runtime_env
+
+    monkeypatch.setenv(GC_THRESHOLD_ENV, "5000")
+    assert deployment_runtime_env(None)["env_vars"][GC_THRESHOLD_ENV] == "5000"
+    monkeypatch.setenv(GC_THRESHOLD_ENV, "-1")
+    with pytest.raises(RayDeployError, match=f"{GC_THRESHOLD_ENV}='-1': expected a whole number"):
+        deployment_runtime_env(None)
 
 
 def test_resources_placement_and_autoscaling_reach_serve_as_serve_takes_them():

@@ -11,6 +11,7 @@ import pytest
 # off sys.path again when the package is installed normally (benchmarks/__init__.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.plan import settings_for  # noqa: E402
+from benchmarks.report import compute_ratios  # noqa: E402
 from benchmarks.run import median_rows  # noqa: E402
 
 
@@ -52,3 +53,25 @@ def test_repeat_must_be_a_positive_count():
     assert settings_for("quick", repeat=3).repeat == 3
     with pytest.raises(ValueError, match="repeat: expected a whole number of rounds >= 1, got 0"):
         settings_for("quick", repeat=0)
+
+
+def test_ratios_pair_rounds_in_the_order_they_ran():
+    # Round 2 was a slow spell for every row; in round 3 only the shadow row had one. The median
+    # rounds (ours 300, shadow 150) would say the shadow doubles p50; round by round it costs
+    # +2.6%, +2.0% and +100%: the median, +2.6%, is what the shadow costs when nothing else interferes.
+    rounds = [
+        [_row("ours", 400), _row("handwritten_haproxy", 440), _row("ours_shadow", 390)],
+        [_row("ours", 100), _row("handwritten_haproxy", 110), _row("ours_shadow", 98)],
+        [_row("ours", 300), _row("handwritten_haproxy", 330), _row("ours_shadow", 150)],
+    ]
+    merged = median_rows(rounds)
+    ours = next(row for row in merged if row["id"] == "ours")["points"][0]
+    assert [r["rps"] for r in ours["rounds"]] == [400, 100, 300]  # in the order they ran
+    ratios = {r["name"]: r["at"]["1"] for r in compute_ratios(merged, (1,))}
+    assert ratios["shadow_p50_cost"]["value"] == pytest.approx(400 / 390 - 1, abs=1e-4)
+    assert ratios["shadow_p50_cost"]["status"] == "met"
+    assert ratios["ours_vs_handwritten_haproxy"]["value"] == pytest.approx(300 / 330, abs=1e-4)
+    assert ratios["ours_vs_handwritten_haproxy"]["status"] == "missed"
+    # One round (points without rounds): the plain ratio of the two points.
+    single = {r["name"]: r["at"]["1"]["value"] for r in compute_ratios(rounds[2], (1,))}
+    assert single["shadow_p50_cost"] == pytest.approx(300 / 150 - 1, abs=1e-4)
