@@ -388,14 +388,13 @@ class ModelServer:
         try:
             self._check_headers(content_type, declared)
             message = await receive()
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                chunk = message.get("body", b"")
-                if len(chunk) > self.config.max_request_bytes:
-                    raise RequestError(
-                        f"request body exceeds {self.config.max_request_bytes} bytes (max_request_bytes)", 413
-                    )
-            else:
-                chunk = await _receive_rest(receive, message, self.config.max_request_bytes)
+            chunk = message.get("body", b"")
+            if (
+                message["type"] != "http.request"
+                or message.get("more_body")
+                or len(chunk) > self.config.max_request_bytes
+            ):
+                chunk = await _receive_rest(receive, message, self.config.max_request_bytes)  # refuses what is wrong
             body = parse_body(chunk)
             model_input = parse_model_input(body)
             if variant.quick and variant.payload_format == "array" and self.config.max_batch_size <= 1:
