@@ -7,7 +7,7 @@ depth 6). Unlike the flow, only the first ``N_FEATURES`` = 20 columns are used (
 comes from ``ray_deploy.xgboost_to_onnx``, as an A/B flow would make it.
 
 ``store_models`` writes both models into a local Metaflow content-addressed store, the way a
-flow's step would, and returns the ``ray_deploy.ModelRef`` of each: ``ray_deploy.deploy`` only
+flow's step would, and returns the ``ray_deploy.ModelRef`` of each: ``ray_deploy.control.deploy`` only
 takes models by reference, and Metaflow artifact references are what the package's replicas load.
 """
 
@@ -96,7 +96,7 @@ def store_models(models: BenchmarkModels, datastore_root: Path) -> dict[str, Any
     from metaflow.plugins.datastores.local_storage import LocalStorage
 
     from ray_deploy import ModelRef
-    from ray_deploy.artifacts import METAFLOW_SCHEME, python_type_name
+    from ray_deploy.models.artifacts import METAFLOW_SCHEME, python_type_name
 
     datastore_root.mkdir(parents=True, exist_ok=True)
     storage = LocalStorage(str(datastore_root))

@@ -72,14 +72,14 @@ ROWS = (
         "ours_proxy",
         "ours, 1 variant, proxy",
         "proxy",
-        "our app (ray_deploy.deploy, one ONNX variant) on a head with Serve's default data path: "
+        "our app (ray_deploy.control.deploy, one ONNX variant) on a head with Serve's default data path: "
         "the reference for what the package's own data path adds.",
     ),
     RowSpec(
         "ours",
         "ours, 1 variant",
         "default",
-        "our app with one ONNX variant, deployed with ray_deploy.deploy on a head with the package's "
+        "our app with one ONNX variant, deployed with ray_deploy.control.deploy on a head with the package's "
         "default data path, through the URL deploy returns; server-side batching off (the default).",
     ),
     RowSpec(

@@ -3,10 +3,12 @@
 The public names live here; everything else is internal and may change.
 """
 
-from ray_deploy.artifacts import ModelRef, load_model, metaflow_model_ref
 from ray_deploy.cluster import ClusterInfo, cluster_status, connect, start_local_cluster, stop_local_cluster
-from ray_deploy.convert import ONNX_CONVERTIBLE_OBJECTIVES, xgboost_to_onnx
-from ray_deploy.deploy import DeployResult, app_status, delete_app, deploy
+from ray_deploy.control.deploy import DeployResult, deploy
+from ray_deploy.control.export import kuberay_manifest, serve_config
+from ray_deploy.control.restore import restore
+from ray_deploy.control.status import app_serving_config, app_status, delete_app, trace_app, trace_model
+from ray_deploy.control.traffic import promote, rollback, set_traffic
 from ray_deploy.errors import (
     ArtifactError,
     ClusterError,
@@ -19,7 +21,11 @@ from ray_deploy.errors import (
     RegistryUnreachable,
     SpecError,
 )
-from ray_deploy.lineage import (
+from ray_deploy.models.artifacts import ModelRef, load_model, metaflow_model_ref
+from ray_deploy.models.convert import ONNX_CONVERTIBLE_OBJECTIVES, xgboost_to_onnx
+from ray_deploy.models.parity import ParityReport, check_parity
+from ray_deploy.models.predictors import Predictor, RequestError, choose_predictor, load_predictor_class
+from ray_deploy.registry.lineage import (
     DataRef,
     LineageSource,
     Registry,
@@ -29,8 +35,6 @@ from ray_deploy.lineage import (
     flatten_metrics,
     origin_of,
 )
-from ray_deploy.parity import ParityReport, check_parity
-from ray_deploy.predictors import Predictor, RequestError, choose_predictor, load_predictor_class
 from ray_deploy.spec import DeploymentSpec, VariantSpec, option_defaults
 
 __all__ = [
@@ -57,6 +61,7 @@ __all__ = [
     "SpecError",
     "VariantSpec",
     "VersionRef",
+    "app_serving_config",
     "app_status",
     "check_parity",
     "choose_predictor",
@@ -67,13 +72,21 @@ __all__ = [
     "delete_app",
     "deploy",
     "flatten_metrics",
+    "kuberay_manifest",
     "load_model",
     "load_predictor_class",
     "metaflow_model_ref",
     "option_defaults",
     "origin_of",
+    "promote",
+    "restore",
+    "rollback",
+    "serve_config",
+    "set_traffic",
     "start_local_cluster",
     "stop_local_cluster",
+    "trace_app",
+    "trace_model",
     "xgboost_to_onnx",
 ]
 

@@ -26,7 +26,7 @@ import urllib.request
 from typing import Any
 
 from ray_deploy.cluster import cluster_status, start_local_cluster, stop_local_cluster
-from ray_deploy.deploy import app_status, delete_app
+from ray_deploy.control.status import app_status, delete_app
 from ray_deploy.errors import RayDeployError
 
 
@@ -114,7 +114,7 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def _show_config(config: Any, as_json: bool) -> None:
-    from ray_deploy.traffic import describe_variants
+    from ray_deploy.control.traffic import describe_variants
 
     variants = describe_variants(config)
     if as_json:
@@ -126,7 +126,7 @@ def _show_config(config: Any, as_json: bool) -> None:
 
 
 def _traffic(args: argparse.Namespace) -> None:
-    from ray_deploy.traffic import set_traffic
+    from ray_deploy.control.traffic import set_traffic
 
     _show_config(
         set_traffic(args.app, parse_weights(args.set), address=args.address, reason=args.reason or ""), args.json
@@ -134,20 +134,20 @@ def _traffic(args: argparse.Namespace) -> None:
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from ray_deploy.traffic import promote
+    from ray_deploy.control.traffic import promote
 
     _show_config(promote(args.app, address=args.address), args.json)
 
 
 def _rollback(args: argparse.Namespace) -> None:
-    from ray_deploy.traffic import rollback
+    from ray_deploy.control.traffic import rollback
 
     reason = f"operator rollback: {args.reason}" if args.reason else "operator rollback"
     _show_config(rollback(args.app, address=args.address, reason=reason), args.json)
 
 
 def _restore(args: argparse.Namespace) -> None:
-    from ray_deploy.restore import restore
+    from ray_deploy.control.restore import restore
 
     restored = restore(args.app, address=args.address)
     print("restored: " + (", ".join(restored) if restored else "nothing (every recorded app is running)"))
@@ -156,7 +156,7 @@ def _restore(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     import yaml
 
-    from ray_deploy.export import kuberay_manifest, serve_config
+    from ray_deploy.control.export import kuberay_manifest, serve_config
 
     if args.kuberay:
         document = kuberay_manifest(args.app, address=args.address, image=args.image, gpu_image=args.gpu_image)
@@ -173,7 +173,7 @@ def _export(args: argparse.Namespace) -> None:
 
 def print_lineage(chains: dict[str, list[Any]], as_json: bool) -> int:
     """Print lineage chains; 1 if any hop does not check out."""
-    from ray_deploy.trace import broken
+    from ray_deploy.registry.trace import broken
 
     if as_json:
         print(json.dumps({name: [hop.to_dict() for hop in hops] for name, hops in chains.items()}, indent=2))
@@ -197,7 +197,7 @@ def print_lineage(chains: dict[str, list[Any]], as_json: bool) -> int:
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    from ray_deploy.trace import trace_app, trace_model
+    from ray_deploy.control.status import trace_app, trace_model
 
     if args.model:
         chains = {args.model: trace_model(args.model, address=args.address)}

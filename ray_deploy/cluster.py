@@ -136,7 +136,7 @@ def deployment_runtime_env(code_dir: str | None) -> dict[str, Any] | None:
     runtime_env: dict[str, Any] = {}
     if code_dir:
         runtime_env.update(working_dir=code_dir, excludes=_CODE_EXCLUDES)
-    from ray_deploy.serving.app import gc_threshold_setting
+    from ray_deploy.serving.config import gc_threshold_setting
 
     gc_threshold_setting(os.environ)  # a bad value fails here, not in every replica
     forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_deploy.predictors.base import RequestError
+from ray_deploy.models.predictors.base import RequestError
 
 _NUMBER_TYPES = frozenset((int, float))  # exactly: bool is an int subclass and is refused
 INPUT_KEYS = ("instances", "inputs", "dataframe_split", "dataframe_records")

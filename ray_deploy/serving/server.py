@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,11 +35,11 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ray_deploy.artifacts import load_model
 from ray_deploy.errors import RayDeployError
-from ray_deploy.predictors import build_predictor
-from ray_deploy.predictors.base import RequestError
-from ray_deploy.serving.app import ServingConfig, VariantConfig, gc_threshold_setting, variant_app_name
+from ray_deploy.models.artifacts import load_model
+from ray_deploy.models.predictors import build_predictor
+from ray_deploy.models.predictors.base import RequestError
+from ray_deploy.serving.config import ServingConfig, VariantConfig, gc_threshold_setting, variant_app_name
 from ray_deploy.serving.metrics import PUSH_INTERVAL_S, PrometheusExport, VariantStats, get_collector, report_devices
 from ray_deploy.serving.payload import ModelInput, parse_body, parse_model_input
 
@@ -656,3 +657,68 @@ class VariantServer:
     def describe(self) -> dict[str, Any]:
         assert self.variant is not None
         return {**self.variant.describe(), "replica": replica_placement()}
+
+
+# Deployment objects, their Serve version pinned to the code above (see SERVER_CODE_VERSION).
+
+REPLICA_CODE = (
+    "serving/server.py",
+    "serving/config.py",
+    "serving/payload.py",
+    "serving/metrics.py",
+    "models",
+    "spec.py",
+    "errors.py",
+)
+"""The package's code that runs in a replica (relative to ``ray_deploy/``): the replica server,
+its config, payload codecs and metrics, model loading and predictors, and what they import.
+The CLI, the control plane and the front are left out, so editing them restarts no replica.
+``tests/unit/test_code_version.py`` checks this list against what a replica really imports."""
+
+
+def _server_code_version() -> str:
+    import ray_deploy
+
+    digest = hashlib.sha256(getattr(ray_deploy, "__version__", "0").encode("utf-8"))
+    package = Path(__file__).resolve().parent.parent
+    paths = set()
+    for entry in REPLICA_CODE:
+        target = package / entry
+        paths |= set(target.rglob("*.py")) if target.is_dir() else {target}
+    for path in sorted(paths):
+        digest.update(path.relative_to(package).as_posix().encode("utf-8"))
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+SERVER_CODE_VERSION = _server_code_version()
+
+
+def server_deployment(options: dict[str, Any]) -> Any:
+    """The ModelServer deployment with ``options``, its Serve version pinned to the serving code.
+
+    Serve gives an imperatively deployed class a random version on every ``serve.run``, which
+    restarts every replica even when only the user_config changed. Pinning the version keeps a
+    config-only change a ``reconfigure`` of the live replicas. ``Deployment`` takes no public
+    version argument in Ray 2.x; ``_version`` is what ``serve.run`` reads.
+    """
+    deployment = ModelServer.options(**options)
+    deployment._version = SERVER_CODE_VERSION
+    return deployment
+
+
+def variant_deployment(options: dict[str, Any]) -> Any:
+    """The VariantServer deployment with ``options``, its version pinned like ModelServer's."""
+    deployment = VariantServer.options(**options)
+    deployment._version = SERVER_CODE_VERSION
+    return deployment
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve config entry point (``import_path``): the deployment options arrive from the config file."""
+    return ModelServer.bind()
+
+
+def variant_app_builder(args: dict[str, Any]) -> Any:
+    """Serve config entry point of an isolated variant's app: ``args = {"name": <deployment name>}``."""
+    return VariantServer.options(name=args["name"]).bind()

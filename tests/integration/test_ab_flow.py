@@ -147,7 +147,7 @@ def test_shadow_variant_is_compared_never_returned(ab_run, http):
     import time
 
     from ray_deploy import DeploymentSpec, LineageSource, ModelRef, Registry, app_status, deploy
-    from ray_deploy.history import events
+    from ray_deploy.registry.history import events
 
     refs = {v["name"]: ModelRef(**v["model_ref"]) for v in ab_run["deploy"].task.data.ray_serve["variants"]}
     spec = DeploymentSpec.from_options(
@@ -246,7 +246,7 @@ def test_per_variant_metrics_reach_prometheus(ab_run, http):
 def test_blue_green_moves_all_traffic_then_gates_then_drops_the_old_release(ab_run, http):
     """The ONNX export replaces the XGBoost model blue/green: staged, all traffic, gate, promoted."""
     from ray_deploy import DeploymentSpec, LineageSource, ModelRef, Registry, deploy
-    from ray_deploy.history import events
+    from ray_deploy.registry.history import events
 
     refs = {v["name"]: ModelRef(**v["model_ref"]) for v in ab_run["deploy"].task.data.ray_serve["variants"]}
     task = ab_run["deploy"].task

@@ -107,7 +107,7 @@ def test_streamed_bodies_are_read_whole_and_bounded(cancer_url, http):
 
 
 def test_replica_runs_with_the_serving_gc_threshold(cancer_url, http):
-    from ray_deploy.serving.app import GC_THRESHOLD
+    from ray_deploy.serving.config import GC_THRESHOLD
 
     assert http.get(cancer_url).json()["gc_threshold"] == GC_THRESHOLD
 

@@ -274,7 +274,7 @@ def test_redeploying_the_same_task_reuses_its_version(train_run, embedded_regist
 def test_registry_write_failing_after_serve_changed_puts_the_app_back(train_run, cancer_url, http, monkeypatch):
     """Forced fault: the registry accepts the version, then fails the deployment write. Stopping a
     real server between those two calls cannot be timed from a test, so the write is made to raise."""
-    from ray_deploy.history import TrafficRecorder
+    from ray_deploy.registry.history import TrafficRecorder
 
     ref, variant, source = _current(train_run)
     before = http.get(cancer_url).json()["variants"]

@@ -37,7 +37,7 @@ import httpx
 import pytest
 
 from ray_deploy import Registry, delete_app
-from ray_deploy.history import events, releases
+from ray_deploy.registry.history import events, releases
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def die_once_live(task: str, url: str, crash_after: str, deadline_s: float = 400
     import httpx
 
     from ray_deploy import Registry, delete_app
-    from ray_deploy.history import releases
+    from ray_deploy.registry.history import releases
 
     registry = Registry()
     version = None

@@ -162,7 +162,7 @@ def test_a_holding_canary_is_the_operators_and_a_second_deployer_is_turned_away(
     """Steps short of 100 hold the canary; traffic/promote/rollback from the flow's own CLI; the
     app lock refuses a flow that deploys while another change is in progress, changing nothing."""
     from ray_deploy import connect
-    from ray_deploy.apply import app_lock
+    from ray_deploy.control.lock import app_lock
 
     app = "held"
     (tmp_path / "flow").mkdir()

@@ -32,7 +32,7 @@ def test_recorded_hash_is_the_stored_artifact(train_run):
     artifact = DataArtifact(f"{deploy_task.pathspec}/model")
     assert artifact.sha == ref["blob_key"]
     from ray_deploy import ModelRef
-    from ray_deploy.artifacts import read_model_bytes
+    from ray_deploy.models.artifacts import read_model_bytes
 
     blob = read_model_bytes(ModelRef(**ref))
     assert hashlib.sha256(blob).hexdigest() == variant["sha256"]

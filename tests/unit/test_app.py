@@ -6,8 +6,8 @@ import pytest
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
 from ray_deploy import ArtifactError, DeploymentSpec, ModelRef
-from ray_deploy.artifacts import verify_sha256
-from ray_deploy.serving.app import serving_config, to_serve_config
+from ray_deploy.models.artifacts import verify_sha256
+from ray_deploy.serving.config import serving_config, to_serve_config
 from ray_deploy.serving.server import LoadedVariant, choose_variant, to_jsonable
 
 REF = ModelRef(
@@ -85,7 +85,7 @@ def test_replica_gc_threshold_is_raised_unless_told_otherwise(monkeypatch):
     import gc
 
     from ray_deploy.errors import RayDeployError
-    from ray_deploy.serving.app import GC_THRESHOLD, GC_THRESHOLD_ENV
+    from ray_deploy.serving.config import GC_THRESHOLD, GC_THRESHOLD_ENV
     from ray_deploy.serving.server import tune_gc
 
     before = gc.get_threshold()
@@ -111,7 +111,7 @@ def test_replica_gc_threshold_is_raised_unless_told_otherwise(monkeypatch):
 
 def test_resources_placement_and_autoscaling_reach_serve_as_serve_takes_them():
     """Our options become Serve's own: its config schema and Deployment.options accept them as given."""
-    from ray_deploy.serving.app import server_deployment
+    from ray_deploy.serving.server import server_deployment
 
     spec = DeploymentSpec.from_options(
         {

@@ -1,7 +1,7 @@
 import pytest
 
 from ray_deploy import DeploymentSpec, LineageError, ModelRef, Registry, SpecError, flatten_metrics
-from ray_deploy.lineage import artifact_uri, registry_uri, tracking_uri
+from ray_deploy.registry.lineage import artifact_uri, registry_uri, tracking_uri
 
 
 def test_metrics_flatten_to_dotted_names():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ray_deploy.predictors.base import RequestError
+from ray_deploy.models.predictors.base import RequestError
 from ray_deploy.serving.payload import parse_body, parse_model_input
 
 

@@ -5,7 +5,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.linear_model import LogisticRegression
 
 from ray_deploy import PredictorError, choose_predictor, load_predictor_class
-from ray_deploy.predictors import build_predictor
+from ray_deploy.models.predictors import build_predictor
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def delete(obj, app=None):
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
 @click.pass_context
 def lineage(ctx, app=None, as_json=False):
-    from ray_deploy.trace import trace_app
+    from ray_deploy import trace_app
 
     obj = ctx.obj
     failed = 0
@@ -138,7 +138,7 @@ def _show(obj, config):
 @click.option("--reason", default=None, help="Why; recorded on the model versions.")
 @click.pass_obj
 def traffic(obj, app=None, weights=None, reason=None):
-    from ray_deploy.traffic import set_traffic
+    from ray_deploy.control.traffic import set_traffic
 
     name = _single(obj, app)
     try:
@@ -151,7 +151,7 @@ def traffic(obj, app=None, weights=None, reason=None):
 @click.option("--app", default=None, help="The app (needed when the flow deploys several).")
 @click.pass_obj
 def promote(obj, app=None):
-    from ray_deploy.traffic import promote as promote_app
+    from ray_deploy.control.traffic import promote as promote_app
 
     name = _single(obj, app)
     try:
@@ -165,7 +165,7 @@ def promote(obj, app=None):
 @click.option("--reason", default=None, help="Why; recorded on the model versions.")
 @click.pass_obj
 def rollback(obj, app=None, reason=None):
-    from ray_deploy.traffic import rollback as rollback_app
+    from ray_deploy.control.traffic import rollback as rollback_app
 
     name = _single(obj, app)
     try:

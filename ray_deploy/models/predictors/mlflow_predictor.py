@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray_deploy.errors import PredictorError
-from ray_deploy.predictors.base import Predictor
+from ray_deploy.models.predictors.base import Predictor
 
 
 class MLflowPredictor(Predictor):

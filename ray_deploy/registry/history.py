@@ -20,10 +20,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_deploy.apply import who
 from ray_deploy.errors import LineageError
-from ray_deploy.lineage import Registry, VersionRef, recorded_at
-from ray_deploy.serving.app import ServingConfig, VariantConfig
+from ray_deploy.registry.lineage import Registry, VersionRef, recorded_at, who
+from ray_deploy.serving.config import ServingConfig, VariantConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Moving traffic from the release an app serves to a new one: plans, steps, gates, rollback.
 
 A rollout never starts or stops replicas. Every step is a new ``user_config`` for the live
-ModelServer replicas (see ``serving.app.server_deployment``): first the new release is loaded
+ModelServer replicas (see ``serving.server.server_deployment``): first the new release is loaded
 beside the old one with no traffic, then its share grows step by step, and only when it holds
 all traffic are the old models dropped (requests already running on them finish, since they
 hold their own reference). A gate after each step compares the new release's live error rate
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_deploy.serving.app import RolloutState, ServingConfig, VariantConfig
+from ray_deploy.serving.config import RolloutState, ServingConfig, VariantConfig
 from ray_deploy.serving.metrics import PUSH_INTERVAL_S, VariantStats
 from ray_deploy.spec import RolloutSpec
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ray_deploy.artifacts import METAFLOW_SCHEME, ModelRef, read_model_bytes
 from ray_deploy.errors import RayDeployError
-from ray_deploy.lineage import Registry, VersionRef
+from ray_deploy.models.artifacts import METAFLOW_SCHEME, ModelRef, read_model_bytes
+from ray_deploy.registry.lineage import Registry, VersionRef
+from ray_deploy.serving.config import ServingConfig
 
 
 @dataclass(frozen=True)
@@ -31,15 +33,19 @@ class Hop:
         return asdict(self)
 
 
-def trace_app(app: str, address: str | None = None, registry: Registry | None = None) -> dict[str, list[Hop]]:
-    """The lineage of every variant an app serves, starting from the live Serve app.
+AppReader = Callable[[str, "str | None"], "tuple[ServingConfig, str, str]"]
+"""Reads a live app: (app, address) -> (config, Serve status, URL). The control plane passes
+``ray_deploy.control.status.app_serving_config``; this module never reaches Serve itself."""
+
+
+def trace_config(
+    app: str, config: ServingConfig, status: str, url: str, registry: Registry | None = None
+) -> dict[str, list[Hop]]:
+    """The lineage of every variant a live app serves (its config as read from Serve).
 
     Returns:
-        variant name -> its chain of hops, app first.
+        variant label -> its chain of hops, app first.
     """
-    from ray_deploy.deploy import app_serving_config
-
-    config, status, url = app_serving_config(app, address)
     if registry is None and config.registry_uri:
         registry = Registry(config.registry_uri, config.registry_uri)
     chains = {}
@@ -66,7 +72,9 @@ def trace_app(app: str, address: str | None = None, registry: Registry | None = 
     return chains
 
 
-def trace_model(reference: str, registry: Registry | None = None, address: str | None = None) -> list[Hop]:
+def trace_model(
+    reference: str, read_app: AppReader, registry: Registry | None = None, address: str | None = None
+) -> list[Hop]:
     """The lineage of one model version (``NAME/VERSION`` or ``NAME@ALIAS``), with the app serving it."""
     registry = registry or Registry()
     version = registry.resolve(reference)
@@ -74,7 +82,7 @@ def trace_model(reference: str, registry: Registry | None = None, address: str |
     tags = _tags(registry, version)
     app = tags.get("ray.app") if tags else None
     if app:
-        hops.insert(0, _serving_hop(app, version, address or tags.get("ray.address")))
+        hops.insert(0, _serving_hop(app, version, read_app, address or tags.get("ray.address")))
     return hops
 
 
@@ -82,11 +90,9 @@ def broken(hops: list[Hop]) -> list[Hop]:
     return [hop for hop in hops if not hop.ok]
 
 
-def _serving_hop(app: str, version: VersionRef, address: str | None) -> Hop:
-    from ray_deploy.deploy import app_serving_config
-
+def _serving_hop(app: str, version: VersionRef, read_app: AppReader, address: str | None) -> Hop:
     try:
-        config, status, url = app_serving_config(app, address)
+        config, status, url = read_app(app, address)
     except RayDeployError as exc:
         return Hop("app", app, False, f"cannot read the app: {exc}")
     serving = [v for v in config.variants if v.model_version == str(version)]
@@ -145,7 +151,7 @@ def _version_hops(registry: Registry, version: VersionRef, expected: ModelRef | 
 
 def history_hops(tags: dict[str, str]) -> list[Hop]:
     """The version's traffic history (deploys, rollout steps, gates, rollbacks), oldest first."""
-    from ray_deploy.history import EVENT_PREFIX
+    from ray_deploy.registry.history import EVENT_PREFIX
 
     hops = []
     for key in sorted(k for k in tags if k.startswith(EVENT_PREFIX)):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ray_deploy.errors import ParityError
-from ray_deploy.predictors import build_predictor
+from ray_deploy.models.predictors import build_predictor
 
 DEFAULT_RTOL = 1e-5
 DEFAULT_ATOL = 1e-6

@@ -12,14 +12,15 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_deploy.apply import RunningApp, app_lock, apply_config, restore, running_app, url_base
 from ray_deploy.cluster import connect
+from ray_deploy.control.apply import RunningApp, apply_config, restore, running_app, url_base
+from ray_deploy.control.lock import app_lock
+from ray_deploy.control.rollout import GateResult, Plan, watch
 from ray_deploy.errors import DeployError, RolloutFailed, SpecError
-from ray_deploy.history import TrafficRecorder, previous_release
-from ray_deploy.lineage import Registry, recorded_at
 from ray_deploy.progress import Waiter, report
-from ray_deploy.rollout import GateResult, Plan, watch
-from ray_deploy.serving.app import SERVER_DEPLOYMENT, ServingConfig
+from ray_deploy.registry.history import TrafficRecorder, previous_release
+from ray_deploy.registry.lineage import Registry, recorded_at
+from ray_deploy.serving.config import SERVER_DEPLOYMENT, ServingConfig
 from ray_deploy.serving.metrics import VariantStats, get_collector
 from ray_deploy.spec import RolloutSpec
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ray_deploy.errors import PredictorError
-from ray_deploy.predictors.base import Predictor, config_choice, visible_gpus
+from ray_deploy.models.predictors.base import Predictor, config_choice, visible_gpus
 
 _PROBABILITY_OUTPUTS = ("probabilities", "output_probability", "probability")
 

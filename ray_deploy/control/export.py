@@ -16,11 +16,11 @@ import copy
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
-from ray_deploy.apply import running_app, variant_apps
 from ray_deploy.cluster import connect
+from ray_deploy.control.apply import running_app, variant_apps
 from ray_deploy.errors import DeployError
 from ray_deploy.progress import report
-from ray_deploy.serving.app import (
+from ray_deploy.serving.config import (
     APP_BUILDER_IMPORT_PATH,
     VARIANT_APP_BUILDER_IMPORT_PATH,
     ServingConfig,

@@ -1,32 +1,30 @@
-"""Building the Ray Serve application for a deployment spec.
+"""What a serving app is, as pure data: the config its replicas receive and its Serve options.
 
 The application is one deployment, ``ModelServer``, whose ``user_config`` is the whole
 ``ServingConfig``: model references (never the models), predictors, weights and where the
 models came from. Keeping it in ``user_config`` means the Ray dashboard shows what each app
 serves, and Serve's own config file format (``to_serve_config``) rebuilds the same app.
 
-The deployment's Serve version is pinned to a hash of the serving code (``SERVER_CODE_VERSION``),
-so a redeploy that changes only the ``user_config`` (new models, new weights) is applied by
-``reconfigure`` on the running replicas: they keep answering throughout, which is what makes
-rollouts zero-downtime. Changing resources or code still restarts replicas (Serve's rolling update).
+Nothing here imports Ray or the replica code: the control plane builds and compares these
+objects, the replica (``serving.server``) reads them. The deployment objects themselves, with their
+Serve version pinned to the code the replicas run, are built in ``serving.server``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ray_deploy.artifacts import ModelRef
 from ray_deploy.errors import RayDeployError
+from ray_deploy.models.artifacts import ModelRef
 from ray_deploy.spec import DeploymentSpec
 
 SERVER_DEPLOYMENT = "ModelServer"
 VARIANT_APP_SEPARATOR = "--"
-APP_BUILDER_IMPORT_PATH = "ray_deploy.serving.app:app_builder"
-VARIANT_APP_BUILDER_IMPORT_PATH = "ray_deploy.serving.app:variant_app_builder"
+APP_BUILDER_IMPORT_PATH = "ray_deploy.serving.server:app_builder"
+VARIANT_APP_BUILDER_IMPORT_PATH = "ray_deploy.serving.server:variant_app_builder"
 
 
 GC_THRESHOLD = 20_000
@@ -200,35 +198,6 @@ def content_release(model: ModelRef) -> str:
     return (model.sha256 or hashlib.sha256(model.uri.encode("utf-8")).hexdigest())[:8]
 
 
-def _server_code_version() -> str:
-    import ray_deploy
-
-    digest = hashlib.sha256(getattr(ray_deploy, "__version__", "0").encode("utf-8"))
-    package = Path(__file__).resolve().parent.parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode("utf-8"))
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-SERVER_CODE_VERSION = _server_code_version()
-
-
-def server_deployment(options: dict[str, Any]) -> Any:
-    """The ModelServer deployment with ``options``, its Serve version pinned to the serving code.
-
-    Serve gives an imperatively deployed class a random version on every ``serve.run``, which
-    restarts every replica even when only the user_config changed. Pinning the version keeps a
-    config-only change a ``reconfigure`` of the live replicas. ``Deployment`` takes no public
-    version argument in Ray 2.x; ``_version`` is what ``serve.run`` reads.
-    """
-    from ray_deploy.serving.server import ModelServer
-
-    deployment = ModelServer.options(**options)
-    deployment._version = SERVER_CODE_VERSION
-    return deployment
-
-
 def variant_app_name(app: str, variant: VariantConfig) -> str:
     """The Serve app an isolated variant runs in: ``<app>--<variant>-<release>``."""
     return f"{app}{VARIANT_APP_SEPARATOR}{variant.deployment_name()}"
@@ -247,15 +216,6 @@ def variant_app_options(app: str, variant: VariantConfig) -> dict[str, Any]:
         "ray_actor_options": actor_options,
         "user_config": {"app": app, "variant": variant.model_dump(mode="json")},
     }
-
-
-def variant_deployment(options: dict[str, Any]) -> Any:
-    """The VariantServer deployment with ``options``, its version pinned like ModelServer's."""
-    from ray_deploy.serving.server import VariantServer
-
-    deployment = VariantServer.options(**options)
-    deployment._version = SERVER_CODE_VERSION
-    return deployment
 
 
 def deployment_options(spec: DeploymentSpec, config: ServingConfig) -> dict[str, Any]:
@@ -288,25 +248,6 @@ def deployment_options(spec: DeploymentSpec, config: ServingConfig) -> dict[str,
         options["placement_group_bundles"] = [dict(bundle) for bundle in spec.placement.bundles]
         options["placement_group_strategy"] = spec.placement.strategy
     return options
-
-
-def build_application(spec: DeploymentSpec, config: ServingConfig) -> Any:
-    """The bound Serve application (``serve.run`` takes it)."""
-    return server_deployment(deployment_options(spec, config)).bind()
-
-
-def app_builder(args: dict[str, Any]) -> Any:
-    """Serve config entry point (``import_path``): the deployment options arrive from the config file."""
-    from ray_deploy.serving.server import ModelServer
-
-    return ModelServer.bind()
-
-
-def variant_app_builder(args: dict[str, Any]) -> Any:
-    """Serve config entry point of an isolated variant's app: ``args = {"name": <deployment name>}``."""
-    from ray_deploy.serving.server import VariantServer
-
-    return VariantServer.options(name=args["name"]).bind()
 
 
 def to_serve_config(spec: DeploymentSpec, config: ServingConfig) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from ray_deploy.errors import PredictorError
-from ray_deploy.predictors.base import Predictor, config_choice, visible_gpus
+from ray_deploy.models.predictors.base import Predictor, config_choice, visible_gpus
 
 
 class XGBoostPredictor(Predictor):

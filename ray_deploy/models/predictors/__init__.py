@@ -8,13 +8,13 @@ import sys
 from typing import Any
 
 from ray_deploy.errors import PredictorError
-from ray_deploy.predictors.base import Predictor, RequestError
+from ray_deploy.models.predictors.base import Predictor, RequestError
 
 BUILTIN_PREDICTOR_PATHS = {
-    "xgboost": "ray_deploy.predictors.xgboost_predictor:XGBoostPredictor",
-    "onnx": "ray_deploy.predictors.onnx_predictor:ONNXPredictor",
-    "python": "ray_deploy.predictors.python_predictor:PythonPredictor",
-    "mlflow": "ray_deploy.predictors.mlflow_predictor:MLflowPredictor",
+    "xgboost": "ray_deploy.models.predictors.xgboost_predictor:XGBoostPredictor",
+    "onnx": "ray_deploy.models.predictors.onnx_predictor:ONNXPredictor",
+    "python": "ray_deploy.models.predictors.python_predictor:PythonPredictor",
+    "mlflow": "ray_deploy.models.predictors.mlflow_predictor:MLflowPredictor",
 }
 PAYLOAD_FORMATS = ("array", "dataframe", "json")
 

@@ -15,13 +15,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ray_deploy.apply import app_lock, apply_config, running_app
 from ray_deploy.cluster import connect
+from ray_deploy.control.apply import apply_config, running_app
+from ray_deploy.control.lock import app_lock
 from ray_deploy.errors import DeployError, LineageError
-from ray_deploy.history import CODE_DIR_TAG, RELEASE_PREFIX, SETTINGS_TAG, VARIANT_CONFIG_TAG
-from ray_deploy.lineage import Registry, VersionRef
 from ray_deploy.progress import report
-from ray_deploy.serving.app import ServingConfig, VariantConfig
+from ray_deploy.registry.history import CODE_DIR_TAG, RELEASE_PREFIX, SETTINGS_TAG, VARIANT_CONFIG_TAG
+from ray_deploy.registry.lineage import Registry, VersionRef
+from ray_deploy.serving.config import ServingConfig, VariantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def restore(app: str | None = None, address: str | None = None, registry: Regist
     Raises:
         DeployError: ``app`` has no record, or an app did not come back (the others still do).
     """
-    from ray_deploy.deploy import preflight
+    from ray_deploy.control.deploy import preflight
 
     registry = registry or Registry()
     registry.check_reachable()

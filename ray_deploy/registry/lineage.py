@@ -20,6 +20,7 @@ The registry is ``MLFLOW_REGISTRY_URI``, else ``MLFLOW_TRACKING_URI``, else a SQ
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
@@ -30,8 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ray_deploy.artifacts import ModelRef
 from ray_deploy.errors import LineageError, RegistryUnreachable
+from ray_deploy.models.artifacts import ModelRef
 
 logger = logging.getLogger(__name__)
 
@@ -307,6 +308,17 @@ def recorded_at() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def who() -> str:
+    """The user on whose behalf a change is made (Metaflow's USERNAME first)."""
+    for name in ("METAFLOW_USER", "USERNAME", "USER"):
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
 def flatten_metrics(name: str, value: Any) -> dict[str, float]:
     """Metrics from an artifact: a number, or a (nested) dict of numbers, as dotted names.
 
@@ -356,7 +368,7 @@ def data_ref_from_pathspec(pathspec: str, flow_datastore: Any | None = None) -> 
 
     from metaflow import DataArtifact, namespace
 
-    from ray_deploy.artifacts import METAFLOW_SCHEME, read_model_bytes
+    from ray_deploy.models.artifacts import METAFLOW_SCHEME, read_model_bytes
 
     namespace(None)
     try:

@@ -1,43 +1,33 @@
-"""Talking to Serve from the deploying process: apply a config, wait for it, read it back, lock.
+"""Talking to Serve: apply a config, wait until the app serves it, read it back.
 
 Every change to an app goes through ``apply_config``: the ModelServer deployment with the given
 options and ``ServingConfig``, applied without blocking, then watched (with progress) until Serve
 reports the app RUNNING *and* the app's own GET answer shows the expected variants and weights.
-``app_lock`` makes changes to one app exclusive across processes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import getpass
 import json
 import logging
-import os
-import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from ray_deploy.errors import AppLocked, DeployError
+from ray_deploy.errors import DeployError
 from ray_deploy.progress import Waiter, report
-from ray_deploy.serving.app import (
+from ray_deploy.serving.config import (
     SERVER_DEPLOYMENT,
     VARIANT_APP_SEPARATOR,
     ServingConfig,
-    server_deployment,
     variant_app_name,
     variant_app_options,
-    variant_deployment,
 )
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.5
-LOCK_NAMESPACE = "ray_deploy_locks"
 
 
 @dataclass(frozen=True)
@@ -101,6 +91,8 @@ def apply_config(app: str, route_prefix: str, options: dict[str, Any], url: str,
     Raises:
         DeployError: Serve refused the app, or it did not serve the config within ``timeout_s``.
     """
+    from ray_deploy.serving.server import server_deployment
+
     config = ServingConfig.model_validate(options["user_config"])
     ensure_variant_apps(config, timeout_s)
     _run(server_deployment(options).bind(), app, route_prefix)
@@ -111,6 +103,8 @@ def apply_config(app: str, route_prefix: str, options: dict[str, Any], url: str,
 def ensure_variant_apps(config: ServingConfig, timeout_s: float) -> None:
     """Start the Serve app of every isolated variant ``config`` names (running ones are kept)."""
     from ray import serve
+
+    from ray_deploy.serving.server import variant_deployment
 
     running = serve.status().applications
     for variant in config.variants:
@@ -327,71 +321,3 @@ def url_base() -> str:
     http = serve_details().get("http_options") or {}
     host, port = http.get("host"), http.get("port") or 8000
     return f"http://{'127.0.0.1' if host in (None, '0.0.0.0') else host}:{port}"
-
-
-def who() -> str:
-    """The user on whose behalf a change is made (Metaflow's USERNAME first)."""
-    for name in ("METAFLOW_USER", "USERNAME", "USER"):
-        if os.environ.get(name):
-            return os.environ[name]
-    try:
-        return getpass.getuser()
-    except Exception:
-        return "unknown"
-
-
-class _LockHolder:
-    def __init__(self, info: dict[str, Any]):
-        self._info = info
-
-    def info(self) -> dict[str, Any]:
-        return self._info
-
-
-@contextlib.contextmanager
-def app_lock(app: str, purpose: str) -> Iterator[None]:
-    """Hold the app's change lock for the block, or raise AppLocked naming who holds it.
-
-    The lock is a named Ray actor owned by this process: Ray removes it when the block ends,
-    and also when this process dies, so a crashed deploy never leaves an app locked.
-    """
-    import ray
-
-    holder = ray.remote(num_cpus=0, max_restarts=0)(_LockHolder)
-    name = f"lock:{app}"
-    info = {
-        "purpose": purpose,
-        "user": who(),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "since": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    actor = None
-    for _ in range(20):
-        try:
-            actor = holder.options(name=name, namespace=LOCK_NAMESPACE).remote(info)
-            break
-        except ValueError:
-            owner = _lock_owner(name)
-            if owner is not None:
-                raise AppLocked(
-                    f"app {app!r} is being changed by {owner.get('user')} on {owner.get('host')} "
-                    f"(pid {owner.get('pid')}, {owner.get('purpose')}, since {owner.get('since')}); "
-                    "wait for that to finish and try again"
-                ) from None
-            time.sleep(0.25)  # the previous holder is gone; its name is being released
-    if actor is None:
-        raise AppLocked(f"app {app!r}: could not take its change lock (namespace {LOCK_NAMESPACE})")
-    try:
-        yield
-    finally:
-        ray.kill(actor, no_restart=True)
-
-
-def _lock_owner(name: str) -> dict[str, Any] | None:
-    import ray
-
-    try:
-        return ray.get(ray.get_actor(name, namespace=LOCK_NAMESPACE).info.remote(), timeout=10)
-    except Exception:
-        return None

@@ -1,0 +1,124 @@
+"""Reading live apps: status, the config an app serves, its lineage checked hop by hop; deleting one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray_deploy.cluster import connect
+from ray_deploy.control.apply import serve_details, variant_apps
+from ray_deploy.control.lock import app_lock
+from ray_deploy.errors import DeployError
+from ray_deploy.progress import report
+from ray_deploy.registry.lineage import Registry
+from ray_deploy.registry.trace import Hop, trace_config
+from ray_deploy.registry.trace import trace_model as _trace_model
+from ray_deploy.serving.config import SERVER_DEPLOYMENT, ServingConfig, variant_app_name
+from ray_deploy.serving.metrics import app_devices, app_metrics, replica_reports
+
+
+def app_status(app: str | None = None, address: str | None = None) -> list[dict[str, Any]]:
+    """Status of the apps this package deployed (all, or one): state, URL and variants."""
+    from ray import serve
+
+    with connect(address, start_local=False) as cluster:
+        details = serve_details().get("applications", {})
+        statuses = serve.status().applications
+        apps = []
+        for name, detail in sorted(details.items()):
+            if app is not None and name != app:
+                continue
+            server = detail.get("deployments", {}).get(SERVER_DEPLOYMENT)
+            user_config = ((server or {}).get("deployment_config") or {}).get("user_config")
+            if not user_config:
+                continue
+            config = ServingConfig.model_validate(user_config)
+            status = statuses.get(name)
+            reports = replica_reports(name, _live_replicas(details, [name, *variant_apps(name)]))
+            apps.append(
+                {
+                    "app": name,
+                    "status": status.status.value if status else "UNKNOWN",
+                    "url": cluster.http_url + config.route_prefix,
+                    "replicas": {
+                        **{d: dict(s.replica_states) for d, s in (status.deployments.items() if status else [])},
+                        **{
+                            d: dict(s.replica_states)
+                            for other in variant_apps(name)
+                            if other in statuses
+                            for d, s in statuses[other].deployments.items()
+                        },
+                    },
+                    "variants": [
+                        {
+                            "name": v.name,
+                            "label": v.label,
+                            "release": v.release,
+                            "weight": v.weight,
+                            "shadow": v.shadow,
+                            "predictor": v.predictor,
+                            "model_uri": v.model.uri,
+                            "model_version": v.model_version,
+                            "isolated_app": variant_app_name(name, v) if v.isolated else None,
+                        }
+                        for v in config.variants
+                    ],
+                    "rollout": config.rollout.model_dump() if config.rollout else None,
+                    "source": config.source,
+                    "metrics": app_metrics(name),
+                    "devices": app_devices(reports),
+                    "replica_placement": {r: info.get("placement", {}) for r, info in reports.items()},
+                    "config": user_config,
+                }
+            )
+        if app is not None and not apps:
+            raise DeployError(f"no app {app!r} deployed by ray-deploy on {cluster.address}")
+        return apps
+
+
+def _live_replicas(details: dict[str, Any], apps: list[str]) -> set[str]:
+    return {
+        replica.get("replica_id")
+        for app in apps
+        for deployment in (details.get(app) or {}).get("deployments", {}).values()
+        for replica in deployment.get("replicas", [])
+        if replica.get("state") == "RUNNING"
+    }
+
+
+def app_serving_config(app: str, address: str | None = None) -> tuple[ServingConfig, str, str]:
+    """What a running app serves, read back from Serve: (config, status, URL).
+
+    Raises:
+        DeployError: no app of that name was deployed by ray-deploy on the cluster.
+    """
+    (row,) = app_status(app, address)
+    return ServingConfig.model_validate(row["config"]), row["status"], row["url"]
+
+
+def delete_app(app: str, address: str | None = None) -> bool:
+    """Delete an app; True if it existed (deleting a missing app is not an error)."""
+    from ray import serve
+
+    with connect(address, start_local=False), app_lock(app, "delete"):
+        exists = app in serve.status().applications
+        if exists:
+            report(f"deleting app {app!r} ...")
+            serve.delete(app)
+        for name in variant_apps(app):
+            serve.delete(name)
+        return exists
+
+
+def trace_app(app: str, address: str | None = None, registry: Registry | None = None) -> dict[str, list[Hop]]:
+    """The lineage of every variant an app serves, from the live Serve app to the training data.
+
+    Returns:
+        variant label -> its chain of hops, app first; each hop says whether it checks out.
+    """
+    config, status, url = app_serving_config(app, address)
+    return trace_config(app, config, status, url, registry)
+
+
+def trace_model(reference: str, registry: Registry | None = None, address: str | None = None) -> list[Hop]:
+    """The lineage of one model version (``NAME/VERSION`` or ``NAME@ALIAS``), with the app serving it."""
+    return _trace_model(reference, app_serving_config, registry, address)

@@ -1,0 +1,1 @@
+"""models plane of ray_deploy."""

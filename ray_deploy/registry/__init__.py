@@ -1,0 +1,1 @@
+"""registry plane of ray_deploy."""
