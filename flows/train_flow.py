@@ -113,7 +113,8 @@ class TrainFlow(FlowSpec):
                 % (record["app"], variant["name"], variant["model_version"], record["registry_uri"])
             )
             print("  -> artifact %s (sha256 %s...)" % (variant["model_uri"], variant["sha256"][:16]))
-        print("  -> trained by task %s" % record["lineage"]["task"])
+            origin = record["lineage"].get("model_origins", {}).get(variant["name"], record["lineage"]["task"])
+            print("  -> trained by task %s (deployed by %s)" % (origin.rsplit("/", 1)[0], record["lineage"]["task"]))
         for data in record["lineage"]["data"]:
             print("  -> input data %s (sha256 %s...)" % (data["pathspec"], data["sha256"][:16]))
 

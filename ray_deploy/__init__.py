@@ -6,9 +6,9 @@ The public names live here; everything else is internal and may change.
 from ray_deploy.cluster import ClusterInfo, cluster_status, connect, start_local_cluster, stop_local_cluster
 from ray_deploy.control.deploy import DeployResult, deploy
 from ray_deploy.control.export import kuberay_manifest, serve_config
+from ray_deploy.control.operate import promote, rollback, set_traffic
 from ray_deploy.control.restore import restore
 from ray_deploy.control.status import app_serving_config, app_status, delete_app, trace_app, trace_model
-from ray_deploy.control.traffic import promote, rollback, set_traffic
 from ray_deploy.errors import (
     ArtifactError,
     ClusterError,
@@ -19,6 +19,8 @@ from ray_deploy.errors import (
     PredictorError,
     RayDeployError,
     RegistryUnreachable,
+    RolloutFailed,
+    RolloutStateError,
     SpecError,
 )
 from ray_deploy.models.artifacts import ModelRef, load_model, metaflow_model_ref
@@ -57,6 +59,8 @@ __all__ = [
     "RayDeployError",
     "Registry",
     "RegistryUnreachable",
+    "RolloutFailed",
+    "RolloutStateError",
     "RequestError",
     "SpecError",
     "VariantSpec",

@@ -36,7 +36,14 @@ def app_lines(row: dict[str, Any]) -> list[str]:
     lines = [f"{row['app']}: {row['status']} {row.get('url', row.get('detail', ''))}"]
     if row.get("rollout"):
         state = row["rollout"]
-        lines.append(f"  rollout ({state['strategy']}): {state['percent']:g}% on {', '.join(state['new'])}")
+        driver = f", driven by {row['controller']}" if row.get("controller") else ""
+        lines.append(
+            f"  rollout ({state['strategy']}): {state['phase']}, step {state['step']}, "
+            f"{state['percent']:g}% on {', '.join(state['new'])}{driver}"
+        )
+    elif row.get("last_rollout") and row["last_rollout"].get("phase"):
+        last = row["last_rollout"]
+        lines.append(f"  last rollout: {last['phase']} (recorded {last.get('recorded_at', '?')})")
     for variant in row.get("variants", []):
         label = variant.get("label", variant["name"])
         version = f" = MLflow {variant['model_version']}" if variant.get("model_version") else ""
@@ -68,13 +75,17 @@ def _print(value: Any, as_json: bool) -> None:
 
 def _cluster(args: argparse.Namespace) -> None:
     if args.action == "up":
-        info = start_local_cluster(autoscaling_config=args.config)
+        # The head, Serve and the front: the HTTP endpoint answers when this returns (a front that is down is restarted).
+        info = start_local_cluster(autoscaling_config=args.config, serve=True)
         _print(info.to_dict(), args.json)
     elif args.action == "down":
         stopped = stop_local_cluster()
         print("stopped the local Ray head" if stopped else "no local Ray head was running")
     else:
-        _print(cluster_status(args.address), args.json)
+        status = cluster_status(args.address)
+        _print(status, args.json)
+        if status.get("front_problem"):
+            print(status["front_problem"], file=sys.stderr)
 
 
 def _status(args: argparse.Namespace) -> None:
@@ -114,7 +125,7 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def _show_config(config: Any, as_json: bool) -> None:
-    from ray_deploy.control.traffic import describe_variants
+    from ray_deploy.control.operate import describe_variants
 
     variants = describe_variants(config)
     if as_json:
@@ -126,7 +137,7 @@ def _show_config(config: Any, as_json: bool) -> None:
 
 
 def _traffic(args: argparse.Namespace) -> None:
-    from ray_deploy.control.traffic import set_traffic
+    from ray_deploy import set_traffic
 
     _show_config(
         set_traffic(args.app, parse_weights(args.set), address=args.address, reason=args.reason or ""), args.json
@@ -134,20 +145,20 @@ def _traffic(args: argparse.Namespace) -> None:
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from ray_deploy.control.traffic import promote
+    from ray_deploy import promote
 
     _show_config(promote(args.app, address=args.address), args.json)
 
 
 def _rollback(args: argparse.Namespace) -> None:
-    from ray_deploy.control.traffic import rollback
+    from ray_deploy import rollback
 
     reason = f"operator rollback: {args.reason}" if args.reason else "operator rollback"
     _show_config(rollback(args.app, address=args.address, reason=reason), args.json)
 
 
 def _restore(args: argparse.Namespace) -> None:
-    from ray_deploy.control.restore import restore
+    from ray_deploy import restore
 
     restored = restore(args.app, address=args.address)
     print("restored: " + (", ".join(restored) if restored else "nothing (every recorded app is running)"))
@@ -156,7 +167,7 @@ def _restore(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     import yaml
 
-    from ray_deploy.control.export import kuberay_manifest, serve_config
+    from ray_deploy import kuberay_manifest, serve_config
 
     if args.kuberay:
         document = kuberay_manifest(args.app, address=args.address, image=args.image, gpu_image=args.gpu_image)

@@ -19,6 +19,7 @@ Local head settings come from the environment (defaults in brackets):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -38,8 +39,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ray_deploy.errors import ClusterError, ClusterUnreachable
-from ray_deploy.front import DATA_PATHS, ensure_front, head_environment
-from ray_deploy.progress import report
+from ray_deploy.front import DATA_PATHS, ensure_front, front_problem, front_status, head_environment
+from ray_deploy.progress import Waiter, report
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ class LocalClusterSettings:
         # One Ray temp dir per head, so that stopping it touches no other Ray on the machine.
         # Kept short: Ray puts Unix sockets under it, and their paths are limited to 107 bytes.
         return os.path.join(tempfile.gettempdir(), f"ray-deploy-{self.gcs_port}")
+
+    @property
+    def start_lock(self) -> Path:
+        """Taken by the process that starts this head: beside its temp dir, which ``ray start`` creates."""
+        return Path(f"{self.temp_dir}.lock")
 
     @property
     def dashboard_url(self) -> str:
@@ -292,16 +298,22 @@ def _autoscaling_config_for(
 
 
 def start_local_cluster(
-    settings: LocalClusterSettings | None = None, autoscaling_config: str | None = None
+    settings: LocalClusterSettings | None = None, autoscaling_config: str | None = None, *, serve: bool = False
 ) -> ClusterInfo:
     """Start a persistent local Ray head, or reuse the one already listening on the GCS port.
+
+    Processes that start at once (several flows on a machine with no head) start one head: the
+    first takes ``settings.start_lock`` and starts it, the others wait for the lock, then reuse it.
 
     Args:
         settings: ports and resources; default ``LocalClusterSettings.from_env()``.
         autoscaling_config: path to an autoscaler YAML (e.g. the fake multi-node provider).
+        serve: also start Serve and, on a head with the ``direct`` data path, the ray-deploy front
+            (a front that is down is restarted), so that the HTTP endpoint answers on return.
 
     Raises:
-        ClusterError: ``ray start`` failed; the message carries the end of its output.
+        ClusterError: ``ray start`` failed (the message carries the end of its output), or the
+            front is down and restarting it did not help (the message says why).
     """
     settings = settings or LocalClusterSettings.from_env()
     info = ClusterInfo(
@@ -310,9 +322,56 @@ def start_local_cluster(
         http_url=f"http://{LOOPBACK}:{settings.http_port}",
         local=True,
     )
-    if is_listening(LOOPBACK, settings.gcs_port, timeout_s=1.0):
-        logger.info("reusing the local Ray head at %s", settings.address)
-        return info
+    with _head_start_lock(settings) as waited:
+        if is_listening(LOOPBACK, settings.gcs_port, timeout_s=1.0):
+            if waited:
+                report(f"the local Ray head at {settings.address} was started by another process; reusing it")
+            logger.info("reusing the local Ray head at %s", settings.address)
+        else:
+            _start_head(settings, autoscaling_config)
+    if serve:
+        with connect(settings.address):
+            pass
+    return info
+
+
+@contextlib.contextmanager
+def _head_start_lock(settings: LocalClusterSettings, timeout_s: float = _START_TIMEOUT_S + 60) -> Iterator[bool]:
+    """Hold the head's start lock; yields whether another process held it first.
+
+    Two ``ray start --head`` on one temp dir make the second fail ("Session name ... does not
+    match persisted value"), so one process starts the head and the others wait for it.
+
+    Raises:
+        ClusterError: another process held the lock for ``timeout_s``; the message names the lock file.
+    """
+    path = settings.start_lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        waiter = None
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waiter = waiter or Waiter(
+                    f"waiting for another process starting the local Ray head at {settings.address}"
+                )
+                if waiter.elapsed_s > timeout_s:
+                    raise ClusterError(
+                        f"another process has been starting the local Ray head at {settings.address} for "
+                        f"{timeout_s:g}s (it holds {path}); stop that process, or remove the lock file"
+                    ) from None
+                waiter.update("still starting")
+                time.sleep(0.2)
+        try:
+            yield waiter is not None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _start_head(settings: LocalClusterSettings, autoscaling_config: str | None) -> None:
+    """``ray start --head`` with these settings; records the head's data path for later clients."""
     ensure_auth_token()
     command = [
         _ray_executable(),
@@ -345,16 +404,27 @@ def start_local_cluster(
         command.append(f"--num-gpus={num_gpus:g}")
     report(f"starting a local Ray head at {settings.address} (dashboard {settings.dashboard_url}) ...")
     started = time.monotonic()
-    try:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=_START_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise ClusterError(f"'ray start --head' did not finish within {_START_TIMEOUT_S:g}s") from None
-    if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+    for attempt in (1, 2):
+        try:
+            result = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=_START_TIMEOUT_S, check=False
+            )
+        except subprocess.TimeoutExpired:
+            stop_local_cluster(settings)  # a half-started head would hold the ports and be reused next time
+            raise ClusterError(f"'ray start --head' did not finish within {_START_TIMEOUT_S:g}s") from None
+        if result.returncode == 0:
+            break
+        stop_local_cluster(settings)  # likewise: what did start (GCS, dashboard) must not linger
+        output = result.stdout + result.stderr
+        if attempt == 1 and "timed out during startup" in output:
+            # A busy machine can keep Ray's agents from starting in time (the raylet gives up on
+            # its metrics agent); a second start usually finds the imports warm.
+            report("the Ray head timed out while starting (the machine is busy); trying once more ...")
+            continue
+        tail = "\n".join(output.strip().splitlines()[-15:])
         raise ClusterError(f"'ray start --head' failed (exit {result.returncode}):\n{tail}")
     settings.head_file.write_text(json.dumps(state))
     report(f"local Ray head is up after {time.monotonic() - started:.1f}s")
-    return info
 
 
 def stop_local_cluster(settings: LocalClusterSettings | None = None, grace_s: float = 10.0) -> bool:
@@ -368,15 +438,22 @@ def stop_local_cluster(settings: LocalClusterSettings | None = None, grace_s: fl
     if not pids:
         return False
     report(f"stopping the local Ray head at {settings.address} ({len(pids)} processes) ...")
+    known, signaled = set(pids), set()
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (pids := [p for p in pids if _alive(p)]):
+        while time.monotonic() < deadline:
+            # Looked up again each time: a front that is stopping may still restart its HAProxy.
+            # Those found before stay known: once their parent is gone, some no longer match.
+            known.update(_processes_using(settings))
+            pids = [pid for pid in known if _alive(pid)]
+            if not pids:
+                return True
+            for pid in pids:
+                if (pid, sig) not in signaled:
+                    signaled.add((pid, sig))
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
             time.sleep(0.2)
-        if not pids:
-            break
     return True
 
 
@@ -427,20 +504,30 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def connect(address: str | None = None, code_dir: str | None = None, start_local: bool = True) -> Iterator[ClusterInfo]:
+def connect(
+    address: str | None = None,
+    code_dir: str | None = None,
+    start_local: bool = True,
+    *,
+    require_front: bool = True,
+) -> Iterator[ClusterInfo]:
     """Connect this process to Ray and Serve for the duration of the block.
+
+    On the local head with the ``direct`` data path, the ray-deploy front is started if missing;
+    one that is down is restarted when ``start_local`` (as for a deploy), else reported.
 
     Args:
         address: a Ray address; default ``RAY_ADDRESS``, else the local head.
         code_dir: a directory shipped to the cluster (``runtime_env.working_dir``) for user predictors.
         start_local: start the local head if it is not running (else fail with its address).
+        require_front: fail when the front is down (``cluster_status`` reports it instead).
 
     Raises:
         ClusterUnreachable: nothing answers at the address; the message names it.
+        ClusterError: the front is down (with ``require_front``); the message says where and why.
     """
     _use_token_auth()
     import ray
-    from ray import serve
 
     resolved = resolve_address(address)
     settings = LocalClusterSettings.from_env()
@@ -490,19 +577,42 @@ def connect(address: str | None = None, code_dir: str | None = None, start_local
         head = settings.head_state() if _is_local_head(target, settings) else {"data_path": "proxy"}
         if head.get("data_path") == "direct":
             # Serve's proxy moves behind the front, which takes the HTTP port.
-            serve.start(http_options={"host": settings.http_host, "port": int(head["proxy_port"])})
-            ensure_front(
+            _start_serve({"host": settings.http_host, "port": int(head["proxy_port"])})
+            front = ensure_front(
                 settings.http_host,
                 settings.http_port,
                 int(head["proxy_port"]),
                 os.path.join(settings.temp_dir, "front"),
+                repair=start_local,
             )
+            problem = front_problem(front)
+            if problem and require_front:
+                raise ClusterError(problem)
         else:
-            serve.start(http_options={"host": settings.http_host, "port": _port_of(info.http_url)})
+            _start_serve({"host": settings.http_host, "port": _port_of(info.http_url)})
         yield info
     finally:
         if not already:
             ray.shutdown()
+
+
+def _start_serve(http_options: dict[str, Any], attempts: int = 5) -> None:
+    """``serve.start``, also when several processes start Serve on a new head at once.
+
+    Serve 2.60 creates its controller from the caller, by name but without ``get_if_exists``:
+    of processes that start it together, all but one get ``ActorAlreadyExistsError``. Those
+    connect to the controller the first one created.
+    """
+    from ray import serve
+    from ray.exceptions import ActorAlreadyExistsError
+
+    for _ in range(attempts - 1):
+        try:
+            serve.start(http_options=http_options)
+            return
+        except ActorAlreadyExistsError:
+            time.sleep(0.5)
+    serve.start(http_options=http_options)
 
 
 @contextlib.contextmanager
@@ -568,7 +678,7 @@ def cluster_status(address: str | None = None) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    with connect(address, start_local=False) as info:
+    with connect(address, start_local=False, require_front=False) as info:
         nodes = [
             {
                 "node_id": node["NodeID"],
@@ -578,14 +688,13 @@ def cluster_status(address: str | None = None) -> dict[str, Any]:
             }
             for node in ray.nodes()
         ]
-        from ray_deploy.front import front_status
-
         apps = {name: str(app.status.value) for name, app in serve.status().applications.items()}
-        front = front_status()
+        front = front_status(info.http_url)
         return {
             **info.to_dict(),
             "data_path": "direct" if front else "proxy",
             "front": front,
+            "front_problem": front_problem(front) if front else None,
             "nodes": nodes,
             "resources": ray.cluster_resources(),
             "available": ray.available_resources(),

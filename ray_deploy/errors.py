@@ -12,6 +12,7 @@ exception's headline) and a message that says what came in, what was expected an
     │   └── ClusterUnreachable    nothing answers at the address tried
     ├── DeployError               the app did not become healthy; the previous version keeps serving
     │   ├── RolloutFailed         a rollout gate failed; traffic went back to the old release
+    │   ├── RolloutStateError     a move the rollout state machine does not allow (e.g. promote, no rollout)
     │   └── AppLocked             another process is changing the same app right now
     └── LineageError              the MLflow registry refused a write or a lineage hop does not check out
         └── RegistryUnreachable   the registry does not answer at the URI tried
@@ -79,3 +80,7 @@ class RolloutFailed(DeployError):
 
 class AppLocked(DeployError):
     headline = "App is being changed by someone else"
+
+
+class RolloutStateError(DeployError):
+    headline = "Not possible in the app's rollout phase"

@@ -6,18 +6,34 @@ Library code never prints otherwise; diagnostics go through ``logging``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 _PREFIX = "[ray-deploy]"
+_sinks: list[Callable[[str], None]] = []
 
 
 def report(message: str) -> None:
     """Tell the user what is happening now."""
+    for sink in list(_sinks):
+        sink(message)
     if os.environ.get("RAY_DEPLOY_QUIET", "") not in ("", "0"):
         return
     print(f"{_PREFIX} {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def reporting_to(sink: Callable[[str], None]) -> Iterator[None]:
+    """Also hand every message to ``sink`` for the block (the rollout controller streams them to
+    the process that waits on it)."""
+    _sinks.append(sink)
+    try:
+        yield
+    finally:
+        _sinks.remove(sink)
 
 
 class Waiter:

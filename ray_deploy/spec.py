@@ -221,7 +221,8 @@ class RolloutSpec(_Spec):
     loaded, and rolls back if a gate fails; ``canary`` moves traffic in ``steps`` (percent of
     requests to the new release), waiting ``interval_s`` and checking the gates after each.
     Steps that stop short of 100 leave the canary holding for ``ray-deploy promote`` or
-    ``rollback``.
+    ``rollback``. The steps and gates are driven by a rollout controller on the cluster (a
+    detached Ray actor per app), so a rollout outlives the process that started it.
     """
 
     strategy: str = Field("immediate", description="immediate, canary or blue_green.")
@@ -241,6 +242,11 @@ class RolloutSpec(_Spec):
     )
     min_requests: int = Field(
         0, ge=0, description="Gate: requests the new release must answer in a step before it can pass."
+    )
+    wait: bool = Field(
+        True,
+        description="Whether the deploy waits for the rollout's outcome; False: it ends once the rollout "
+        "controller on the cluster has taken over (the outcome is recorded in the registry).",
     )
 
     @field_validator("strategy")

@@ -12,13 +12,11 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from typing import Any
 
 from ray_deploy.errors import DeployError
 from ray_deploy.progress import Waiter, report
 from ray_deploy.serving.config import (
-    SERVER_DEPLOYMENT,
     VARIANT_APP_SEPARATOR,
     ServingConfig,
     variant_app_name,
@@ -30,59 +28,12 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.5
 
 
-@dataclass(frozen=True)
-class RunningApp:
-    """What Serve runs for an app: its config and the ModelServer deployment options."""
-
-    name: str
-    route_prefix: str
-    config: ServingConfig
-    options: dict[str, Any]
-
-    def options_with(self, config: ServingConfig) -> dict[str, Any]:
-        return {**self.options, "user_config": config.model_dump(mode="json")}
-
-
 def serve_details() -> dict[str, Any]:
     # Serve has no public Python call for the deployed configs; this is what `serve status` and
     # the dashboard's /api/serve/applications/ are built on.
     from ray.serve.context import _get_global_client
 
     return _get_global_client().get_serve_details()
-
-
-def running_app(app: str) -> RunningApp | None:
-    """The app as Serve runs it, or None if there is no such app deployed by ray-deploy."""
-    details = serve_details().get("applications", {}).get(app)
-    if not details:
-        return None
-    deployment = details.get("deployments", {}).get(SERVER_DEPLOYMENT)
-    if not deployment:
-        return None
-    config = deployment.get("deployment_config", {})
-    user_config = config.get("user_config")
-    if not user_config:
-        return None
-    options = {
-        "name": SERVER_DEPLOYMENT,
-        "num_replicas": config.get("num_replicas", 1),
-        "max_ongoing_requests": config.get("max_ongoing_requests"),
-        "max_surge_percent": config.get("max_surge_percent", 100),
-        "ray_actor_options": config.get("ray_actor_options") or {},
-        "user_config": user_config,
-    }
-    for key in ("autoscaling_config", "max_replicas_per_node", "placement_group_bundles", "placement_group_strategy"):
-        if config.get(key):
-            options[key] = config[key]
-    if config.get("autoscaling_config"):
-        options.pop("num_replicas", None)  # Serve refuses both; the autoscaler owns the count
-    serving = ServingConfig.model_validate(user_config)
-    return RunningApp(
-        name=app,
-        route_prefix=details.get("route_prefix") or serving.route_prefix,
-        config=serving,
-        options={k: v for k, v in options.items() if v is not None},
-    )
 
 
 def apply_config(app: str, route_prefix: str, options: dict[str, Any], url: str, timeout_s: float) -> None:
@@ -296,18 +247,6 @@ def _serves(url: str, expected: list[tuple[str, str, float]]) -> bool:
         if seen != expected:
             return False
     return True
-
-
-def restore(running: RunningApp | None, timeout_s: float = 120) -> None:
-    """Put an app back as it was; never raises (the caller is already reporting a failure)."""
-    if running is None:
-        return
-    report(f"putting the previous version of app {running.name!r} back ...")
-    try:
-        base = url_base()
-        apply_config(running.name, running.route_prefix, running.options, f"{base}{running.route_prefix}", timeout_s)
-    except Exception as exc:
-        logger.error("the previous version of %s did not come back: %s", running.name, exc)
 
 
 def remove_new_app(app: str) -> None:

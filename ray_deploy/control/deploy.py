@@ -1,18 +1,22 @@
-"""Deploying, inspecting and deleting apps.
+"""Deploying a release: build, check, register, then apply it or hand it to the rollout controller.
 
-``deploy`` is build then apply:
+``deploy`` goes forward through the layers (spec -> live app -> Serve and the registry):
 
-1. connect (the local head is started if needed) and build the ``ServingConfig``;
+1. connect (the local head is started if needed) and build the ``ServingConfig`` from the spec;
 2. preflight: a Ray task on the cluster loads every model by reference, checks its hash and
    builds its predictor, so a broken model never replaces a working one;
-3. a first deploy is applied as is; a new release of a running app is rolled out by its
-   ``rollout`` policy (``traffic.roll_out``): loaded beside the serving release on the live
-   replicas, then given traffic step by step with gates, so no request is dropped;
-4. each change is waited for, with progress, until the app is RUNNING and answers with the new
+3. register each variant as an MLflow model version (lineage on);
+4. read the live app (``control.live.LiveApp``): a first deploy is applied as is; a new release of
+   a running app is staged beside the serving release (phase ``staged``) and handed to the app's
+   rollout controller on the cluster (``control.controller``), which moves traffic by the
+   ``rollout`` policy with gates; the deploy waits for its outcome and streams its progress
+   (``rollout={"wait": False}``: returns once the controller has taken over);
+5. every change is waited for, with progress, until the app is RUNNING and answers with the new
    config, and recorded in the registry; on failure the app is put back as it was (or the new
-   app removed), and the error says why, with Serve's own status messages.
+   app removed), and the error names what failed.
 
-Changes to one app hold its lock (``apply.app_lock``): a second deployer gets ``AppLocked``.
+The steps before the hand-over hold the app's lock (``control.lock``): a second deployer gets
+``AppLocked``; a deploy that meets a rollout of another release under way is refused.
 """
 
 from __future__ import annotations
@@ -22,30 +26,21 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray_deploy.cluster import ClusterInfo, connect
-from ray_deploy.control.apply import (
-    RunningApp,
-    remove_new_app,
-    restore,
-    running_app,
-)
+from ray_deploy.control.controller import controller_name, start_controller, wait_for_outcome
+from ray_deploy.control.live import LiveApp, plain
 from ray_deploy.control.lock import app_lock
+from ray_deploy.control.phases import ACTIVE, IN_PROGRESS, check_move
 from ray_deploy.control.rollout import Plan
-from ray_deploy.control.traffic import Mover, finish, roll_out
-from ray_deploy.errors import DeployError, LineageError, RayDeployError, RolloutFailed
+from ray_deploy.errors import DeployError, LineageError, RayDeployError, RolloutStateError
 from ray_deploy.models.artifacts import ModelRef
 from ray_deploy.progress import report
-from ray_deploy.registry.history import TrafficRecorder
-from ray_deploy.registry.lineage import LineageSource, Registry, VersionRef
-from ray_deploy.serving.config import (
-    SERVER_DEPLOYMENT,
-    ServingConfig,
-    deployment_options,
-    serving_config,
-)
+from ray_deploy.registry.history import Action
+from ray_deploy.registry.lineage import LineageSource, Registry, VersionRef, recorded_at, who
+from ray_deploy.serving.config import SERVER_DEPLOYMENT, RolloutPhase, ServingConfig, deployment_options, serving_config
 from ray_deploy.spec import DeploymentSpec
 
 logger = logging.getLogger(__name__)
@@ -95,7 +90,7 @@ class DeployResult:
         }
 
 
-def _unchanged(running: RunningApp, config: ServingConfig, options: dict[str, Any]) -> bool:
+def _unchanged(running: LiveApp, config: ServingConfig, options: dict[str, Any]) -> bool:
     """Whether applying ``config`` with ``options`` would change nothing that runs: the same task
     deploying the same release again (e.g. run again by @retry). Then nothing is applied and
     nothing recorded twice. Another task (possibly with other user code) always applies."""
@@ -150,9 +145,11 @@ def deploy(
         RegistryUnreachable: the MLflow registry does not answer; nothing was changed.
         ClusterUnreachable: the cluster does not answer at the address tried.
         AppLocked: another process is changing the same app; nothing was changed.
+        RolloutStateError: a rollout of another release is under way; nothing was changed.
         ArtifactError, PredictorError: a model failed its preflight; nothing was changed.
         RolloutFailed: a gate failed; the previous release serves all traffic again.
-        DeployError: Serve did not bring the app up; the previous release was put back.
+        DeployError: Serve did not bring the app up (or the deploy failed after changing it); the
+            previous release was put back.
         LineageError: recording the deployment failed; the previous release was put back.
     """
     started = time.monotonic()
@@ -173,81 +170,143 @@ def deploy(
         # The registry's first answer (seconds when it creates an embedded store) overlaps the
         # cluster connection and the preflight; it is awaited before anything changes.
         registry_answer = _in_background(registry.first_answer)
-    with connect(spec.address, code_dir=code_dir) as cluster, app_lock(spec.app, "deploy"):
-        report(f"checking {len(config.variants)} model(s) on the cluster before deploying {spec.app!r} ...")
-        checked = preflight(config, timeout_s=spec.deploy_timeout_s)
-        versions: dict[str, VersionRef] = {}
-        if registry is not None:
-            registry_answer.result()
-            versions = _register_versions(registry, spec, config, lineage)
-            config = config.with_versions({n: str(v) for n, v in versions.items()}, registry.registry_uri)
-        running = running_app(spec.app)
+    with connect(spec.address, code_dir=code_dir) as cluster:
         url = cluster.http_url + spec.route
+        config = config.model_copy(
+            update={
+                "settings": config.settings.model_copy(
+                    update={
+                        "code_dir": code_dir,
+                        "deployment_tags": {
+                            "ray.app": spec.app,
+                            "ray.deployment": SERVER_DEPLOYMENT,
+                            "ray.route": spec.route,
+                            "ray.url": url,
+                            "ray.address": cluster.address,
+                            "ray.dashboard_url": cluster.dashboard_url or "",
+                        },
+                    }
+                )
+            }
+        )
         options = {k: v for k, v in deployment_options(spec, config).items() if k != "user_config"}
-        recorder = None
-        if registry is not None:
-            recorder = TrafficRecorder(
-                registry,
-                spec.app,
-                deployment_tags={
-                    "ray.app": spec.app,
-                    "ray.deployment": SERVER_DEPLOYMENT,
-                    "ray.route": spec.route,
-                    "ray.url": url,
-                    "ray.address": cluster.address,
-                    "ray.dashboard_url": cluster.dashboard_url or "",
-                },
-                production_alias=spec.production_alias,
-                canary_alias=spec.canary_alias,
-                options=options,
-                code_dir=code_dir,
-            )
-        mover = Mover(spec.app, spec.route, url, options, spec.deploy_timeout_s, recorder)
+        with app_lock(spec.app, "deploy"):
+            report(f"checking {len(config.variants)} model(s) on the cluster before deploying {spec.app!r} ...")
+            checked = preflight(config, timeout_s=spec.deploy_timeout_s)
+            versions: dict[str, VersionRef] = {}
+            if registry is not None:
+                registry_answer.result()
+                versions = _register_versions(registry, spec, config, lineage)
+                config = config.with_versions({n: str(v) for n, v in versions.items()}, registry.registry_uri)
+            live = LiveApp.read(spec.app)
+            hand_over = _first_move(spec, live, config, options, url)
         rollout: dict[str, Any] = {}
-        try:
-            if running is None:
-                report(f"deploying app {spec.app!r} at {url} ({spec.num_replicas} replica(s)) ...")
-                mover.apply(config, "deployed", "first deploy", settled=True)
+        if hand_over:
+            handle = start_controller(spec.app)
+            rollout = {"strategy": spec.rollout.strategy, "controller": controller_name(spec.app)}
+            if spec.rollout.wait:
+                report(f"app {spec.app!r}: rollout controller {controller_name(spec.app)!r} drives the rollout ...")
+                rollout.update(wait_for_outcome(spec.app, handle))
             else:
-                plan = Plan.between(running.config, config)
-                interrupted = running.config.rollout
-                if not plan.new_labels and not plan.old_labels and interrupted is not None:
-                    # This very release was being rolled out when its deploy stopped (e.g. the
-                    # task died and @retry runs it again): finish that rollout, don't start another.
-                    if set(interrupted.new) == {v.label for v in plan.new} and spec.rollout.plan[-1] >= 100:
-                        finish(mover, Plan.resume(running.config), config, "finishing the interrupted rollout")
-                    else:
-                        report(f"app {spec.app!r}: this release is already rolling out; nothing to change")
-                elif not plan.new_labels and not plan.old_labels:
-                    if _unchanged(running, config.with_variants(plan.new), options):
-                        report(f"app {spec.app!r}: already serving this release; nothing to change")
-                    else:
-                        mover.apply(config, "deployed", "same models, settings updated", settled=True)
-                else:
-                    rollout = roll_out(mover, plan, config, running.config, spec.rollout)
-            if running is not None:
-                config = running_app(spec.app).config  # unchanged variants keep their release
-        except RolloutFailed:
-            raise
-        except DeployError as failure:
-            _undo(spec.app, running)
-            _mark_failed(registry, versions, str(failure))
-            raise failure
-        except Exception as exc:
-            # The app changed but the registry write failed: nothing may serve unrecorded.
-            _undo(spec.app, running)
-            _mark_failed(registry, versions, f"registry write failed: {exc}")
-            where = registry.registry_uri if registry is not None else "the registry"
-            raise LineageError(
-                f"recording the deployment in the MLflow registry at {where} failed ({exc}); "
-                f"app {spec.app!r} was put back to its previous version"
-            ) from exc
+                rollout["state"] = "handed_over"
+                report(
+                    f"app {spec.app!r}: the rollout continues in controller {controller_name(spec.app)!r} on the "
+                    f"cluster; `ray-deploy status {spec.app}` shows where it stands"
+                )
+        if live is not None:
+            config = LiveApp.require(spec.app).config  # unchanged variants keep their release
         if registry is not None:
             for variant, version in versions.items():
                 report(f"variant {variant!r} is MLflow model version {version} ({registry.registry_uri})")
     seconds = time.monotonic() - started
     report(f"app {spec.app!r} is serving at {url} ({seconds:.1f}s)")
     return DeployResult(spec.app, url, spec.route, cluster, config, seconds, checked, versions, registry, rollout)
+
+
+def _first_move(
+    spec: DeploymentSpec, live: LiveApp | None, config: ServingConfig, options: dict[str, Any], url: str
+) -> bool:
+    """Apply what this deploy changes while it holds the lock; True when a rollout controller
+    takes it from there. Any failure puts the app back as it was before raising."""
+    if live is None:
+        report(f"deploying app {spec.app!r} at {url} ({spec.num_replicas} replica(s)) ...")
+        target, before = LiveApp.new(config, options, url), None
+        _changing(target, before, config, lambda: target.apply(config, Action.DEPLOYED, "first deploy", settled=True))
+        return False
+    plan = Plan.between(live.config, config)
+    if live.phase in IN_PROGRESS:
+        if not _is_rolling_out(live, config):
+            rollout = live.config.rollout
+            raise RolloutStateError(
+                f"app {spec.app!r} is {live.phase.value} with {', '.join(rollout.new)} at {rollout.percent:g}%: "
+                f"wait for that rollout to end, or `ray-deploy promote {spec.app}` / `ray-deploy rollback {spec.app}` "
+                "before deploying another release"
+            )
+        if live.phase in ACTIVE:
+            report(f"app {spec.app!r}: this release is already rolling out ({live.phase.value}); following it")
+            return True
+        report(f"app {spec.app!r}: this release already holds at {live.config.rollout.percent:g}%; nothing to change")
+        return False
+    target = replace(live, options=plain(options))
+    if not plan.new_labels and not plan.old_labels:
+        if _unchanged(live, config.with_variants(plan.new), options):
+            report(f"app {spec.app!r}: already serving this release; nothing to change")
+            return False
+        _changing(
+            target,
+            live,
+            config,
+            lambda: target.apply(config, Action.DEPLOYED, "same models, settings updated", settled=True),
+        )
+        return False
+    labels = ", ".join(sorted(plan.new_labels)) or "the new config"
+    staged = config.with_variants(plan.at(0)).model_copy(
+        update={"rollout": plan.state(spec.rollout, RolloutPhase.STAGED, 0, 0.0, recorded_at(), who())}
+    )
+    check_move(spec.app, live.phase, RolloutPhase.STAGED, "deploy")
+    _changing(
+        target,
+        live,
+        config,
+        lambda: target.apply(staged, Action.STAGED, f"loading {labels} beside the serving release"),
+    )
+    return True
+
+
+def _is_rolling_out(live: LiveApp, config: ServingConfig) -> bool:
+    """Whether ``config`` is the release ``live`` is rolling out (a retried deploy of it)."""
+    rollout = live.config.rollout
+    by_label = {v.label: v for v in live.config.variants}
+    incoming = {v.label: v for v in config.variants}
+    return set(incoming) == set(rollout.new) and all(
+        label in by_label and by_label[label].identity == v.identity for label, v in incoming.items()
+    )
+
+
+def _changing(target: LiveApp, before: LiveApp | None, config: ServingConfig, change: Callable[[], Any]) -> None:
+    """Run ``change``; if it fails, put the app back (``before``; None: remove the new app), mark
+    the new versions failed and raise an error that names what failed."""
+    try:
+        change()
+    except RayDeployError as failure:
+        _put_back(target, before)
+        target.mark_failed(list(config.variants), str(failure))
+        if isinstance(failure, LineageError):
+            raise type(failure)(
+                f"{failure.message}; app {target.name!r} was put back to its previous version"
+            ) from failure
+        raise
+    except Exception as exc:
+        _put_back(target, before)
+        target.mark_failed(list(config.variants), f"{type(exc).__name__}: {exc}")
+        raise DeployError(
+            f"deploying app {target.name!r} failed after the app changed ({type(exc).__name__}: {exc}); "
+            "it was put back to its previous version"
+        ) from exc
+
+
+def _put_back(target: LiveApp, before: LiveApp | None) -> None:
+    (before or target).put_back()
 
 
 def _in_background(work: Callable[[], Any]) -> Future:
@@ -264,13 +323,6 @@ def _in_background(work: Callable[[], Any]) -> Future:
     return future
 
 
-def _undo(app: str, running: RunningApp | None) -> None:
-    if running is None:
-        remove_new_app(app)
-    else:
-        restore(running)
-
-
 def _register_versions(
     registry: Registry, spec: DeploymentSpec, config: ServingConfig, lineage: LineageSource
 ) -> dict[str, VersionRef]:
@@ -279,16 +331,6 @@ def _register_versions(
         v.name: registry.register_version(spec.model_name, v.name, v.model, lineage, run_id, v.predictor)
         for v in config.variants
     }
-
-
-def _mark_failed(registry: Registry | None, versions: dict[str, VersionRef], reason: str) -> None:
-    if registry is None:
-        return
-    for version in versions.values():
-        try:
-            registry.set_tags(version, {"ray_deploy.status": "failed", "ray_deploy.failure": reason[:4000]})
-        except Exception as exc:  # the registry may be the thing that failed
-            logger.warning("could not mark %s as failed: %s", version, exc)
 
 
 def preflight(config: ServingConfig, timeout_s: float) -> list[dict[str, Any]]:

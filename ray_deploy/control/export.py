@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 from ray_deploy.cluster import connect
-from ray_deploy.control.apply import running_app, variant_apps
-from ray_deploy.errors import DeployError
+from ray_deploy.control.apply import variant_apps
+from ray_deploy.control.live import LiveApp, plain
 from ray_deploy.progress import report
 from ray_deploy.serving.config import (
     APP_BUILDER_IMPORT_PATH,
@@ -46,7 +46,7 @@ def without_credentials(uri: str | None) -> str | None:
 
 
 def _portable(options: dict[str, Any]) -> dict[str, Any]:
-    options = copy.deepcopy(options)
+    options = copy.deepcopy(plain(options))
     actor = options.get("ray_actor_options") or {}
     actor.pop("runtime_env", None)  # this cluster's working_dir package; not reachable elsewhere
     options["ray_actor_options"] = actor
@@ -63,11 +63,9 @@ def serve_config(app: str, address: str | None = None) -> dict[str, Any]:
         DeployError: no such app deployed by ray-deploy.
     """
     with connect(address, start_local=False):
-        running = running_app(app)
-        if running is None:
-            raise DeployError(f"no app {app!r} deployed by ray-deploy on this cluster")
+        live = LiveApp.require(app, address)
         present = set(variant_apps(app))
-    config = running.config
+    config = live.config
     local = sorted({v.label for v in config.variants if v.model.datastore_type == "local"})
     if local:
         report(
@@ -77,10 +75,10 @@ def serve_config(app: str, address: str | None = None) -> dict[str, Any]:
     applications = [
         {
             "name": app,
-            "route_prefix": running.route_prefix,
+            "route_prefix": live.route_prefix,
             "import_path": APP_BUILDER_IMPORT_PATH,
             "args": {},
-            "deployments": [_portable(running.options)],
+            "deployments": [_portable(live.serve_options())],
         }
     ]
     for variant in _isolated(config):
@@ -97,7 +95,7 @@ def serve_config(app: str, address: str | None = None) -> dict[str, Any]:
                 "deployments": [_portable(options)],
             }
         )
-    return {"applications": applications}
+    return {"applications": plain(applications)}
 
 
 def _isolated(config: ServingConfig) -> list[Any]:

@@ -16,13 +16,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray_deploy.cluster import connect
-from ray_deploy.control.apply import apply_config, running_app
+from ray_deploy.control.live import LiveApp
 from ray_deploy.control.lock import app_lock
 from ray_deploy.errors import DeployError, LineageError
 from ray_deploy.progress import report
-from ray_deploy.registry.history import CODE_DIR_TAG, RELEASE_PREFIX, SETTINGS_TAG, VARIANT_CONFIG_TAG
+from ray_deploy.registry.history import (
+    CODE_DIR_TAG,
+    RELEASE_PREFIX,
+    ROLLOUT_TAG,
+    SETTINGS_TAG,
+    VARIANT_CONFIG_TAG,
+    Action,
+    VersionStatus,
+)
 from ray_deploy.registry.lineage import Registry, VersionRef
-from ray_deploy.serving.config import ServingConfig, VariantConfig
+from ray_deploy.serving.config import RolloutPhase, ServingConfig, VariantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,7 @@ class RecordedApp:
     config: ServingConfig
     options: dict[str, Any]
     code_dir: str | None
+    rollout: dict[str, Any] | None = None
 
 
 def recorded_apps(registry: Registry) -> list[RecordedApp]:
@@ -65,6 +74,7 @@ def recorded_apps(registry: Registry) -> list[RecordedApp]:
                 config=config.with_variants(variants),
                 options=recorded["options"],
                 code_dir=tags.get(f"{CODE_DIR_TAG}.{app}"),
+                rollout=json.loads(tags[f"{ROLLOUT_TAG}.{app}"]) if f"{ROLLOUT_TAG}.{app}" in tags else None,
             )
             # One app may be recorded on several registered models: the newest record wins.
             if app not in found or release["at"] > found[app][0]:
@@ -85,7 +95,9 @@ def restore(app: str | None = None, address: str | None = None, registry: Regist
     """Re-create recorded apps that the cluster does not run (all, or one); returns their names.
 
     Apps already running are left alone. Each restored app is checked on the cluster (models
-    loaded and hash-checked) before it is applied, and holds its lock while it is.
+    loaded and hash-checked) before it is applied, and holds its lock while it is. An app that the
+    cluster lost in the middle of a rollout comes back as its last settled release, and the
+    rollout is recorded as rolled back (its versions say why): no split is left unrecorded.
 
     Raises:
         DeployError: ``app`` has no record, or an app did not come back (the others still do).
@@ -103,25 +115,13 @@ def restore(app: str | None = None, address: str | None = None, registry: Regist
         if record.code_dir and code_dir is None:
             report(f"app {record.app!r}: its code directory {record.code_dir} is gone; user predictors will not import")
         with connect(address, code_dir=code_dir) as cluster:
-            if running_app(record.app) is not None:
+            if LiveApp.read(record.app) is not None:
                 report(f"app {record.app!r} is running; left as it is")
                 continue
             try:
                 with app_lock(record.app, "restore"):
-                    report(
-                        f"restoring app {record.app!r}: "
-                        + ", ".join(f"{v.label} {v.weight:g}%" for v in record.config.variants)
-                    )
-                    preflight(record.config, timeout_s=300)
-                    options = {k: v for k, v in record.options.items() if k != "user_config"}
-                    actor = dict(options.get("ray_actor_options") or {})
-                    actor.pop("runtime_env", None)  # the old cluster's code package; the job ships it again
-                    options["ray_actor_options"] = actor
-                    options["user_config"] = record.config.model_dump(mode="json")
-                    url = cluster.http_url + record.config.route_prefix
-                    apply_config(record.app, record.config.route_prefix, options, url, timeout_s=300)
+                    _restore_one(record, registry, cluster.http_url + record.config.route_prefix, preflight)
                     restored.append(record.app)
-                    report(f"app {record.app!r} is serving again at {url}")
             except Exception as exc:
                 logger.error("could not restore %s: %s", record.app, exc)
                 failed.append(f"{record.app}: {exc}")
@@ -130,3 +130,51 @@ def restore(app: str | None = None, address: str | None = None, registry: Regist
     if failed:
         raise DeployError("could not restore " + "; ".join(failed))
     return restored
+
+
+def _restore_one(record: RecordedApp, registry: Registry, url: str, preflight: Any) -> None:
+    report(f"restoring app {record.app!r}: " + ", ".join(f"{v.label} {v.weight:g}%" for v in record.config.variants))
+    preflight(record.config, timeout_s=record.config.settings.deploy_timeout_s)
+    options = {k: v for k, v in record.options.items() if k != "user_config"}
+    actor = dict(options.get("ray_actor_options") or {})
+    actor.pop("runtime_env", None)  # the old cluster's code package; the job ships it again
+    options["ray_actor_options"] = actor
+    live = LiveApp.new(record.config.model_copy(update={"registry_uri": registry.registry_uri}), options, url)
+    lost = _lost_rollout(registry, record)
+    if lost:
+        phase = record.rollout.get("phase")
+        live.apply(
+            live.config,
+            Action.ROLLED_BACK,
+            f"restore: the cluster lost app {record.app!r} during a rollout ({phase} at "
+            f"{record.rollout.get('percent', 0):g}%); its last settled release serves again",
+            leaving=lost,
+            leaving_status=VersionStatus.ROLLED_BACK,
+        )
+    else:
+        live.apply(live.config, Action.RESTORED, "restore: rebuilt from the registry after the cluster lost it")
+    report(f"app {record.app!r} is serving again at {url}")
+
+
+def _lost_rollout(registry: Registry, record: RecordedApp) -> list[VariantConfig]:
+    """The versions of a rollout the cluster lost: recorded as staged or serving for the app, but
+    not part of its last settled release."""
+    if not record.rollout or record.rollout.get("phase") not in (
+        RolloutPhase.STAGED,
+        RolloutPhase.STEPPING,
+        RolloutPhase.HOLDING,
+    ):
+        return []
+    kept = {v.model_version for v in record.config.variants}
+    lost = []
+    for name in {v.model_version.rsplit("/", 1)[0] for v in record.config.variants if v.model_version}:
+        for version in registry.client.search_model_versions(f"name='{name}'"):
+            tags = dict(version.tags or {})
+            if tags.get("ray.app") != record.app or f"{name}/{version.version}" in kept:
+                continue
+            if (
+                tags.get("ray_deploy.status") in (VersionStatus.SERVING, VersionStatus.STAGED)
+                and VARIANT_CONFIG_TAG in tags
+            ):
+                lost.append(VariantConfig.model_validate_json(tags[VARIANT_CONFIG_TAG]))
+    return lost

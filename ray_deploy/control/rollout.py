@@ -8,7 +8,8 @@ hold their own reference). A gate after each step compares the new release's liv
 and latency with the old one's, from the per-variant stats the replicas push to the collector;
 a failing gate puts the old weights back.
 
-This module is pure planning and judging; ``deploy`` applies the configs and records them.
+This module is pure planning and judging; the rollout controller (``control.controller``)
+applies the configs and records them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_deploy.serving.config import RolloutState, ServingConfig, VariantConfig
+from ray_deploy.errors import RolloutStateError
+from ray_deploy.serving.config import RolloutPhase, RolloutState, ServingConfig, VariantConfig
 from ray_deploy.serving.metrics import PUSH_INTERVAL_S, VariantStats
 from ray_deploy.spec import RolloutSpec
 
@@ -49,10 +51,6 @@ class Plan:
         return cls(old, tuple(new))
 
     @property
-    def changed(self) -> bool:
-        return {v.label: (v.weight, v.shadow) for v in self.old} != {v.label: (v.weight, v.shadow) for v in self.new}
-
-    @property
     def new_labels(self) -> set[str]:
         return {v.label for v in self.new} - {v.label for v in self.old}
 
@@ -81,19 +79,31 @@ class Plan:
     def rollback(self) -> list[VariantConfig]:
         return list(self.old)
 
-    def state(self, strategy: str, percent: float, started_at: str) -> RolloutState:
+    def state(
+        self, policy: RolloutSpec, phase: RolloutPhase, step: int, percent: float, started_at: str, started_by: str = ""
+    ) -> RolloutState:
+        """The persisted form of this plan at ``phase`` (``step`` steps taken, ``percent`` on the new)."""
         return RolloutState(
-            strategy=strategy,
+            strategy=policy.strategy,
+            phase=phase,
+            step=step,
             percent=percent,
             old={v.label: v.weight for v in self.old},
             new={v.label: v.weight for v in self.new},
             started_at=started_at,
+            started_by=started_by,
+            policy=policy,
         )
 
     @classmethod
     def resume(cls, config: ServingConfig) -> Plan:
-        """The plan of the rollout recorded in a running app's config (promote, rollback)."""
-        assert config.rollout is not None
+        """The plan of the rollout recorded in a running app's config (the controller, promote, rollback).
+
+        Raises:
+            RolloutStateError: the config records no rollout.
+        """
+        if config.rollout is None:
+            raise RolloutStateError(f"app {config.app!r} is settled: there is no rollout to resume")
         by_label = {v.label: v for v in config.variants}
         old = tuple(by_label[label].model_copy(update={"weight": w}) for label, w in config.rollout.old.items())
         new = tuple(by_label[label].model_copy(update={"weight": w}) for label, w in config.rollout.new.items())

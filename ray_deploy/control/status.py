@@ -7,13 +7,15 @@ from typing import Any
 from ray_deploy.cluster import connect
 from ray_deploy.control.apply import serve_details, variant_apps
 from ray_deploy.control.lock import app_lock
+from ray_deploy.control.phases import ACTIVE
 from ray_deploy.errors import DeployError
 from ray_deploy.progress import report
+from ray_deploy.registry.history import recorded_rollout
 from ray_deploy.registry.lineage import Registry
 from ray_deploy.registry.trace import Hop, trace_config
 from ray_deploy.registry.trace import trace_model as _trace_model
 from ray_deploy.serving.config import SERVER_DEPLOYMENT, ServingConfig, variant_app_name
-from ray_deploy.serving.metrics import app_devices, app_metrics, replica_reports
+from ray_deploy.serving.metrics import app_devices, app_metrics, get_collector, replica_reports
 
 
 def app_status(app: str | None = None, address: str | None = None) -> list[dict[str, Any]]:
@@ -62,7 +64,10 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                         }
                         for v in config.variants
                     ],
-                    "rollout": config.rollout.model_dump() if config.rollout else None,
+                    "phase": config.phase.value,
+                    "rollout": config.rollout.model_dump(mode="json") if config.rollout else None,
+                    "controller": _controller(name, config),
+                    "last_rollout": _last_rollout(config),
                     "source": config.source,
                     "metrics": app_metrics(name),
                     "devices": app_devices(reports),
@@ -96,17 +101,47 @@ def app_serving_config(app: str, address: str | None = None) -> tuple[ServingCon
 
 
 def delete_app(app: str, address: str | None = None) -> bool:
-    """Delete an app; True if it existed (deleting a missing app is not an error)."""
+    """Delete an app, its rollout controller and its stats; True if it existed (deleting a missing
+    app is not an error)."""
+    import ray
     from ray import serve
 
+    from ray_deploy.control.controller import stop_controller
+
     with connect(address, start_local=False), app_lock(app, "delete"):
+        stop_controller(app)  # first: a controller mid-rollout would bring the app back
         exists = app in serve.status().applications
         if exists:
             report(f"deleting app {app!r} ...")
             serve.delete(app)
         for name in variant_apps(app):
             serve.delete(name)
+        collector = get_collector(create=False)
+        if collector is not None:
+            ray.get(collector.forget.remote(app), timeout=30)  # a new app of that name starts from zero
         return exists
+
+
+def _controller(app: str, config: ServingConfig) -> str | None:
+    """The rollout controller driving the app now, by name (see the Ray dashboard's Actors page)."""
+    from ray_deploy.control.controller import controller_name, find_controller
+
+    if config.phase not in ACTIVE:
+        return None
+    return controller_name(app) if find_controller(app) is not None else None
+
+
+def _last_rollout(config: ServingConfig) -> dict[str, Any] | None:
+    """How the app's last rollout ended, as the registry recorded it (None with lineage off)."""
+    if not config.registry_uri:
+        return None
+    try:
+        registry = Registry(config.registry_uri, config.registry_uri)
+        names = sorted({v.model_version.rsplit("/", 1)[0] for v in config.variants if v.model_version})
+        records = [r for r in (recorded_rollout(registry, n, config.app) for n in names) if r]
+    except Exception as exc:  # the status of the app itself does not depend on the registry
+        return {"error": f"registry at {config.registry_uri} did not answer: {type(exc).__name__}"}
+    return max(records, key=lambda r: r.get("recorded_at", ""), default=None)
 
 
 def trace_app(app: str, address: str | None = None, registry: Registry | None = None) -> dict[str, list[Hop]]:

@@ -11,22 +11,30 @@ Two kinds of reference exist:
   replica reads the blob from that datastore root (a local path or ``s3://...``) and checks its
   sha256 before unpickling it.
 * ``mlflow``: an MLflow model URI (``models:/name/1``, ``runs:/id/path``), loaded as a pyfunc.
+  The reference carries the tracking and registry URIs it resolves against (without
+  credentials), as a Metaflow reference carries its datastore root: a replica resolves the URI
+  there, not against whatever MLflow defaults to in the replica's working directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
+from urllib.parse import urlparse, urlunparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ray_deploy.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 
 METAFLOW_SCHEME = "metaflow://"
+_MLFLOW_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 class ModelRef(BaseModel):
@@ -41,6 +49,18 @@ class ModelRef(BaseModel):
     datastore_type: str | None = Field(None, description="Metaflow datastore type, e.g. 'local' or 's3'.")
     datastore_root: str | None = Field(None, description="Metaflow datastore root the blob lives under.")
     python_type: str | None = Field(None, description="Fully qualified type of the model object.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow: the tracking store the URI resolves against (None: MLflow's default where loaded)."
+    )
+    registry_uri: str | None = Field(
+        None, description="MLflow: the registry a models:/ URI resolves against (None: MLflow's default where loaded)."
+    )
+
+    @field_validator("tracking_uri", "registry_uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        """References are recorded in registry tags and Serve configs: addresses, never secrets."""
+        return _without_credentials(value) if value else value
 
     @property
     def pathspec(self) -> str | None:
@@ -136,7 +156,10 @@ def load_model(ref: ModelRef) -> Any:
             import mlflow.pyfunc
         except ImportError:
             raise ArtifactError(f"{ref.uri}: loading MLflow models needs mlflow: pip install mlflow") from None
-        return mlflow.pyfunc.load_model(ref.uri)
+        # Resolved against the registry the reference was made with; MLflow's own default would be
+        # a new, empty store in the replica's working directory.
+        with _mlflow_uris(ref.tracking_uri, ref.registry_uri):
+            return mlflow.pyfunc.load_model(ref.uri)
     blob = read_model_bytes(ref)
     try:
         # The bytes were hash-checked above: only the exact artifact the flow recorded is unpickled.
@@ -155,3 +178,36 @@ def _read_blob(store: Any, key: str, where: str) -> bytes:
     except Exception as exc:
         raise ArtifactError(f"{where}: cannot read blob {key} ({type(exc).__name__}: {exc})") from exc
     raise ArtifactError(f"{where}: blob {key} is missing from the datastore")
+
+
+@contextmanager
+def _mlflow_uris(tracking: str | None, registry: str | None) -> Iterator[None]:
+    """MLflow's process-wide URIs set for a load, then put back as they were (MLflow resolves
+    ``models:/`` with its global registry URI whatever URIs are passed to it, and mirrors its
+    globals into the environment, which ray-deploy reads)."""
+    import mlflow
+
+    before = {name: os.environ.get(name) for name in _MLFLOW_URI_ENV}
+    if tracking:
+        mlflow.set_tracking_uri(tracking)
+    if registry:
+        mlflow.set_registry_uri(registry)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _without_credentials(uri: str) -> str:
+    """``https://user:secret@host/x`` -> ``https://host/x``: references are recorded in tags and configs."""
+    parsed = urlparse(uri)
+    if "@" not in uri or not (parsed.username or parsed.password):
+        return uri
+    host = parsed.hostname or ""
+    return urlunparse(parsed._replace(netloc=f"{host}:{parsed.port}" if parsed.port else host))

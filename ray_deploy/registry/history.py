@@ -18,15 +18,44 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from ray_deploy.errors import LineageError
 from ray_deploy.registry.lineage import Registry, VersionRef, recorded_at, who
-from ray_deploy.serving.config import ServingConfig, VariantConfig
+from ray_deploy.serving.config import AppSettings, RolloutPhase, ServingConfig, VariantConfig
 
 logger = logging.getLogger(__name__)
 
+
+class VersionStatus(StrEnum):
+    """A model version's ``ray_deploy.status`` tag: what it does for its app now."""
+
+    SERVING = "serving"  # takes a share of traffic (or a shadow copy)
+    STAGED = "staged"  # loaded beside the serving release, no traffic yet
+    RETIRED = "retired"  # replaced by a newer release that was promoted
+    ROLLED_BACK = "rolled_back"  # took traffic in a rollout that was rolled back
+    FAILED = "failed"  # its deploy failed before it served
+
+
+class Action(StrEnum):
+    """What a traffic event on a version records (``ray_deploy.event.NNNN``'s ``action``)."""
+
+    DEPLOYED = "deployed"  # a first deploy, or new settings for the same release
+    STAGED = "staged"  # a new release loaded beside the serving one
+    TRAFFIC = "traffic"  # traffic moved: a rollout step or an operator's split
+    HOLDING = "holding"  # a rollout stopped short of 100%, waiting for an operator
+    GATE_PASSED = "gate_passed"  # a rollout gate judged a step and passed it
+    PROMOTED = "promoted"  # the new release took all traffic; the old one retired
+    ROLLED_BACK = "rolled_back"  # traffic went back to the previous release
+    RESTORED = "restored"  # the app was rebuilt from the registry after the cluster lost it
+
+
 EVENT_PREFIX = "ray_deploy.event."
+ROLLOUT_TAG = "ray_deploy.rollout"
+"""Registered-model tag ``ray_deploy.rollout.<app>``: the app's rollout phase as last recorded
+(the ``RolloutState`` while one runs; the phase it ended in after). ``restore`` reads it to find
+a rollout the cluster lost mid-way."""
 RELEASE_PREFIX = "ray_deploy.release."
 VARIANT_CONFIG_TAG = "ray_deploy.variant_config"
 SETTINGS_TAG = "ray_deploy.app_settings"
@@ -42,40 +71,65 @@ def version_of(variant: VariantConfig) -> VersionRef | None:
 
 @dataclass
 class TrafficRecorder:
-    """Writes one app's traffic changes to the registry."""
+    """Writes one app's traffic changes to the registry (built by ``control.live.LiveApp`` only)."""
 
     registry: Registry
     app: str
-    deployment_tags: dict[str, str] = field(default_factory=dict)
-    production_alias: str = "production"
-    canary_alias: str = "canary"
+    settings: AppSettings = field(default_factory=AppSettings)
     options: dict[str, Any] = field(default_factory=dict)
-    code_dir: str | None = None
+    by: str | None = None  # on whose behalf (default: this process's user)
 
     def record(
         self,
         config: ServingConfig,
-        action: str,
+        action: Action,
         reason: str,
         gate: dict[str, Any] | None = None,
         leaving: tuple[VariantConfig, ...] | list[VariantConfig] = (),
-        leaving_status: str = "retired",
+        leaving_status: VersionStatus = VersionStatus.RETIRED,
         settled: bool = False,
         observed: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        """Record that ``config`` now serves (and ``leaving`` stopped serving) because of ``reason``."""
-        at, by = recorded_at(), who()
+        """Record that ``config`` now serves (and ``leaving`` stopped serving) because of ``reason``.
+
+        Raises:
+            LineageError: the registry refused or failed a write (naming the registry and the change).
+        """
+        try:
+            self._record(
+                config, Action(action), reason, gate, leaving, VersionStatus(leaving_status), settled, observed
+            )
+        except LineageError:
+            raise
+        except Exception as exc:
+            raise LineageError(
+                f"recording {Action(action).value!r} of app {self.app!r} in the MLflow registry at "
+                f"{self.registry.registry_uri} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _record(
+        self,
+        config: ServingConfig,
+        action: Action,
+        reason: str,
+        gate: dict[str, Any] | None,
+        leaving: tuple[VariantConfig, ...] | list[VariantConfig],
+        leaving_status: VersionStatus,
+        settled: bool,
+        observed: dict[str, dict[str, Any]] | None,
+    ) -> None:
+        at, by = recorded_at(), self.by or who()
         traffic = {v.label: v.weight for v in config.variants if v.weight > 0 or v.shadow}
-        event = {"at": at, "by": by, "app": self.app, "action": action, "reason": reason, "traffic": traffic}
+        event = {"at": at, "by": by, "app": self.app, "action": action.value, "reason": reason, "traffic": traffic}
         if gate:
             event["gate"] = gate
         serving = [v for v in config.variants if version_of(v)]
         for variant in serving:
-            status = "serving" if variant.weight > 0 or variant.shadow else "staged"
+            status = VersionStatus.SERVING if variant.weight > 0 or variant.shadow else VersionStatus.STAGED
             tags = {
-                **self.deployment_tags,
+                **self.settings.deployment_tags,
                 "ray.traffic_weight": f"{variant.weight:g}",
-                "ray_deploy.status": status,
+                "ray_deploy.status": status.value,
                 VARIANT_CONFIG_TAG: variant.model_copy(update={"weight": 0.0}).model_dump_json(),
             }
             self._event(version_of(variant), variant, self._with_stats(event, variant, observed), tags, gate)
@@ -83,14 +137,27 @@ class TrafficRecorder:
             version = version_of(variant)
             if version is None:
                 continue
-            tags = {"ray.traffic_weight": "0", "ray_deploy.status": leaving_status}
-            if leaving_status == "rolled_back":
+            tags = {"ray.traffic_weight": "0", "ray_deploy.status": leaving_status.value}
+            if leaving_status == VersionStatus.ROLLED_BACK:
                 tags["ray_deploy.rollback_reason"] = reason[:4000]
-            moved = {**self._with_stats(event, variant, observed), "weight": 0.0, "status": leaving_status}
+            moved = {**self._with_stats(event, variant, observed), "weight": 0.0, "status": leaving_status.value}
             self._event(version, variant, moved, tags, gate)
         self._move_aliases(config)
+        self._rollout(config, action, at)
         if settled:
             self._release(config, action, reason, at, by)
+
+    def _rollout(self, config: ServingConfig, action: Action, at: str) -> None:
+        """Keep the app's rollout phase on its registered model(s), as the app's config has it."""
+        if config.rollout is not None:
+            state: dict[str, Any] = config.rollout.model_dump(mode="json")
+        elif action in (Action.PROMOTED, Action.ROLLED_BACK):
+            state = {"phase": RolloutPhase(action.value).value}
+        else:
+            state = {"phase": RolloutPhase.SETTLED.value}
+        state["recorded_at"] = at
+        for name in {version_of(v).name for v in config.variants if version_of(v)}:
+            self.registry.client.set_registered_model_tag(name, f"{ROLLOUT_TAG}.{self.app}", json.dumps(state))
 
     @staticmethod
     def _with_stats(
@@ -113,7 +180,7 @@ class TrafficRecorder:
     ) -> None:
         current = self.registry.client.get_model_version(version.name, version.version)
         sequence = sum(1 for key in current.tags if key.startswith(EVENT_PREFIX))
-        if tags.get("ray_deploy.status") == "serving" and "ray.deployed_at" not in current.tags:
+        if tags.get("ray_deploy.status") == VersionStatus.SERVING and "ray.deployed_at" not in current.tags:
             tags = {**tags, "ray.deployed_at": event["at"]}  # when it first took traffic
         self.registry.set_tags(version, {**tags, f"{EVENT_PREFIX}{sequence:04d}": json.dumps(event, sort_keys=True)})
         run_id = getattr(current, "run_id", None)
@@ -142,18 +209,18 @@ class TrafficRecorder:
             if version is not None and variant.weight > 0 and not variant.shadow:
                 by_name.setdefault(version.name, []).append((variant.weight, variant))
         for name, shares in by_name.items():
-            holder = self._alias_holder(name, self.production_alias)
+            holder = self._alias_holder(name, self.settings.production_alias)
             # The largest share is production; on a tie the current holder keeps it.
             ranked = sorted(shares, key=lambda item: (-item[0], version_of(item[1]).version != holder))
             top = version_of(ranked[0][1])
             if top.version != holder:
-                self.registry.set_alias(top, self.production_alias)
+                self.registry.set_alias(top, self.settings.production_alias)
                 if holder is not None:
                     self.registry.set_tags(top, {"ray_deploy.previous_production": holder})
             if len(ranked) > 1 and version_of(ranked[1][1]).version != top.version:
-                self.registry.set_alias(version_of(ranked[1][1]), self.canary_alias)
+                self.registry.set_alias(version_of(ranked[1][1]), self.settings.canary_alias)
             else:
-                self.registry.delete_alias(name, self.canary_alias)
+                self.registry.delete_alias(name, self.settings.canary_alias)
 
     def _alias_holder(self, name: str, alias: str) -> str | None:
         try:
@@ -161,11 +228,11 @@ class TrafficRecorder:
         except Exception:
             return None
 
-    def _release(self, config: ServingConfig, action: str, reason: str, at: str, by: str) -> None:
+    def _release(self, config: ServingConfig, action: Action, reason: str, at: str, by: str) -> None:
         record = {
             "at": at,
             "by": by,
-            "action": action,
+            "action": action.value,
             "reason": reason,
             "variants": [
                 {"label": v.label, "model_version": v.model_version, "weight": v.weight, "shadow": v.shadow}
@@ -181,8 +248,10 @@ class TrafficRecorder:
             self.registry.client.set_registered_model_tag(
                 name, f"{SETTINGS_TAG}.{self.app}", json.dumps({"settings": settings, "options": self.options})
             )
-            if self.code_dir:
-                self.registry.client.set_registered_model_tag(name, f"{CODE_DIR_TAG}.{self.app}", self.code_dir)
+            if self.settings.code_dir:
+                self.registry.client.set_registered_model_tag(
+                    name, f"{CODE_DIR_TAG}.{self.app}", self.settings.code_dir
+                )
 
 
 def releases(registry: Registry, name: str, app: str) -> list[dict[str, Any]]:
@@ -223,7 +292,11 @@ def previous_release(registry: Registry, current: ServingConfig) -> list[Variant
         for entry in record["variants"]:
             version = VersionRef(*entry["model_version"].rsplit("/", 1)) if entry.get("model_version") else None
             tags = registry.version_tags(version) if version else {}
-            if version is None or tags.get("ray_deploy.status") == "rolled_back" or VARIANT_CONFIG_TAG not in tags:
+            if (
+                version is None
+                or tags.get("ray_deploy.status") == VersionStatus.ROLLED_BACK
+                or VARIANT_CONFIG_TAG not in tags
+            ):
                 usable = False
                 break
             stored = VariantConfig.model_validate_json(tags[VARIANT_CONFIG_TAG])
@@ -233,3 +306,9 @@ def previous_release(registry: Registry, current: ServingConfig) -> list[Variant
     raise LineageError(
         f"app {current.app!r}: no earlier release to roll back to in the registry at {registry.registry_uri}"
     )
+
+
+def recorded_rollout(registry: Registry, name: str, app: str) -> dict[str, Any] | None:
+    """The rollout phase of ``app`` last recorded on registered model ``name`` (None: never recorded)."""
+    value = (registry.client.get_registered_model(name).tags or {}).get(f"{ROLLOUT_TAG}.{app}")
+    return json.loads(value) if value else None

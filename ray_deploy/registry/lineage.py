@@ -10,6 +10,9 @@ Tag names (all strings, as MLflow stores them)::
     metaflow.flow  metaflow.run_id  metaflow.step  metaflow.task  metaflow.user  metaflow.code_version
     metaflow.artifact  metaflow.artifact_uri  metaflow.artifact_sha256  metaflow.artifact_blob_key
     metaflow.datastore_type  metaflow.datastore_root
+    metaflow.producer_task  metaflow.producer_artifact  (where the model's content first appeared in
+        the run, i.e. the task that trained it, such as a foreach's winning branch; metaflow.task
+        is the task that deployed it, often holding a copy)
     metaflow.data.<name>  (JSON: pathspec, sha256, blob_key of each input data artifact)
     ray.variant  ray.app  ray.deployment  ray.route  ray.url  ray.address  ray.dashboard_url
     ray.deployed_at  ray.traffic_weight  ray_deploy.status  (registered, serving, failed)
@@ -36,8 +39,6 @@ from ray_deploy.models.artifacts import ModelRef
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PRODUCTION_ALIAS = "production"
-DEFAULT_CANARY_ALIAS = "canary"
 _CONNECT_TIMEOUT_S = 3.0
 
 
@@ -84,6 +85,9 @@ class LineageSource:
     parameters: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     data: tuple[DataRef, ...] = ()
+    model_origins: dict[str, str] = field(default_factory=dict)
+    """Content address (blob key) of a deployed model -> pathspec of the artifact where that content
+    first appeared in the run (``Flow/run/train/4/model``): the task that trained it."""
 
     @property
     def run_pathspec(self) -> str:
@@ -240,9 +244,13 @@ class Registry:
         }
         if source.code_version:
             tags["metaflow.code_version"] = source.code_version
+        producer = producer_tags(source.model_origins.get(ref.blob_key or ""))
+        tags.update(producer)
         for data in source.data:
             tags[f"metaflow.data.{data.name}"] = data.to_tag()
-        description = f"{ref.uri} (variant {variant!r}), trained by {source.task}"
+        description = f"{ref.uri} (variant {variant!r}), deployed by {source.task}"
+        if producer:
+            description += f", trained by {producer['metaflow.producer_task']}"
         version = None
         for candidate in (artifact_uri(ref), ref.uri):
             try:
@@ -389,8 +397,20 @@ def data_ref_from_pathspec(pathspec: str, flow_datastore: Any | None = None) -> 
     return DataRef(name=pathspec.rsplit("/", 1)[1], pathspec=pathspec, sha256=sha256, blob_key=blob_key)
 
 
-def origin_of(flow: str, run_id: str, name: str, blob_key: str | None) -> str | None:
-    """The earliest finished task of a run holding artifact ``name`` with this content, as a pathspec."""
+def origin_of(flow: str, run_id: str, name: str | None, blob_key: str | None) -> str | None:
+    """The artifact of a run where this content first appeared, as ``Flow/run/step/task/artifact``.
+
+    Every finished task of the run holding an artifact with content address ``blob_key``
+    (Metaflow's ``DataArtifact.sha``, which a copy such as ``self.model = self.best_model`` keeps) is
+    a candidate, and the one that finished first produced the content: for a model picked in a join,
+    the winning branch of the foreach. ``name`` limits the search to artifacts of that name (input
+    data); None accepts any name (a model is often renamed on its way to the deploy step). A running
+    task's own artifacts are not visible yet, so from inside a deploy step only earlier tasks count.
+
+    Returns:
+        The artifact's pathspec, or None when no finished task of the run holds the content or the
+        run cannot be read through the Metaflow client.
+    """
     from metaflow import Run, namespace
 
     if not blob_key:
@@ -400,11 +420,44 @@ def origin_of(flow: str, run_id: str, name: str, blob_key: str | None) -> str | 
         steps = list(Run(f"{flow}/{run_id}"))
     except Exception:
         return None
-    for step in reversed(steps):  # the client lists steps newest first
+    holders = []
+    for order, step in enumerate(reversed(steps)):  # the client lists steps newest first
         for task in step:
             try:
-                if name in task and task[name].sha == blob_key:
-                    return f"{task.pathspec}/{name}"
+                if name is not None:
+                    names = [name] if name in task and task[name].sha == blob_key else []
+                else:
+                    names = sorted(artifact.id for artifact in task if artifact.sha == blob_key)
+                finished_at = task.finished_at if names else None
             except Exception:
                 continue
-    return None
+            if finished_at is not None:
+                holders.append((finished_at, order, (len(task.id), task.id), f"{task.pathspec}/{names[0]}"))
+    return min(holders)[-1] if holders else None
+
+
+def producer_tags(origin: str | None) -> dict[str, str]:
+    """The registry tags naming where a model's content first appeared, from that artifact's pathspec.
+
+    Args:
+        origin: ``Flow/run/step/task/artifact``, as ``origin_of`` finds it; None when unknown.
+
+    Returns:
+        ``metaflow.producer_task`` and ``metaflow.producer_artifact``; no tags for None.
+
+    Raises:
+        LineageError: ``origin`` is not an artifact pathspec.
+
+    Example:
+        >>> producer_tags("TrainFlow/12/train/4/model")
+        {'metaflow.producer_task': 'TrainFlow/12/train/4', 'metaflow.producer_artifact': 'model'}
+    """
+    if origin is None:
+        return {}
+    parts = origin.split("/")
+    if len(parts) != 5 or not all(parts):
+        raise LineageError(
+            f"model origin {origin!r}: expected an artifact pathspec Flow/run/step/task/artifact, "
+            "e.g. TrainFlow/12/train/4/model"
+        )
+    return {"metaflow.producer_task": "/".join(parts[:4]), "metaflow.producer_artifact": parts[4]}

@@ -1,9 +1,10 @@
-"""Reading lineage back, checking every hop: app -> variant -> model version -> Metaflow task ->
-model artifact -> input data, from either end.
+"""Reading lineage back, checking every hop: app -> variant -> model version -> Metaflow task that
+deployed it -> model artifact -> task that trained it -> input data, from either end.
 
 Each hop is checked, not just printed: the model version must be the one the app serves, the
-Metaflow task must exist and have succeeded, and the artifact and data blobs must still hash to
-the sha256 recorded at deploy time.
+Metaflow tasks must exist and have succeeded, the training task's artifact must have the deployed
+model's content address, and the artifact and data blobs must still hash to the sha256 recorded at
+deploy time.
 """
 
 from __future__ import annotations
@@ -134,7 +135,12 @@ def _version_hops(registry: Registry, version: VersionRef, expected: ModelRef | 
         datastore_type=tags.get("metaflow.datastore_type") or None,
         datastore_root=tags.get("metaflow.datastore_root") or None,
     )
-    hops.append(_blob_hop("model_artifact", pathspec, ref))
+    deployed = _blob_hop("model_artifact", pathspec, ref)
+    hops.append(deployed)
+    if tags.get("metaflow.producer_task"):  # versions recorded before the producer tags have none
+        hops.append(
+            _training_hop(tags["metaflow.producer_task"], tags.get("metaflow.producer_artifact", ""), ref, deployed)
+        )
     for key, value in sorted(tags.items()):
         if key.startswith("metaflow.data."):
             data = json.loads(value)
@@ -197,6 +203,42 @@ def _task_hop(task_pathspec: str) -> Hop:
     if not finished or not successful:
         return Hop("metaflow_task", task_pathspec, False, "the task did not finish successfully")
     return Hop("metaflow_task", task_pathspec, True, f"finished {task.finished_at}")
+
+
+def _training_hop(task_pathspec: str, artifact: str, ref: ModelRef, deployed: Hop) -> Hop:
+    """The task that trained the model: it succeeded, and its artifact has the deployed model's
+    content address and so its bytes (hashed to the recorded sha256 by the ``deployed`` hop, else
+    here)."""
+    from metaflow import DataArtifact, namespace
+
+    task = _task_hop(task_pathspec)
+    if not task.ok:
+        return Hop("training_task", task_pathspec, False, task.detail)
+    pathspec = f"{task_pathspec}/{artifact}"
+    namespace(None)
+    try:
+        sha = DataArtifact(pathspec).sha
+    except Exception as exc:
+        return Hop("training_task", task_pathspec, False, f"artifact {artifact!r} not found ({exc})")
+    if sha != ref.blob_key:
+        return Hop(
+            "training_task",
+            task_pathspec,
+            False,
+            f"artifact {artifact!r} has content address {sha}, not the deployed model's {ref.blob_key}",
+        )
+    if not deployed.ok:
+        # The deployed copy did not check out: hash the bytes here, so this hop stands on its own.
+        checked = _blob_hop("training_task", pathspec, ref)
+        if not checked.ok:
+            return Hop("training_task", task_pathspec, False, f"artifact {artifact!r}: {checked.detail}")
+    return Hop(
+        "training_task",
+        task_pathspec,
+        True,
+        f"trained the model: artifact {artifact!r}, content address {sha}, sha256 {ref.sha256} as deployed; "
+        + task.detail,
+    )
 
 
 def _blob_hop(kind: str, pathspec: str, ref: ModelRef) -> Hop:

@@ -13,13 +13,14 @@ Serve version pinned to the code the replicas run, are built in ``serving.server
 from __future__ import annotations
 
 import hashlib
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_deploy.errors import RayDeployError
 from ray_deploy.models.artifacts import ModelRef
-from ray_deploy.spec import DeploymentSpec
+from ray_deploy.spec import DeploymentSpec, RolloutSpec
 
 SERVER_DEPLOYMENT = "ModelServer"
 VARIANT_APP_SEPARATOR = "--"
@@ -93,17 +94,51 @@ class VariantConfig(BaseModel):
         return f"{self.name}-{self.release or 'r'}"
 
 
+class RolloutPhase(StrEnum):
+    """Where an app stands in a rollout: the one list of statuses shown by the CLI and the docs.
+
+    The moves allowed between them are ``ray_deploy.control.phases.TRANSITIONS``.
+    """
+
+    SETTLED = "settled"  # one release serves; no rollout (the config carries no RolloutState)
+    STAGED = "staged"  # the new release is loaded beside the serving one and gets no traffic yet
+    STEPPING = "stepping"  # traffic is moving: the controller waits out a step, then judges its gate
+    HOLDING = "holding"  # the plan stopped short of 100%: waits for promote or rollback by an operator
+    PROMOTED = "promoted"  # final: the new release took all traffic and the old models were dropped
+    ROLLED_BACK = "rolled_back"  # final: the old release serves all traffic again
+
+
 class RolloutState(BaseModel):
-    """A rollout in progress (or holding at a step), kept in the app's config so any process can
-    promote or roll it back: weights by label before and after, and the share on the new one."""
+    """A rollout under way, kept in the app's config so that any process (the controller after a
+    restart, an operator's CLI, ``restore``) reads where it stands and can resume, promote or roll
+    it back: the phase and step, the weights by label before and after, and the policy."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     strategy: str
+    phase: RolloutPhase = RolloutPhase.STEPPING
+    step: int = Field(0, ge=0, description="Steps of the policy's plan taken so far (0: staged).")
     percent: float
     old: dict[str, float]
     new: dict[str, float]
     started_at: str
+    started_by: str = Field("", description="Who started the rollout; the controller records its steps as theirs.")
+    policy: RolloutSpec = Field(default_factory=RolloutSpec, description="The policy the controller follows.")
+
+
+class AppSettings(BaseModel):
+    """Settings of the app that later processes need (operators, the rollout controller, restore):
+    replicas ignore them, but keeping them in the config persists them with the app."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    production_alias: str = "production"
+    canary_alias: str = "canary"
+    deployment_tags: dict[str, str] = Field(
+        default_factory=dict, description="Tags every serving model version gets (the Ray app, route, URL, cluster)."
+    )
+    code_dir: str | None = Field(None, description="Directory of user predictor code on the deploying machine.")
+    deploy_timeout_s: float = 300.0
 
 
 class ServingConfig(BaseModel):
@@ -122,6 +157,11 @@ class ServingConfig(BaseModel):
     )
     registry_uri: str | None = Field(None, description="MLflow registry holding the variants' model versions.")
     rollout: RolloutState | None = Field(None, description="The rollout in progress, if any.")
+    settings: AppSettings = Field(default_factory=AppSettings, description="Persisted control-plane settings.")
+
+    @property
+    def phase(self) -> RolloutPhase:
+        return self.rollout.phase if self.rollout is not None else RolloutPhase.SETTLED
 
     def with_versions(self, versions: dict[str, str], registry_uri: str) -> ServingConfig:
         """The same config with each variant's registered model version (and release) filled in."""
@@ -190,6 +230,11 @@ def serving_config(
         max_batch_size=spec.max_batch_size,
         batch_wait_timeout_s=spec.batch_wait_timeout_s,
         source=dict(source or {}),
+        settings=AppSettings(
+            production_alias=spec.production_alias,
+            canary_alias=spec.canary_alias,
+            deploy_timeout_s=spec.deploy_timeout_s,
+        ),
     )
 
 

@@ -662,6 +662,7 @@ class VariantServer:
 # Deployment objects, their Serve version pinned to the code above (see SERVER_CODE_VERSION).
 
 REPLICA_CODE = (
+    "serving/__init__.py",
     "serving/server.py",
     "serving/config.py",
     "serving/payload.py",

@@ -38,6 +38,19 @@ def cancer_url(train_run):
     return train_run["deploy"].task.data.ray_serve["url"]
 
 
+def user_of(run) -> str:
+    """The user a Metaflow run ran as: its `user:` system tag (Metaflow's own choice among
+    METAFLOW_USER, SUDO_USER, USERNAME and USER), so tests never assume a user name."""
+    (user,) = [tag.split(":", 1)[1] for tag in run.system_tags if tag.startswith("user:")]
+    return user
+
+
+@pytest.fixture(scope="session")
+def run_user():
+    """``run_user(run)``: the user a Metaflow run ran as (see ``user_of``)."""
+    return user_of
+
+
 @pytest.fixture()
 def http():
     with httpx.Client(timeout=30) as client:
@@ -46,12 +59,15 @@ def http():
 
 @pytest.fixture(scope="session")
 def run_flow():
-    """Run a flow with `python flow.py run ...`; returns the finished process."""
+    """Run a flow with `python flow.py [top_level...] run ...`; returns the finished process.
+
+    ``top_level`` holds options of the flow's command line that go before `run`, e.g.
+    ``("--config", "deploy", "deploy.json")``."""
     import subprocess
 
-    def run(flow_file: Path, *args: str, env: dict | None = None, timeout: int = 300):
+    def run(flow_file: Path, *args: str, env: dict | None = None, timeout: int = 300, top_level: tuple[str, ...] = ()):
         return subprocess.run(
-            [sys.executable, str(flow_file), "--no-pylint", "run", *args],
+            [sys.executable, str(flow_file), "--no-pylint", *top_level, "run", *args],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -142,7 +142,7 @@ def test_status_reports_per_variant_metrics(ab_run, http):
     assert 0 <= after["onnx"]["prediction_mean"] <= 1
 
 
-def test_shadow_variant_is_compared_never_returned(ab_run, http):
+def test_shadow_variant_is_compared_never_returned(ab_run, run_user, http):
     """The ONNX export shadows the XGBoost model: every answer comes from xgb, every request is mirrored."""
     import time
 
@@ -154,7 +154,9 @@ def test_shadow_variant_is_compared_never_returned(ab_run, http):
         {"app": "shadowed", "num_cpus": 0.25, "variants": {"main": {"weight": 100}, "mirror": {"shadow": True}}}
     )
     task = ab_run["deploy"].task
-    source = LineageSource(flow="ABTestFlow", run_id=ab_run.id, step="deploy", task=task.pathspec, user="ci")
+    source = LineageSource(
+        flow="ABTestFlow", run_id=ab_run.id, step="deploy", task=task.pathspec, user=run_user(ab_run)
+    )
     models, predictors = {"main": refs["xgb"], "mirror": refs["onnx"]}, {"main": "xgboost", "mirror": "onnx"}
     result = deploy(spec, models, predictors, lineage=source)
     rows = ab_run["deploy"].task.data.dataset["X_test"][:30]
@@ -243,14 +245,16 @@ def test_per_variant_metrics_reach_prometheus(ab_run, http):
         assert 0 < timed[(variant,)] < 1000 * counts[(variant,)]  # milliseconds, each under a second
 
 
-def test_blue_green_moves_all_traffic_then_gates_then_drops_the_old_release(ab_run, http):
+def test_blue_green_moves_all_traffic_then_gates_then_drops_the_old_release(ab_run, run_user, http):
     """The ONNX export replaces the XGBoost model blue/green: staged, all traffic, gate, promoted."""
     from ray_deploy import DeploymentSpec, LineageSource, ModelRef, Registry, deploy
     from ray_deploy.registry.history import events
 
     refs = {v["name"]: ModelRef(**v["model_ref"]) for v in ab_run["deploy"].task.data.ray_serve["variants"]}
     task = ab_run["deploy"].task
-    source = LineageSource(flow="ABTestFlow", run_id=ab_run.id, step="deploy", task=task.pathspec, user="ci")
+    source = LineageSource(
+        flow="ABTestFlow", run_id=ab_run.id, step="deploy", task=task.pathspec, user=run_user(ab_run)
+    )
     options = {"app": "bluegreen", "num_cpus": 0.25, "rollout": {"strategy": "blue_green", "interval_s": 2}}
     first = deploy(
         DeploymentSpec.from_options(options), {"default": refs["xgb"]}, {"default": "xgboost"}, lineage=source

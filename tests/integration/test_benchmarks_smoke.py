@@ -29,7 +29,7 @@ BENCHMARK_PORTS = {
 
 def test_smoke_run_measures_every_row_and_writes_reports(tmp_path):
     out, markdown, plot = tmp_path / "results.json", tmp_path / "bench.md", tmp_path / "bench.png"
-    env = {**os.environ, **BENCHMARK_PORTS, "USERNAME": "ci", "RAY_DEPLOY_NUM_CPUS": "4"}
+    env = {**os.environ, **BENCHMARK_PORTS, "RAY_DEPLOY_NUM_CPUS": "4"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--markdown", str(markdown)]

@@ -1,13 +1,28 @@
-"""A failed deploy changes nothing that serves; an unreachable cluster fails fast naming its address."""
+"""A failed deploy changes nothing that serves; an unreachable cluster fails fast naming its address.
+
+Each test that tries to break a serving app deploys the example flow's model to an app of its own
+first (deleted at the end): `cancer` belongs to the session, and other modules read it.
+"""
 
 import json
 import time
 
 import pytest
 
-from ray_deploy import ArtifactError, ClusterUnreachable, DeployError, DeploymentSpec, ModelRef, deploy
+from ray_deploy import (
+    ArtifactError,
+    ClusterUnreachable,
+    DeployError,
+    DeploymentSpec,
+    ModelRef,
+    cluster_status,
+    delete_app,
+    deploy,
+)
 
 pytestmark = pytest.mark.integration
+
+APP = "keeps-serving"
 
 
 def served_model(http, url):
@@ -16,67 +31,89 @@ def served_model(http, url):
 
 
 @pytest.fixture()
-def current(train_run, cancer_url, http):
+def model_ref(train_run):
     (variant,) = train_run["deploy"].task.data.ray_serve["variants"]
-    ref = ModelRef(**variant["model_ref"])
-    before = served_model(http, cancer_url)
-    assert before == [(ref.uri, ref.sha256)]
-    return ref, before
+    return ModelRef(**variant["model_ref"])
 
 
-def test_tampered_model_is_refused_and_previous_keeps_serving(current, cancer_url, http, counted_load):
-    ref, before = current
-    tampered = ref.model_copy(update={"sha256": "0" * 64})
-    spec = DeploymentSpec.from_options({"app": "cancer", "num_cpus": 0.5, "deploy_timeout_s": 60})
-    with counted_load(cancer_url, json.dumps({"instances": [[1.0] * 30]})) as load:
+@pytest.fixture()
+def serving(model_ref, ray_head, http):
+    """The example flow's model serving on app ``APP``: (url, what it serves); deleted afterwards."""
+    spec = DeploymentSpec.from_options({"app": APP, "num_cpus": 0.25, "deploy_timeout_s": 120})
+    try:
+        url = deploy(spec, {"default": model_ref}, {"default": "xgboost"}).url
+        before = served_model(http, url)
+        assert before == [(model_ref.uri, model_ref.sha256)]
+        yield url, before
+    finally:
+        delete_app(APP)
+
+
+def test_tampered_model_is_refused_and_previous_keeps_serving(model_ref, serving, http, counted_load):
+    url, before = serving
+    tampered = model_ref.model_copy(update={"sha256": "0" * 64})
+    spec = DeploymentSpec.from_options({"app": APP, "num_cpus": 0.5, "deploy_timeout_s": 60})
+    with counted_load(url, json.dumps({"instances": [[1.0] * 30]})) as load:
         time.sleep(1)
         with pytest.raises(ArtifactError, match="sha256 mismatch"):
             deploy(spec, {"default": tampered}, {"default": "xgboost"})
         time.sleep(1)
     load.assert_nothing_lost()
-    assert served_model(http, cancer_url) == before
-    assert http.post(cancer_url, json={"instances": [[1.0] * 30]}).status_code == 200
+    assert served_model(http, url) == before
+    assert http.post(url, json={"instances": [[1.0] * 30]}).status_code == 200
 
 
-def test_unschedulable_replicas_time_out_and_previous_comes_back(current, cancer_url, http):
-    ref, before = current
-    spec = DeploymentSpec.from_options({"app": "cancer", "num_cpus": 64, "deploy_timeout_s": 15})
+def test_unschedulable_replicas_time_out_and_previous_comes_back(model_ref, serving, http):
+    url, before = serving
+    spec = DeploymentSpec.from_options({"app": APP, "num_cpus": 64, "deploy_timeout_s": 15})
     with pytest.raises(DeployError, match="did not become healthy within 15s") as raised:
-        deploy(spec, {"default": ref}, {"default": "xgboost"})
+        deploy(spec, {"default": model_ref}, {"default": "xgboost"})
     assert "num_cpus" in str(raised.value)
-    assert served_model(http, cancer_url) == before
-    assert http.post(cancer_url, json={"instances": [[1.0] * 30]}).status_code == 200
+    assert served_model(http, url) == before
+    assert http.post(url, json={"instances": [[1.0] * 30]}).status_code == 200
 
 
-def test_replicas_no_node_can_hold_fail_without_waiting_out_the_timeout(current, cancer_url, http, capfd):
-    """A GPU app on a CPU-only cluster that does not autoscale: the deploy says what is missing long
-    before deploy_timeout_s, and the previous version keeps serving throughout."""
-    ref, before = current
-    spec = DeploymentSpec.from_options({"app": "cancer", "num_cpus": 0.5, "num_gpus": 1, "deploy_timeout_s": 600})
-    started = time.monotonic()
-    with pytest.raises(DeployError, match="cannot be scheduled and no node is being added") as raised:
-        deploy(spec, {"default": ref}, {"default": "xgboost"})
-    assert time.monotonic() - started < 300, "the deploy waited as if the replicas could still start"
-    assert "GPU" in str(raised.value)
-    assert "replicas wait for resources, no node is starting" in capfd.readouterr().err
-    assert served_model(http, cancer_url) == before
-    assert http.post(cancer_url, json={"instances": [[1.0] * 30]}).status_code == 200
+def test_gpu_app_fails_in_bounded_time_without_a_gpu_and_deploys_with_one(model_ref, serving, http, capfd):
+    """A GPU app on a cluster that does not autoscale: with no GPU in the cluster the deploy says what
+    is missing long before deploy_timeout_s, and the previous version keeps serving throughout. On
+    a cluster that has a GPU (the suite's head takes the machine's), the app deploys instead and
+    its replica reports the GPU it holds."""
+    url, before = serving
+    spec = DeploymentSpec.from_options({"app": APP, "num_cpus": 0.5, "num_gpus": 1, "deploy_timeout_s": 600})
+    gpus = cluster_status()["resources"].get("GPU", 0)
+    if gpus < 1:
+        started = time.monotonic()
+        with pytest.raises(DeployError, match="cannot be scheduled and no node is being added") as raised:
+            deploy(spec, {"default": model_ref}, {"default": "xgboost"})
+        assert time.monotonic() - started < 300, "the deploy waited as if the replicas could still start"
+        assert "GPU" in str(raised.value)
+        assert "replicas wait for resources, no node is starting" in capfd.readouterr().err
+        assert served_model(http, url) == before
+    else:
+        deploy(spec, {"default": model_ref}, {"default": "xgboost"})
+        described = http.get(url).json()  # what the replica itself reports
+        gpu = described["replica"]["cuda_visible_devices"]
+        (variant,) = described["variants"]
+        assert gpu, f"the replica holds no GPU: {described['replica']}"
+        # The GPU path, or the CPU with the reason the GPU it holds could not be used.
+        device = variant["device"]
+        assert device == f"cuda (GPU {gpu})" or device.startswith(f"cpu (GPU {gpu} assigned;"), device
+        assert (variant["model"], variant["sha256"]) == (model_ref.uri, model_ref.sha256)
+    assert http.post(url, json={"instances": [[1.0] * 30]}).status_code == 200
 
 
-def test_first_deploy_that_fails_leaves_no_app(current, ray_head, http):
-    ref, _ = current
+def test_first_deploy_that_fails_leaves_no_app(model_ref, ray_head, http):
     spec = DeploymentSpec.from_options({"app": "never-up", "num_cpus": 64, "deploy_timeout_s": 5})
     with pytest.raises(DeployError):
-        deploy(spec, {"default": ref}, {"default": "xgboost"})
+        deploy(spec, {"default": model_ref}, {"default": "xgboost"})
     assert http.get(f"{ray_head.http_url}/never-up").status_code == 404
 
 
-def test_unreachable_cluster_fails_fast_with_the_address(current):
-    ref, _ = current
-    spec = DeploymentSpec.from_options({"app": "cancer", "address": "127.0.0.1:1"})
+def test_unreachable_cluster_fails_fast_with_the_address(model_ref):
+    spec = DeploymentSpec.from_options({"app": "unreachable", "address": "127.0.0.1:1"})
     started = time.monotonic()
     with pytest.raises(ClusterUnreachable, match="127.0.0.1:1"):
-        deploy(spec, {"default": ref}, {"default": "xgboost"})
+        deploy(spec, {"default": model_ref}, {"default": "xgboost"})
     # ray.init alone would retry for about a minute; we check the socket first.
     assert time.monotonic() - started < 20
 

@@ -52,6 +52,92 @@ def test_bad_option_stops_the_run_before_training(tmp_path, write_flow, run_flow
     assert not marker.exists(), "the start step ran although an option was invalid"
 
 
+def test_with_ray_serve_is_refused_before_any_step_runs(tmp_path, write_flow, run_flow):
+    """`--with ray_serve:...` puts @ray_serve on every step, and the start step has no model: the run
+    is refused before it starts, naming `--with` and showing the way that works (a Config)."""
+    from metaflow import Flow
+    from metaflow.exception import MetaflowNotFound
+
+    marker = tmp_path / "trained.txt"
+    steps = f"""
+    @step
+    def start(self):
+        from pathlib import Path
+        Path({str(marker)!r}).write_text("trained")
+        self.next(self.deploy)
+    """
+    flow = write_flow(tmp_path / "with_flow.py", "WithOptionFlow", steps, 'app="with-static", num_cpus=0.25')
+
+    def runs() -> set[str]:
+        try:
+            return {run.id for run in Flow("WithOptionFlow")}
+        except MetaflowNotFound:
+            return set()
+
+    before = runs()
+    finished = run_flow(flow, "--with", "ray_serve:app=with-refused,num_replicas=2")
+    output = finished.stdout + finished.stderr
+    assert finished.returncode != 0
+    assert "Invalid @ray_serve option" in output and "--with ray_serve: refused" in output, output[-3000:]
+    assert 'Config("deploy")' in output and 'config_expr("deploy.app")' in output, output[-3000:]
+    assert "--config deploy deploy.json run" in output, output[-3000:]
+    # No step ran: no task started, the start step's code never ran, and no run was even created.
+    assert "Task is starting" not in output, output[-3000:]
+    assert not marker.exists(), "the start step ran although --with ray_serve was refused"
+    assert runs() == before
+
+
+CONFIG_FLOW = """
+from metaflow import Config, FlowSpec, config_expr, ray_serve, step
+
+
+class ConfigFlow(FlowSpec):
+    deploy_config = Config("deploy")
+
+    @step
+    def start(self):
+        from sklearn.datasets import load_iris
+        from sklearn.linear_model import LogisticRegression
+
+        X, y = load_iris(return_X_y=True)
+        self.best_model = LogisticRegression(max_iter=1000).fit(X, y)
+        self.next(self.deploy)
+
+    @ray_serve(app=config_expr("deploy.app"), num_replicas=config_expr("deploy.num_replicas"), num_cpus=0.25)
+    @step
+    def deploy(self):
+        self.model = self.best_model
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    ConfigFlow()
+"""
+
+
+def test_options_from_a_config_file_set_app_and_replicas(tmp_path, run_flow, ray_head, http):
+    """What README shows instead of `--with`: `config_expr` options read from the JSON file given
+    with `--config deploy deploy.json` when the run starts."""
+    from ray_deploy import app_status, delete_app
+
+    flow = tmp_path / "config_flow.py"
+    flow.write_text(CONFIG_FLOW)
+    (tmp_path / "deploy.json").write_text(json.dumps({"app": "from-config", "num_replicas": 2}))
+    try:
+        finished = run_flow(flow, top_level=("--config", "deploy", "deploy.json"))
+        assert finished.returncode == 0, (finished.stdout + finished.stderr)[-4000:]
+        (row,) = app_status("from-config")
+        assert row["status"] == "RUNNING" and row["replicas"]["ModelServer"] == {"RUNNING": 2}, row
+        answer = http.post(row["url"], json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+        assert answer.status_code == 200 and answer.json()["predictions"] == [0], answer.text
+    finally:
+        delete_app("from-config")
+
+
 @pytest.mark.parametrize(
     ("assignment", "options", "expected"),
     [

@@ -1,5 +1,6 @@
 """Lineage from data to deployment, both ways, with real MLflow (SQLite and a server over HTTP)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_deploy import DeploymentSpec, LineageError, LineageSource, ModelRef, RegistryUnreachable, deploy
+from ray_deploy import DeploymentSpec, LineageError, LineageSource, ModelRef, RegistryUnreachable, delete_app, deploy
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +57,7 @@ def test_served_version_records_where_it_came_from(train_run, embedded_registry,
     assert tags["metaflow.task"] == deploy_task.pathspec
     assert tags["metaflow.artifact"] == "model"
     assert tags["metaflow.artifact_sha256"] == variant["sha256"]
-    assert tags["metaflow.user"] == "ci"
+    assert f"user:{tags['metaflow.user']}" in train_run.system_tags
     assert len(tags["metaflow.code_version"].removesuffix("-dirty")) == 40
     data = json.loads(tags["metaflow.data.dataset"])
     assert data["pathspec"] == f"TrainFlow/{train_run.id}/start/{train_run['start'].task.id}/dataset"
@@ -163,7 +164,7 @@ def test_lineage_command_checks_every_hop(train_run, repo):
         kinds = [hop["kind"] for hop in chain if hop["kind"] != "traffic"]
         assert [hop["name"] for hop in chain if hop["kind"] == "traffic"][:1] == ["deployed"]
         assert kinds[0] == "app"
-        assert kinds[-3:] == ["metaflow_task", "model_artifact", "data"]
+        assert kinds[-4:] == ["metaflow_task", "model_artifact", "training_task", "data"]
         assert all(hop["ok"] for hop in chain), chain
 
 
@@ -253,57 +254,80 @@ def test_unreachable_registry_fails_before_serve_is_touched(tmp_path, run_flow, 
     assert http.get(f"{ray_head.http_url}/iris-unrecorded").status_code == 404
 
 
-def _current(train_run):
+def _current(train_run, user):
     deploy_task = train_run["deploy"].task
     (variant,) = deploy_task.data.ray_serve["variants"]
-    source = LineageSource(flow="TrainFlow", run_id=train_run.id, step="deploy", task=deploy_task.pathspec, user="ci")
+    source = LineageSource(flow="TrainFlow", run_id=train_run.id, step="deploy", task=deploy_task.pathspec, user=user)
     return ModelRef(**variant["model_ref"]), variant, source
 
 
-def test_redeploying_the_same_task_reuses_its_version(train_run, embedded_registry, cancer_url, http):
+# The tests below change the apps they deploy, so each deploys the example flow's model to an app (and
+# registered model) of its own, deleted at the end: `cancer` belongs to the session, other modules read it.
+
+
+def test_redeploying_the_same_task_reuses_its_version(train_run, run_user, embedded_registry, http):
     """What a Metaflow retry of the deploy step does: same task, same model, one registry entry."""
-    ref, variant, source = _current(train_run)
-    spec = DeploymentSpec.from_options({"app": "cancer", "num_cpus": 0.5, "deploy_timeout_s": 120})
-    result = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
-    assert str(result.versions["default"]) == variant["model_version"]
-    versions = embedded_registry.client.search_model_versions(f"tags.`metaflow.task` = '{source.task}'")
-    assert len(versions) == 1
-    assert http.get(cancer_url).json()["variants"][0]["model"] == ref.uri
+    ref, _, source = _current(train_run, run_user(train_run))
+    spec = DeploymentSpec.from_options({"app": "redeployed", "num_cpus": 0.25, "deploy_timeout_s": 120})
+    try:
+        first = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
+        served_by = http.get(first.url).json()["replica"]["pid"]
+        again = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
+        assert str(again.versions["default"]) == str(first.versions["default"])
+        versions = embedded_registry.client.search_model_versions(
+            f"name = 'redeployed' and tags.`metaflow.task` = '{source.task}'"
+        )
+        assert [f"redeployed/{v.version}" for v in versions] == [str(first.versions["default"])]
+        described = http.get(again.url).json()
+        assert described["variants"][0]["model"] == ref.uri
+        assert described["replica"]["pid"] == served_by, "the same release was deployed again instead of kept"
+    finally:
+        delete_app("redeployed")
 
 
-def test_registry_write_failing_after_serve_changed_puts_the_app_back(train_run, cancer_url, http, monkeypatch):
+def test_registry_write_failing_after_serve_changed_puts_the_app_back(train_run, run_user, http, monkeypatch):
     """Forced fault: the registry accepts the version, then fails the deployment write. Stopping a
-    real server between those two calls cannot be timed from a test, so the write is made to raise."""
+    real server between those two calls cannot be timed from a test, so the recorder's writes are
+    made to raise (the recorder's own error handling still runs)."""
     from ray_deploy.registry.history import TrafficRecorder
 
-    ref, variant, source = _current(train_run)
-    before = http.get(cancer_url).json()["variants"]
-    other_task = LineageSource(flow="TrainFlow", run_id=train_run.id, step="deploy", task=source.task + "-b", user="ci")
+    ref, _, source = _current(train_run, run_user(train_run))
+    spec = DeploymentSpec.from_options({"app": "put-back", "num_cpus": 0.25, "deploy_timeout_s": 120})
+    try:
+        first = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
+        before = http.get(first.url).json()["variants"]
+        other_task = dataclasses.replace(source, task=source.task + "-b")
 
-    def registry_down(*args, **kwargs):
-        raise ConnectionError("registry went away")
+        def registry_down(*args, **kwargs):
+            raise ConnectionError("registry went away")
 
-    monkeypatch.setattr(TrafficRecorder, "record", registry_down)
-    spec = DeploymentSpec.from_options({"app": "cancer", "num_cpus": 0.5, "deploy_timeout_s": 120})
-    with pytest.raises(LineageError, match="was put back to its previous version"):
-        deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=other_task)
-    assert http.get(cancer_url).json()["variants"] == before
-
-
-def test_unreachable_registry_at_engine_level_changes_nothing(train_run, cancer_url, http, monkeypatch):
-    ref, _, source = _current(train_run)
-    before = http.get(cancer_url).json()["variants"]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-    spec = DeploymentSpec.from_options({"app": "cancer", "num_cpus": 0.5})
-    with pytest.raises(RegistryUnreachable, match="http://127.0.0.1:1"):
-        deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
-    assert http.get(cancer_url).json()["variants"] == before
+        monkeypatch.setattr(TrafficRecorder, "_record", registry_down)
+        with pytest.raises(LineageError, match="registry went away.*was put back to its previous version"):
+            deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=other_task)
+        assert http.get(first.url).json()["variants"] == before
+    finally:
+        delete_app("put-back")
 
 
-def test_aliases_follow_the_traffic(train_run, embedded_registry, ray_head, http):
+def test_unreachable_registry_at_engine_level_changes_nothing(train_run, run_user, http, monkeypatch):
+    ref, _, source = _current(train_run, run_user(train_run))
+    spec = DeploymentSpec.from_options({"app": "unrecorded", "num_cpus": 0.25, "deploy_timeout_s": 120})
+    try:
+        first = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
+        before = http.get(first.url).json()["variants"]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+        other_task = dataclasses.replace(source, task=source.task + "-c")
+        with pytest.raises(RegistryUnreachable, match="http://127.0.0.1:1"):
+            deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=other_task)
+        assert http.get(first.url).json()["variants"] == before
+    finally:
+        delete_app("unrecorded")
+
+
+def test_aliases_follow_the_traffic(train_run, run_user, embedded_registry, ray_head, http):
     """A 90/10 split: the main share holds production, the smaller share canary; all-in moves both."""
-    ref, _, _ = _current(train_run)
-    source = LineageSource(flow="TrainFlow", run_id=train_run.id, step="deploy", task="TrainFlow/x/deploy/1", user="ci")
+    ref, _, current = _current(train_run, run_user(train_run))
+    source = dataclasses.replace(current, task="TrainFlow/x/deploy/1")
     split = DeploymentSpec.from_options(
         {
             "app": "aliases",

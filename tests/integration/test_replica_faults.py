@@ -1,7 +1,8 @@
 """Replicas killed (SIGKILL) under steady load: Serve restarts them and callers see no error.
 
 Load comes from a separate process (``benchmarks.loadgen``: closed loop, bounded in time) that
-counts requests sent, answered (2xx) and failed. A request whose replica dies under it is sent
+counts requests sent, answered (2xx) and failed; it runs from before the first kill until the test
+stops it after the last, and each kill checks that it is still running. A request whose replica dies under it is sent
 again: by the front (connection refused or closed without an answer) for the app's own
 replicas, and by the router replica for an isolated variant's replicas. Nothing may be lost,
 with one exception no proxy can hide: a SIGKILL that lands while a replica is writing an answer
@@ -34,13 +35,31 @@ def cancer_ref(train_run):
     return ModelRef(**variant["model_ref"])
 
 
-def start_load(url: str, seconds: float, concurrency: int = 4) -> subprocess.Popen:
+def start_load(url: str, concurrency: int = 4, max_seconds: float = 180) -> subprocess.Popen:
+    """Closed-loop load until ``finish_load`` (or ``max_seconds``, a bound the tests never reach)."""
     command = [sys.executable, "-m", "benchmarks.loadgen", url, "--concurrency", str(concurrency)]
-    command += ["--seconds", str(seconds), "--warmup", "0", "--body", BODY]
+    command += ["--seconds", str(max_seconds), "--warmup", "0", "--body", BODY]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
 
 
+def kill_under_load(pid: int, load: subprocess.Popen) -> None:
+    """SIGKILL a replica, but only while the load is still running: a kill after the load has
+    ended would prove nothing about the requests it cuts."""
+    assert load.poll() is None, f"the load ended (exit {load.returncode}) before the kill of replica {pid}"
+    os.kill(pid, signal.SIGKILL)
+
+
+def abandon_load(load: subprocess.Popen | None) -> None:
+    """After a failed test: stop a load that is still running."""
+    if load is not None and load.poll() is None:
+        load.kill()
+        load.communicate(timeout=30)
+
+
 def finish_load(load: subprocess.Popen) -> dict:
+    """Stop the load (it finishes the requests in flight) and read its counts."""
+    assert load.poll() is None, f"the load ended on its own (exit {load.returncode}) before the test stopped it"
+    load.send_signal(signal.SIGTERM)
     out, _ = load.communicate(timeout=120)
     assert load.returncode == 0
     return json.loads(out)
@@ -93,21 +112,24 @@ def test_killed_replicas_are_restarted_and_no_request_fails(cancer_ref, http, ra
     url = f"{ray_head.http_url}/faults"
     spec = DeploymentSpec.from_options({"app": "faults", "num_cpus": 0.25, "num_replicas": 2, "deploy_timeout_s": 120})
     deploy(spec, {"default": cancer_ref}, {"default": "xgboost"})
+    load = None
     try:
         first, second = sorted(replica_pids(http, url, 2))
-        load = start_load(url, seconds=24)
+        load = start_load(url)
         time.sleep(4)
-        os.kill(first, signal.SIGKILL)
+        kill_under_load(first, load)
         # Serve notices and starts a replacement; then the other original replica dies too.
         replacement = replica_pids(http, url, 2) - {first, second}
         assert replacement, "Serve did not replace the killed replica"
         time.sleep(3)
-        os.kill(second, signal.SIGKILL)
+        kill_under_load(second, load)
         survivors = replica_pids(http, url, 2)
+        time.sleep(3)  # and the load goes on against the replaced replicas
         counts = finish_load(load)
         assert first not in survivors and second not in survivors
         assert_nothing_lost(counts, kills=2)
     finally:
+        abandon_load(load)
         delete_app("faults")
 
 
@@ -124,17 +146,18 @@ def test_killed_router_and_isolated_variant_replicas_lose_nothing(cancer_ref, ht
         }
     )
     deploy(spec, {"a": cancer_ref, "b": cancer_ref}, {"a": "xgboost", "b": "xgboost"})
+    load = None
     try:
         routers = replica_pids(http, url, 2)
         isolated = pids_named("ServeReplica:faults-ab--b")
         assert len(isolated) == 2, isolated
-        load = start_load(url, seconds=16)
+        load = start_load(url)
         time.sleep(4)
         router = min(routers)
-        os.kill(router, signal.SIGKILL)
+        kill_under_load(router, load)
         time.sleep(3)
         victim = min(isolated)
-        os.kill(victim, signal.SIGKILL)
+        kill_under_load(victim, load)
         time.sleep(3)
         counts = finish_load(load)
         assert_nothing_lost(counts, kills=2)
@@ -149,4 +172,5 @@ def test_killed_router_and_isolated_variant_replicas_lose_nothing(cancer_ref, ht
             variants.add(http.post(url, content=BODY, headers={"Content-Type": "application/json"}).json()["variant"])
         assert variants == {"a", "b"}
     finally:
+        abandon_load(load)
         delete_app("faults-ab")

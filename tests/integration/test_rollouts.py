@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from metaflow import Run
 
 from ray_deploy import Registry
 
@@ -70,7 +71,7 @@ def answered(rows: list[dict], start: float, end: float) -> set:
 
 
 def test_rollouts_and_rollbacks_under_load_drop_nothing(
-    tmp_path, write_flow, run_flow, ray_head, cancer_url, http, recorded_load
+    tmp_path, write_flow, run_flow, run_user, ray_head, cancer_url, http, recorded_load
 ):
     (tmp_path / "flow").mkdir()
     flow = rollout_flow(write_flow, tmp_path / "flow")
@@ -84,7 +85,7 @@ def test_rollouts_and_rollbacks_under_load_drop_nothing(
     try:
         load.wait_for(20)
         canary_start = time.time()
-        second = run_flow(flow, "--release", "2")
+        second = run_flow(flow, "--release", "2", "--run-id-file", str(tmp_path / "second_run_id"))
         canary_end = time.time()
         output = second.stdout + second.stderr
         assert second.returncode == 0, output[-4000:]
@@ -142,7 +143,9 @@ def test_rollouts_and_rollbacks_under_load_drop_nothing(
     v2_events = [json.loads(tags[v2][k]) for k in sorted(tags[v2]) if k.startswith("ray_deploy.event.")]
     actions = [e["action"] for e in v2_events]
     assert actions[:2] == ["staged", "traffic"] and "gate_passed" in actions and "promoted" in actions
-    assert actions[-1] == "rolled_back" and all(e["by"] == "ci" for e in v2_events)
+    # By whom: the user the run ran as (the rollback command ran in the same environment).
+    user = run_user(Run(f"RolloutFlow/{(tmp_path / 'second_run_id').read_text()}", _namespace_check=False))
+    assert actions[-1] == "rolled_back" and all(e["by"] == user for e in v2_events), (user, v2_events)
     gates = [e["gate"] for e in v2_events if e.get("gate")]
     assert gates and gates[0]["passed"] and gates[0]["canary"]["requests"] > 0
 
@@ -157,7 +160,7 @@ def test_rollouts_and_rollbacks_under_load_drop_nothing(
 
 
 def test_a_holding_canary_is_the_operators_and_a_second_deployer_is_turned_away(
-    tmp_path, write_flow, run_flow, ray_head, http
+    tmp_path, write_flow, run_flow, run_user, ray_head, http
 ):
     """Steps short of 100 hold the canary; traffic/promote/rollback from the flow's own CLI; the
     app lock refuses a flow that deploys while another change is in progress, changing nothing."""
@@ -170,7 +173,7 @@ def test_a_holding_canary_is_the_operators_and_a_second_deployer_is_turned_away(
         write_flow, tmp_path / "flow", app=app, rollout='{"strategy": "canary", "steps": [30], "interval_s": 1}'
     )
     url = f"{ray_head.http_url}/{app}"
-    assert run_flow(flow, "--release", "1").returncode == 0
+    assert run_flow(flow, "--release", "1", "--run-id-file", str(tmp_path / "first_run_id")).returncode == 0
     assert run_flow(flow, "--release", "2").returncode == 0
     (status,) = json.loads(ray_deploy("status", app, "--json").stdout)
     assert status["rollout"]["percent"] == 30 and status["rollout"]["strategy"] == "canary"
@@ -199,7 +202,9 @@ def test_a_holding_canary_is_the_operators_and_a_second_deployer_is_turned_away(
         assert "AppLocked" in refused.stderr and "a test holding the lock" in refused.stderr
         loser = run_flow(flow, "--release", "3")
         output = loser.stdout + loser.stderr
-        assert loser.returncode != 0 and "is being changed by ci" in output, output[-3000:]
+        # The refusal names the lock's holder: this process, run by the user the flow's runs ran as.
+        user = run_user(Run(f"RolloutFlow/{(tmp_path / 'first_run_id').read_text()}", _namespace_check=False))
+        assert loser.returncode != 0 and f"is being changed by {user} on " in output, output[-3000:]
     assert describe(http, url)["variants"] == before
 
     promoted = flow_cli("promote")

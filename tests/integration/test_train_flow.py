@@ -76,13 +76,13 @@ def test_every_mlflow_scoring_format(train_run, cancer_url, http):
         assert answer.json()["predictions"] == expected
 
 
-def test_get_describes_what_is_served(train_run, cancer_url, http):
+def test_get_describes_what_is_served(train_run, run_user, cancer_url, http):
     described = http.get(cancer_url).json()
     (variant,) = described["variants"]
     assert variant["model"] == f"metaflow://{train_run['deploy'].task.pathspec}/model"
     assert variant["n_features"] == 30
     assert described["source"]["task"] == train_run["deploy"].task.pathspec
-    assert described["source"]["user"] == "ci"
+    assert described["source"]["user"] == run_user(train_run)
     assert variant["device"] == "cpu"
 
 

@@ -1,19 +1,37 @@
-"""The front's HAProxy configuration: routes, retries, fallback to Serve's proxy; checked by HAProxy itself."""
+"""The front's HAProxy configuration (routes, retries, fallback to Serve's proxy; checked by HAProxy itself)
+and the pieces of its supervision that need no Ray: restarts, take-overs, the guard, the head's start lock."""
 
+import http.server
+import os
+import signal
+import socket
 import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from ray_deploy.cluster import LocalClusterSettings, _is_local_head
+from ray_deploy.cluster import LocalClusterSettings, _head_start_lock, _is_local_head
 from ray_deploy.errors import ClusterError
 from ray_deploy.front import (
+    HAProxyProcess,
     Layout,
     Route,
     backend_name,
+    describe_exit,
+    front_problem,
     head_environment,
+    load_state,
+    log_summary,
     render_config,
     routes_from_target_groups,
+    save_state,
+    start_guard,
     write_error_files,
 )
 
@@ -93,3 +111,199 @@ def test_local_head_addresses():
     assert _is_local_head("ray://127.0.0.1:9091", settings)
     assert not _is_local_head("10.1.2.3:6399", settings)
     assert not _is_local_head("ray://head.example.com:10001", settings)
+
+
+def test_layout_and_haproxy_survive_in_the_state_file(tmp_path):
+    layout = Layout.fresh([Route("/a", (30000, 30001)), Route("/b", ())])
+    layout.moves([Route("/a", (30001, 30005)), Route("/b", ())])
+    assert layout.routes() == [Route("/a", (30001, 30005)), Route("/b", ())]
+    # A process whose command line names the front's directory stands for its HAProxy.
+    haproxy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "haproxy.cfg")])
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        save_state(tmp_path / "front.json", layout, haproxy.pid)
+        restored, pid = load_state(tmp_path / "front.json")
+        assert restored.slots == layout.slots and pid == haproxy.pid
+        save_state(tmp_path / "front.json", layout, stranger.pid)  # not ours: never taken over
+        assert load_state(tmp_path / "front.json")[1] is None
+        save_state(tmp_path / "front.json", layout, haproxy.pid)
+        haproxy.kill()
+        haproxy.wait()
+        assert load_state(tmp_path / "front.json") == (layout, None)
+    finally:
+        for process in (haproxy, stranger):
+            process.kill()
+            process.wait()
+    assert load_state(tmp_path / "missing.json") == (Layout.fresh([]), None)
+
+
+def test_exits_and_logs_read_as_sentences():
+    assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+    assert describe_exit(1) == "exited with status 1"
+    log = (
+        "[NOTICE]   (28014) : haproxy version is 2.8.25\n"
+        "[ALERT]    (28014) : Binding [haproxy.cfg:26] for frontend serve: cannot bind socket "
+        "(Address already in use) for [127.0.0.1:8111]\n"
+        "[ALERT]    (28014) : Some protocols failed to start their listeners! Exiting.\n"
+    )
+    assert log_summary(log) == (
+        "Binding [haproxy.cfg:26] for frontend serve: cannot bind socket (Address already in use) for "
+        "[127.0.0.1:8111] | Some protocols failed to start their listeners! Exiting."
+    )
+    assert log_summary("[NOTICE]   (1) : Loading success.\n") == "Loading success."
+    assert log_summary("") == "(HAProxy logged nothing)"
+
+
+def test_a_front_that_is_down_says_where_why_and_the_fix():
+    serving = {"address": "http://127.0.0.1:8111", "state": "serving", "haproxy_pid": 123, "down_reason": None}
+    assert front_problem(serving) is None
+    down = {
+        "address": "http://127.0.0.1:8111",
+        "state": "down",
+        "haproxy_pid": None,
+        "down_reason": "HAProxy (pid 9) was killed by SIGKILL; restarting it",
+    }
+    assert front_problem(down) == (
+        "the ray-deploy front on 127.0.0.1:8111 is down: HAProxy (pid 9) was killed by SIGKILL; restarting it. "
+        "`ray-deploy cluster up` restarts it."
+    )
+    # A front started by an older ray-deploy reported only an empty pid and no reason.
+    older = {"address": "http://127.0.0.1:8111", "haproxy_pid": None, "error": None}
+    problem = front_problem(older)
+    assert "127.0.0.1:8111 is down" in problem and "older ray-deploy" in problem and "None" not in problem
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "60"])
+
+
+def test_the_guard_stops_an_haproxy_whose_front_died_and_left_it_alone():
+    actor, haproxy = _sleeper(), _sleeper()
+    guard = start_guard(actor.pid, haproxy.pid, 0.5, "tag")
+    try:
+        time.sleep(0.8)
+        assert haproxy.poll() is None, "the guard stopped HAProxy while its front lived"
+        actor.kill()
+        actor.wait()  # reaped: gone, as a dead actor is once Ray reaps it
+        assert haproxy.wait(timeout=5) == -signal.SIGTERM
+        assert guard.wait(timeout=5) == 0
+    finally:
+        for process in (actor, haproxy, guard):
+            process.kill()
+            process.wait()
+
+
+def test_the_guard_leaves_when_its_haproxy_is_taken_over_in_time():
+    actor, haproxy = _sleeper(), _sleeper()
+    guard = start_guard(actor.pid, haproxy.pid, 30, "tag")
+    try:
+        actor.kill()  # left a zombie: a dead actor counts as dead before it is reaped
+        time.sleep(0.8)
+        haproxy.terminate()  # a restarted front took it over and retired it
+        haproxy.wait()
+        assert guard.wait(timeout=5) == 0
+    finally:
+        for process in (actor, haproxy, guard):
+            process.kill()
+            process.wait()
+
+
+class _Answer(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 - the http.server protocol
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_new_haproxy_takes_the_sockets_over_and_a_killed_one_is_reaped(tmp_path):
+    """A restarted front's HAProxy takes the running one's sockets: not one connection refused."""
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    port = _free_port()
+    write_error_files(tmp_path / "errors")
+    config = render_config(Layout.fresh([]), "127.0.0.1", port, backend.server_address[1], str(tmp_path))
+    old, new = HAProxyProcess(tmp_path), HAProxyProcess(tmp_path)
+    outcomes: list[str] = []
+    done = threading.Event()
+
+    def load() -> None:  # a new connection per request: a refused one would show
+        while not done.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as answer:
+                    outcomes.append(f"{answer.status}")
+            except OSError as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    try:
+        old.start(config)
+        loader = threading.Thread(target=load)
+        loader.start()
+        time.sleep(0.5)
+        new.start(config, take_over=old.process.pid)
+        assert old.process.wait(timeout=10) == 0  # retired: finished its requests and left
+        time.sleep(0.5)
+        done.set()
+        loader.join()
+        answered = outcomes.count("200")
+        assert answered > 20 and answered == len(outcomes), [o for o in outcomes if o != "200"][:5]
+        killed = new.process.pid
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while new.serving and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert new.ended() == f"HAProxy (pid {killed}) was killed by SIGKILL"
+        assert not Path(f"/proc/{killed}").exists(), "the killed HAProxy was left a zombie"
+    finally:
+        done.set()
+        old.stop()
+        new.stop()
+        backend.shutdown()
+
+
+def test_haproxy_that_cannot_bind_says_why(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        write_error_files(tmp_path / "errors")
+        haproxy = HAProxyProcess(tmp_path)
+        with pytest.raises(RuntimeError) as failed:
+            haproxy.start(render_config(Layout.fresh([]), "127.0.0.1", port, 1, str(tmp_path)))
+    assert f"cannot bind socket (Address already in use) for [127.0.0.1:{port}]" in str(failed.value)
+    assert str(failed.value).startswith("HAProxy exited with status 1 at start: ")
+
+
+def test_a_second_process_waits_for_the_head_start_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    settings = LocalClusterSettings(gcs_port=6497)
+    assert settings.start_lock == tmp_path / "ray-deploy-6497.lock"
+    waiter = (
+        "from ray_deploy.cluster import LocalClusterSettings, _head_start_lock\n"
+        "print('imported', flush=True)\n"
+        "with _head_start_lock(LocalClusterSettings(gcs_port=6497)) as waited:\n"
+        "    print(waited)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path), "RAY_DEPLOY_QUIET": "0"}
+    with _head_start_lock(settings) as waited:
+        assert waited is False
+        second = subprocess.Popen(
+            [sys.executable, "-c", waiter], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert second.stdout.readline().strip() == "imported"
+        time.sleep(1)
+        assert second.poll() is None, "the second process did not wait for the lock"
+    out, err = second.communicate(timeout=30)
+    assert out.strip() == "True"
+    assert "waiting for another process starting the local Ray head at 127.0.0.1:6497" in err

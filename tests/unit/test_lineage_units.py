@@ -1,7 +1,7 @@
 import pytest
 
 from ray_deploy import DeploymentSpec, LineageError, ModelRef, Registry, SpecError, flatten_metrics
-from ray_deploy.registry.lineage import artifact_uri, registry_uri, tracking_uri
+from ray_deploy.registry.lineage import artifact_uri, producer_tags, registry_uri, tracking_uri
 
 
 def test_metrics_flatten_to_dotted_names():
@@ -66,3 +66,19 @@ def test_lineage_options_name_themselves(options, option):
 def test_registry_defaults_to_app_name():
     assert DeploymentSpec.from_options({"app": "cancer"}).model_name == "cancer"
     assert DeploymentSpec.from_options({"app": "cancer", "registered_model": "bc"}).model_name == "bc"
+
+
+def test_producer_tags_name_the_training_task_and_its_artifact():
+    import doctest
+
+    import ray_deploy.registry.lineage
+
+    assert producer_tags("TrainFlow/12/train/4/model") == {
+        "metaflow.producer_task": "TrainFlow/12/train/4",
+        "metaflow.producer_artifact": "model",
+    }
+    assert producer_tags(None) == {}
+    for bad in ("TrainFlow/12/train/4", "TrainFlow/12/train//model", "TrainFlow/12/train/4/model/x"):
+        with pytest.raises(LineageError, match=r"expected an artifact pathspec Flow/run/step/task/artifact"):
+            producer_tags(bad)
+    assert doctest.testmod(ray_deploy.registry.lineage).failed == 0

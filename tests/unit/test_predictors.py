@@ -107,9 +107,33 @@ def test_user_predictor_errors_name_the_problem(name, expected):
         load_predictor_class(name)
 
 
+def machine_gpus() -> list[str]:
+    """The NVIDIA GPUs this process may use, counted as Ray counts them for a head it starts:
+    CUDA_VISIBLE_DEVICES when set, else every device NVML finds (none without a GPU or driver)."""
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager as nvidia
+
+    visible = nvidia.get_current_process_visible_accelerator_ids()
+    if visible is not None:
+        return [str(gpu) for gpu in visible]
+    return [str(index) for index in range(nvidia.get_current_node_num_accelerators())]
+
+
+GPUS = machine_gpus()
+# What Ray would set for a replica holding one GPU: the machine's first, or "0" where there is none.
+GPU = GPUS[0] if GPUS else "0"
+
+
+def onnx_cuda_provider() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def test_gpu_replicas_try_the_gpu_path_and_say_which_path_ran(classifier, data, monkeypatch):
     """With CUDA_VISIBLE_DEVICES set (as Ray sets it for a replica holding a GPU) the built-ins try
-    their GPU path; on this CPU-only machine they fall back, answer the same, and say why."""
+    their GPU path; where it cannot run (no GPU, no CUDA build) they fall back to the CPU, answer
+    the same, and say why. Which path a predictor took is what it reports; a GPU path is only
+    accepted where this machine has a GPU."""
     import copy
 
     from onnxmltools import convert_xgboost
@@ -120,9 +144,55 @@ def test_gpu_replicas_try_the_gpu_path_and_say_which_path_ran(classifier, data, 
     assert build_predictor("xgboost", copy.deepcopy(classifier), {}).device == "cpu"
     assert build_predictor("onnx", onnx_model, {}).device == "cpu"
 
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
     on_gpu_node = build_predictor("xgboost", copy.deepcopy(classifier), {})
-    assert on_gpu_node.device.startswith("cpu (GPU 0 assigned;"), on_gpu_node.device
+    if on_gpu_node.device.startswith("cuda"):
+        assert GPUS and on_gpu_node.device == f"cuda (GPU {GPU})", on_gpu_node.device
+    else:
+        assert on_gpu_node.device.startswith(f"cpu (GPU {GPU} assigned;"), on_gpu_node.device
     np.testing.assert_array_equal(on_gpu_node.predict(data[2]), classifier.predict(data[2]))
+
     onnx_on_gpu_node = build_predictor("onnx", onnx_model, {})
-    assert "install onnxruntime-gpu" in onnx_on_gpu_node.device
+    if onnx_on_gpu_node.device.startswith("cuda"):
+        assert GPUS and onnx_cuda_provider() and onnx_on_gpu_node.device == f"cuda (GPU {GPU})"
+    else:
+        assert onnx_on_gpu_node.device.startswith(f"cpu (GPU {GPU} assigned;"), onnx_on_gpu_node.device
+        if not onnx_cuda_provider():
+            assert "install onnxruntime-gpu" in onnx_on_gpu_node.device
+    np.testing.assert_array_equal(onnx_on_gpu_node.predict(data[2]), classifier.predict(data[2]))
+
+
+@pytest.mark.skipif(not GPUS, reason="needs a GPU: no NVIDIA GPU visible to this process")
+def test_cuda_paths_run_on_the_gpu_and_answer_like_the_cpu(classifier, data, monkeypatch):
+    """On a replica holding a GPU: XGBoost predicts on CUDA (its wheels are built with CUDA); ONNX
+    runs on onnxruntime's CUDA provider when onnxruntime-gpu is installed, and otherwise says that
+    it needs it. Both answer like the model on the CPU."""
+    import copy
+    import json
+
+    import xgboost
+    from onnxmltools import convert_xgboost
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    rows = data[2]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", GPU)
+
+    labels = build_predictor("xgboost", copy.deepcopy(classifier), {})
+    probabilities = build_predictor("xgboost", copy.deepcopy(classifier), {"output": "probability"})
+    if xgboost.build_info().get("USE_CUDA"):
+        assert labels.device == f"cuda (GPU {GPU})", labels.device
+        config = json.loads(labels.booster.save_config())
+        assert config["learner"]["generic_param"]["device"].startswith("cuda")
+    else:
+        assert labels.device.startswith(f"cpu (GPU {GPU} assigned;"), labels.device
+    np.testing.assert_array_equal(labels.predict(rows), classifier.predict(rows))
+    np.testing.assert_allclose(probabilities.predict(rows), classifier.predict_proba(rows), rtol=1e-5, atol=1e-6)
+
+    onnx_model = convert_xgboost(classifier, initial_types=[("input", FloatTensorType([None, 30]))])
+    on_gpu = build_predictor("onnx", onnx_model, {"output": "probability"})
+    if onnx_cuda_provider():
+        assert on_gpu.device == f"cuda (GPU {GPU})", on_gpu.device
+        assert on_gpu.session.get_providers()[0] == "CUDAExecutionProvider"
+    else:
+        assert on_gpu.device.startswith(f"cpu (GPU {GPU} assigned;") and "install onnxruntime-gpu" in on_gpu.device
+    np.testing.assert_allclose(on_gpu.predict(rows), classifier.predict_proba(rows), rtol=1e-4, atol=1e-5)

@@ -138,7 +138,7 @@ def _show(obj, config):
 @click.option("--reason", default=None, help="Why; recorded on the model versions.")
 @click.pass_obj
 def traffic(obj, app=None, weights=None, reason=None):
-    from ray_deploy.control.traffic import set_traffic
+    from ray_deploy import set_traffic
 
     name = _single(obj, app)
     try:
@@ -151,7 +151,7 @@ def traffic(obj, app=None, weights=None, reason=None):
 @click.option("--app", default=None, help="The app (needed when the flow deploys several).")
 @click.pass_obj
 def promote(obj, app=None):
-    from ray_deploy.control.traffic import promote as promote_app
+    from ray_deploy import promote as promote_app
 
     name = _single(obj, app)
     try:
@@ -165,7 +165,7 @@ def promote(obj, app=None):
 @click.option("--reason", default=None, help="Why; recorded on the model versions.")
 @click.pass_obj
 def rollback(obj, app=None, reason=None):
-    from ray_deploy.control.traffic import rollback as rollback_app
+    from ray_deploy import rollback as rollback_app
 
     name = _single(obj, app)
     try:

@@ -12,6 +12,7 @@ from ray_deploy import (
     ModelRef,
     ParityError,
     RayDeployError,
+    Registry,
     SpecError,
     check_parity,
     choose_predictor,
@@ -140,17 +141,35 @@ class RayServeDecorator(StepDecorator):
     rollout : Dict[str, Any], optional, default None
         How a new release replaces the one serving the app, with no request dropped:
         {"strategy": "canary", "steps": [10, 50, 100], "interval_s": 30, "max_error_rate": 0.01,
-        "max_p99_ms": None, "max_p99_ratio": None, "min_requests": 0}. Strategies: "immediate"
-        (the default: all traffic at once), "canary" (traffic in steps, gates after each) and
-        "blue_green" (all at once, old release kept loaded for interval_s, then gated). The new
-        release is loaded beside the old before it gets traffic; a failing gate rolls back
-        automatically and fails the step; steps short of 100 hold for `ray-deploy promote`.
+        "max_p99_ms": None, "max_p99_ratio": None, "min_requests": 0, "wait": True}. Strategies:
+        "immediate" (the default: all traffic at once), "canary" (traffic in steps, gates after
+        each) and "blue_green" (all at once, old release kept loaded for interval_s, then gated).
+        The new release is loaded beside the old before it gets traffic; a failing gate rolls back
+        automatically and fails the step; steps short of 100 hold for `ray-deploy promote`. The
+        steps run in a rollout controller on the cluster (actor `rollout:<app>`), which outlives
+        the flow; "wait": False ends the step once the controller has taken over.
     """
 
     name = "ray_serve"
     defaults = option_defaults()
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
+        if not self.statically_defined:
+            # `--with` puts the decorator on every step: the run would train, then fail on a step
+            # with no model. Refused here, before any step runs.
+            raise RayServeException(
+                step_name,
+                SpecError(
+                    "--with ray_serve: refused; --with attaches @ray_serve to every step, and a step "
+                    "without a model would fail the run after training. Write @ray_serve on the step "
+                    "that sets the model, and take per-run values from a Metaflow Config:\n"
+                    "    from metaflow import Config, config_expr\n"
+                    '    deploy_config = Config("deploy")  # in the flow class\n'
+                    '    @ray_serve(app=config_expr("deploy.app"), num_replicas=config_expr("deploy.num_replicas"))\n'
+                    "then run: python flow.py --config deploy deploy.json run  "
+                    '(deploy.json: {"app": "cancer", "num_replicas": 2})'
+                ),
+            )
         _attach_card(decorators)
         self._step_name = step_name
         self._flow_datastore = flow_datastore
@@ -201,7 +220,7 @@ class RayServeDecorator(StepDecorator):
         try:
             models, predictors, objects = self._resolve_models(flow)
             parity = self._check_parity(flow, predictors, objects)
-            source = self._lineage_source(flow, step_name)
+            source = self._lineage_source(flow, step_name, models)
             result = deploy(
                 self.spec,
                 models,
@@ -230,6 +249,12 @@ class RayServeDecorator(StepDecorator):
             "parameters": source.parameters,
             "metrics": source.metrics,
             "data": [{"name": d.name, "pathspec": d.pathspec, "sha256": d.sha256} for d in source.data],
+            # Variant -> the artifact where its model's content first appeared: the task that trained it.
+            "model_origins": {
+                name: source.model_origins[ref.blob_key]
+                for name, ref in models.items()
+                if ref.blob_key in source.model_origins
+            },
         }
         flow.ray_serve = record
         tags = ["attempt_id:%d" % retry_count]
@@ -243,8 +268,9 @@ class RayServeDecorator(StepDecorator):
             )
         self._metadata.register_metadata(self._run_id, step_name, self._task_id, entries)
 
-    def _lineage_source(self, flow, step_name):
-        """Where the deployed models came from: this task, the flow's parameters, metrics and data."""
+    def _lineage_source(self, flow, step_name, models):
+        """Where the deployed models came from: the tasks that trained them, this task (which deploys
+        them), the flow's parameters, metrics and data."""
         from metaflow import current
 
         parameters = {name: getattr(flow, name) for name in getattr(current, "parameter_names", [])}
@@ -258,7 +284,19 @@ class RayServeDecorator(StepDecorator):
             parameters={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in parameters.items()},
             metrics=self._metrics(flow),
             data=tuple(self._data_ref(flow, entry) for entry in self.spec.data),
+            model_origins=self._model_origins(flow, models),
         )
+
+    def _model_origins(self, flow, models):
+        """Content address of each Metaflow model -> the artifact where that content first appeared in
+        this run: the task that trained it (a foreach's winning branch, under any artifact name), not
+        the steps that copied it here; this task's own artifact when no earlier task holds it."""
+        origins = {}
+        for ref in models.values():
+            if ref.kind == "metaflow" and ref.blob_key and ref.blob_key not in origins:
+                found = origin_of(flow.name, str(self._run_id), None, ref.blob_key)
+                origins[ref.blob_key] = found or ref.pathspec
+        return origins
 
     def _metrics(self, flow):
         metrics = {}
@@ -289,7 +327,14 @@ class RayServeDecorator(StepDecorator):
         models, predictors, objects = {}, {}, {}
         for variant in self.spec.variants:
             if variant.is_mlflow_uri:
-                models[variant.name] = ModelRef(kind="mlflow", uri=variant.model)
+                # Resolved on the cluster against the registry this step uses, not MLflow's default there.
+                registry = Registry()
+                models[variant.name] = ModelRef(
+                    kind="mlflow",
+                    uri=variant.model,
+                    tracking_uri=registry.tracking_uri,
+                    registry_uri=registry.registry_uri,
+                )
                 predictors[variant.name] = "mlflow" if variant.predictor == "auto" else variant.predictor
                 continue
             if not hasattr(flow, variant.model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray_deploy.errors import PredictorError
-from ray_deploy.models.predictors.base import Predictor
+from ray_deploy.models.predictors.base import Predictor, RequestError
 
 
 class MLflowPredictor(Predictor):
@@ -19,4 +19,14 @@ class MLflowPredictor(Predictor):
             raise PredictorError(f"predictor 'mlflow' needs an MLflow pyfunc model, got {type(model).__name__}")
 
     def predict(self, payload: Any) -> Any:
-        return self.model.predict(payload)
+        try:
+            return self.model.predict(payload)
+        except Exception as exc:
+            from mlflow.exceptions import MlflowException
+
+            # The model's signature refused the input (missing or extra columns, wrong types): the
+            # caller's mistake, answered with MLflow's own status (400) as `mlflow models serve` does.
+            if isinstance(exc, MlflowException) and exc.get_http_status_code() == 400:
+                detail = exc.message.rsplit("Error: ", 1)[-1]  # the schema message quotes the whole input first
+                raise RequestError(f"the model's input schema refused the request: {detail}") from exc
+            raise

@@ -70,8 +70,13 @@ class RayServeCard(MetaflowCard):
                     html.escape(variant["model_uri"]),
                 )
             )
+        for name, origin in sorted((lineage.get("model_origins") or {}).items()):
+            chain.append(
+                "variant <code>%s</code> trained by Metaflow task <code>%s</code>"
+                % (html.escape(name), html.escape(origin.rsplit("/", 1)[0]))
+            )
         if lineage.get("task"):
-            chain.append("trained by Metaflow task <code>%s</code>" % html.escape(lineage["task"]))
+            chain.append("deployed by Metaflow task <code>%s</code>" % html.escape(lineage["task"]))
         for data in lineage.get("data", []):
             chain.append(
                 "input data <code>%s</code> (sha256 <code>%s</code>)"

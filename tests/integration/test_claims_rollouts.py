@@ -1,0 +1,159 @@
+"""README and docs/rollouts.md claims about rollouts, each under a steady load from a separate
+process (``loadgen.py``, every request recorded):
+
+* a canary slower than ``max_p99_ms`` is rolled back by the latency gate on its own, the flow
+  step fails naming the gate, no request fails, and the old release serves all traffic after;
+* ``blue_green`` moves all traffic to the new release while the old one stays loaded, gates it,
+  promotes it, and no request fails on the way.
+"""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ray_deploy import Registry
+
+pytestmark = pytest.mark.integration
+
+ROW = [5.1, 3.5, 1.4, 0.2]
+BODY = json.dumps({"instances": [ROW]})
+DELAY_S = 0.04  # the slow release's extra time per request: twice max_p99_ms below
+
+MODELS = '''
+import time
+
+
+class Slow:
+    """Answers exactly as the model it wraps, DELAY_S later: a correct release that is too slow."""
+
+    def __init__(self, inner, delay_s):
+        self.inner = inner
+        self.delay_s = delay_s
+
+    def predict(self, rows):
+        time.sleep(self.delay_s)
+        return self.inner.predict(rows)
+'''
+
+STEPS = f"""
+release = Parameter("release", type=int, default=1)
+slow = Parameter("slow", type=bool, default=False)
+
+@step
+def start(self):
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    X, y = load_iris(return_X_y=True)
+    model = LogisticRegression(C=float(self.release), max_iter=2000).fit(X, y)
+    if self.slow:
+        from claims_models import Slow
+        model = Slow(model, {DELAY_S})
+    self.model = model
+    self.next(self.deploy)
+"""
+
+
+def release_flow(write_flow, directory: Path, app: str, rollout: dict) -> Path:
+    directory.mkdir()
+    (directory / "claims_models.py").write_text(MODELS)
+    options = f'app="{app}", predictor="python", num_cpus=0.25, rollout={json.dumps(rollout)}'
+    return write_flow(directory / "release_flow.py", "ReleaseFlow", STEPS, options)
+
+
+def answered(rows: list[dict], start: float, end: float) -> set:
+    """Model versions of the answers to requests sent and answered inside [start, end]."""
+    return {r["model_version"] for r in rows if r["start"] >= start and r["end"] <= end}
+
+
+def shares(http, url: str) -> dict[str, float]:
+    """What the app serves: model version -> traffic share."""
+    return {v["model_version"]: v["weight"] for v in http.get(url).json()["variants"]}
+
+
+def test_a_slow_canary_is_rolled_back_by_the_p99_gate_under_load(
+    tmp_path, write_flow, run_flow, ray_head, http, recorded_load
+):
+    app = "p99-gate"
+    rollout = {"strategy": "canary", "steps": [50, 100], "interval_s": 4, "max_p99_ms": 20}
+    flow = release_flow(write_flow, tmp_path / "flow", app, rollout)
+    first = run_flow(flow, "--release", "1")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    url = f"{ray_head.http_url}/{app}"
+    (v1,) = shares(http, url)
+
+    load = recorded_load(url, tmp_path, BODY, rate=25, max_seconds=300)
+    try:
+        load.wait_for(20)
+        slow_start = time.time()
+        slow = run_flow(flow, "--release", "2", "--slow", "True")
+        slow_end = time.time()
+        time.sleep(3)  # the load goes on after the rollback
+        after = shares(http, url)
+    finally:
+        rows = load.stop()
+
+    output = slow.stdout + slow.stderr
+    assert slow.returncode != 0, output[-4000:]
+    assert "Rollout rolled back" in output and "max_p99_ms=20" in output, output[-4000:]
+    failures = [r for r in rows if r["status"] != 200]
+    assert not failures, f"{len(failures)} of {len(rows)} requests failed, e.g. {failures[:3]}"
+    assert len(rows) >= 100, "the load generator sent too few requests to prove anything"
+
+    # The slow release did get its canary share, and it was slow: the gate judged real traffic.
+    (v2,) = answered(rows, slow_start, slow_end) - {v1}
+    slow_answers = [r for r in rows if r["model_version"] == v2]
+    assert len(slow_answers) >= 10 and all(r["end"] - r["start"] >= DELAY_S for r in slow_answers)
+    # Afterwards the old release serves all traffic.
+    assert after == {v1: 100}
+    assert answered(rows, slow_end, float("inf")) == {v1}
+    tags = Registry().version_tags(Registry().resolve(v2))
+    assert tags["ray_deploy.status"] == "rolled_back" and "max_p99_ms" in tags["ray_deploy.rollback_reason"]
+
+
+def test_blue_green_under_load_keeps_the_old_release_loaded_then_promotes_losing_nothing(
+    tmp_path, write_flow, run_flow, ray_head, http, recorded_load
+):
+    app = "blue-green-load"
+    flow = release_flow(write_flow, tmp_path / "flow", app, {"strategy": "blue_green", "interval_s": 4})
+    first = run_flow(flow, "--release", "1")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    url = f"{ray_head.http_url}/{app}"
+    (v1,) = shares(http, url)
+
+    seen: list[dict[str, float]] = []  # the app's split, as callers could see it during the rollout
+    finished: dict = {}
+    load = recorded_load(url, tmp_path, BODY, rate=25, max_seconds=300)
+    try:
+        load.wait_for(20)
+        switch_start = time.time()
+        deployer = threading.Thread(target=lambda: finished.update(done=run_flow(flow, "--release", "2")))
+        deployer.start()
+        while deployer.is_alive():
+            seen.append(shares(http, url))
+            time.sleep(0.25)
+        deployer.join()
+        switch_end = time.time()
+        time.sleep(3)
+        after = shares(http, url)
+    finally:
+        rows = load.stop()
+
+    done = finished["done"]
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    failures = [r for r in rows if r["status"] != 200]
+    assert not failures, f"{len(failures)} of {len(rows)} requests failed, e.g. {failures[:3]}"
+    assert len(rows) >= 100, "the load generator sent too few requests to prove anything"
+    (v2,) = set(after)
+    assert v2 != v1 and after == {v2: 100}
+    # While the gate watched, the new release had all traffic and the old one was still loaded.
+    assert {v1: 0, v2: 100} in seen, seen
+    assert answered(rows, 0, switch_start) == {v1}
+    assert answered(rows, switch_start, switch_end) == {v1, v2}
+    assert answered(rows, switch_end, float("inf")) == {v2}
+    registry = Registry()
+    assert registry.version_tags(registry.resolve(v2))["ray_deploy.status"] == "serving"
+    assert registry.version_tags(registry.resolve(v1))["ray_deploy.status"] == "retired"

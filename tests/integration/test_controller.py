@@ -1,0 +1,226 @@
+"""The rollout controller runs on the cluster: a rollout survives its client, its own death and a head restart.
+
+A separate process keeps a steady load on the app (bounded in time and count) while:
+
+* the flow process that started a canary is SIGKILLed (its whole process group) at the first
+  canary step: the controller still finishes the rollout, nothing is lost;
+* the controller actor's process is SIGKILLed mid-rollout (``wait: False``: the flow has already
+  ended): Ray restarts it, it resumes from the persisted phase and finishes, nothing is lost;
+* on a head of its own, the head is restarted mid-rollout and ``ray-deploy restore`` brings the
+  last settled release back and records the interrupted rollout as rolled back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ray_deploy import Registry
+from ray_deploy.registry.history import events
+
+pytestmark = pytest.mark.integration
+
+APP = "steady"
+ROW = [5.1, 3.5, 1.4, 0.2]
+BODY = json.dumps({"instances": [ROW]})
+
+STEPS = """
+release = Parameter("release", type=int, default=1)
+
+@step
+def start(self):
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    X, y = load_iris(return_X_y=True)
+    self.model = LogisticRegression(C=float(self.release), max_iter=2000).fit(X, y)
+    self.next(self.deploy)
+"""
+
+
+def canary(wait: bool, interval_s: float = 5) -> str:
+    policy = {"strategy": "canary", "steps": [30, 100], "interval_s": interval_s, "max_error_rate": 0.05}
+    return json.dumps({**policy, "wait": wait}).replace("true", "True").replace("false", "False")
+
+
+def write(write_flow, directory: Path, app: str, rollout: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    options = f'app="{app}", num_cpus=0.25, predictor="python", rollout={rollout}'
+    return write_flow(directory / "steady_flow.py", "SteadyFlow", STEPS, options)
+
+
+def served(url: str) -> list[tuple[str, float]]:
+    return [(v["model_version"], v["weight"]) for v in httpx.get(url, timeout=30).json()["variants"]]
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def ray_deploy(*args: str, env: dict | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("ray-deploy")
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def status(app: str, env: dict | None = None) -> dict:
+    shown = ray_deploy("status", app, "--json", env=env)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    (row,) = json.loads(shown.stdout)
+    return row
+
+
+def test_the_rollout_outlives_the_killed_flow_and_the_killed_controller(
+    tmp_path, write_flow, run_flow, ray_head, recorded_load
+):
+    url = f"{ray_head.http_url}/{APP}"
+    flow = write(write_flow, tmp_path / "flow", APP, canary(wait=True))
+    first = run_flow(flow, "--release", "1")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    ((v1, _),) = served(url)
+
+    load = recorded_load(url, tmp_path, BODY, rate=25, max_seconds=600)
+    try:
+        load.wait_for(20)
+        # 1. The flow process (and its task) SIGKILLed at the first canary step.
+        started = subprocess.Popen(
+            [sys.executable, str(flow), "--no-pylint", "run", "--release", "2"],
+            cwd=str(flow.parent),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        seen: list[str] = []
+        deadline = time.monotonic() + 300
+        for line in started.stdout:
+            seen.append(line)
+            if "canary step 1/2" in line or time.monotonic() > deadline:
+                break
+        assert any("canary step 1/2" in line for line in seen), "".join(seen)[-4000:]
+        killed_at = time.time()
+        os.killpg(started.pid, signal.SIGKILL)
+        started.wait(timeout=30)
+        v2 = wait_until(
+            lambda: served(url)[0][0] if len(served(url)) == 1 and served(url)[0][0] != v1 else None,
+            180,
+            "the controller to finish the rollout the killed flow started",
+        )
+        finished_at = time.time()
+
+        # 2. The controller's own process SIGKILLed mid-rollout; the flow has handed over and ended.
+        third_flow = write(write_flow, tmp_path / "third", APP, canary(wait=False, interval_s=8))
+        third = run_flow(third_flow, "--release", "3")
+        assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+        assert "rollout continues in controller 'rollout:steady'" in third.stdout + third.stderr
+        row = status(APP)
+        assert row["phase"] in ("staged", "stepping"), row["rollout"]
+        assert row["controller"] == f"rollout:{APP}"
+        pid_before = controller_pid(APP)
+        os.kill(pid_before, signal.SIGKILL)
+        v3 = wait_until(
+            lambda: served(url)[0][0] if len(served(url)) == 1 and served(url)[0][0] not in (v1, v2) else None,
+            180,
+            "the restarted controller to finish the rollout",
+        )
+        assert controller_pid(APP) != pid_before, "the controller was not restarted"
+        time.sleep(2)
+    finally:
+        rows = load.stop()
+
+    failures = [r for r in rows if r["status"] != 200]
+    assert not failures, f"{len(failures)} of {len(rows)} requests failed, e.g. {failures[:3]}"
+    assert len([r for r in rows if killed_at <= r["start"] <= finished_at]) >= 20, "too little load during the rollout"
+    after_kill = {r["model_version"] for r in rows if r["start"] >= killed_at and r["end"] <= finished_at}
+    assert after_kill == {v1, v2}, "traffic kept moving after the flow died"
+
+    registry = Registry()
+    user = os.environ["USERNAME"]
+    for version in (v2, v3):
+        history = events(registry, registry.resolve(version))
+        actions = [e["action"] for e in history]
+        assert actions.count("staged") == 1 and actions[-1] == "promoted", actions
+        # One traffic step per step of the plan: a restarted controller does not apply a step twice.
+        assert actions.count("traffic") == 2, actions
+        assert {e["by"] for e in history} == {user}, "the controller records the changes as the deploying user's"
+    assert str(registry.resolve(f"{APP}@production")) == v3
+    last = status(APP)["last_rollout"]
+    assert last["phase"] == "promoted", last
+
+
+def controller_pid(app: str) -> int:
+    import ray
+
+    from ray_deploy.cluster import connect
+    from ray_deploy.control.controller import CONTROLLER_NAMESPACE, controller_name
+
+    with connect(start_local=False):
+        handle = ray.get_actor(controller_name(app), namespace=CONTROLLER_NAMESPACE)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return ray.get(handle.progress.remote(10**9), timeout=10)["pid"]
+            except ray.exceptions.RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+PORTS = {
+    "RAY_DEPLOY_GCS_PORT": "6799",
+    "RAY_DEPLOY_DASHBOARD_PORT": "8798",
+    "RAY_DEPLOY_HTTP_PORT": "8797",
+    "RAY_DEPLOY_METRICS_PORT": "8796",
+    "RAY_DEPLOY_CLIENT_PORT": "9096",
+}
+
+
+def test_a_head_restart_mid_rollout_is_restored_to_the_settled_release_and_recorded(
+    tmp_path, write_flow, run_flow, counted_load
+):
+    env = {**os.environ, **PORTS}
+    app = "phase"
+    url = f"http://127.0.0.1:{PORTS['RAY_DEPLOY_HTTP_PORT']}/{app}"
+    assert ray_deploy("cluster", "up", env=env).returncode == 0
+    try:
+        flow = write(write_flow, tmp_path / "flow", app, canary(wait=False, interval_s=600))
+        first = run_flow(flow, "--release", "1", env=env)
+        assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+        ((v1, _),) = served(url)
+        second = run_flow(flow, "--release", "2", env=env)
+        assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+        wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the canary's first step")
+        split = served(url)
+        assert len(split) == 2 and sorted(w for _, w in split) == [30, 70], split
+        v2 = next(v for v, _ in split if v != v1)
+
+        assert ray_deploy("cluster", "down", env=env).returncode == 0
+        assert ray_deploy("cluster", "up", env=env).returncode == 0
+        restored = ray_deploy("restore", app, env=env)
+        assert restored.returncode == 0, restored.stderr[-3000:]
+        assert served(url) == [(v1, 100)]
+        with counted_load(url, BODY) as load:
+            time.sleep(3)
+        load.assert_nothing_lost()
+
+        row = status(app, env)
+        assert row["phase"] == "settled" and row["last_rollout"]["phase"] == "rolled_back", row["last_rollout"]
+        registry = Registry()
+        tags = registry.version_tags(registry.resolve(v2))
+        assert tags["ray_deploy.status"] == "rolled_back", tags
+        assert "lost app 'phase' during a rollout (stepping at 30%)" in tags["ray_deploy.rollback_reason"]
+        assert str(registry.resolve(f"{app}@production")) == v1
+    finally:
+        ray_deploy("cluster", "down", env=env, timeout=120)
