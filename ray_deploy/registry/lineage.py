@@ -317,9 +317,10 @@ def recorded_at() -> str:
 
 
 def who() -> str:
-    """The user on whose behalf a change is made (Metaflow's USERNAME first)."""
-    for name in ("METAFLOW_USER", "USERNAME", "USER"):
-        if os.environ.get(name):
+    """The user on whose behalf a change is made, found as Metaflow finds a run's user
+    (METAFLOW_USER, SUDO_USER, USERNAME, USER; ``root`` only as a last resort)."""
+    for name in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER"):
+        if os.environ.get(name) and os.environ[name] != "root":
             return os.environ[name]
     try:
         return getpass.getuser()

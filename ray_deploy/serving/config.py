@@ -139,6 +139,11 @@ class AppSettings(BaseModel):
     )
     code_dir: str | None = Field(None, description="Directory of user predictor code on the deploying machine.")
     deploy_timeout_s: float = 300.0
+    placement: dict[str, Any] | None = Field(
+        None,
+        description="The ModelServer's placement_group_bundles/strategy: Serve's own details leave them out, "
+        "so a later process re-applying the app would otherwise drop its placement groups.",
+    )
 
 
 class ServingConfig(BaseModel):

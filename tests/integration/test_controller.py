@@ -151,6 +151,9 @@ def test_the_rollout_outlives_the_killed_flow_and_the_killed_controller(
     for version in (v2, v3):
         history = events(registry, registry.resolve(version))
         actions = [e["action"] for e in history]
+        # This version's own rollout: from its staging to its promotion (v2 later appears in v3's).
+        history = history[: actions.index("promoted") + 1]
+        actions = actions[: len(history)]
         assert actions.count("staged") == 1 and actions[-1] == "promoted", actions
         # One traffic step per step of the plan: a restarted controller does not apply a step twice.
         assert actions.count("traffic") == 2, actions

@@ -20,8 +20,8 @@ OPTIONS = {
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
     },
     "placement": {"num_cpus": 0.1, "placement": {"bundles": [{"CPU": 0.1}, {"CPU": 0.05}], "strategy": "PACK"}},
-    # Every Ray node has a resource named after its address: a custom resource the head can grant.
-    "resources": {"num_cpus": 0.1, "resources": {"node:127.0.0.1": 0.01}},
+    # Ray gives the head node a resource of its own: a custom resource the suite's head can grant.
+    "resources": {"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.01}},
     "isolated": {
         "num_cpus": 0.1,
         "variants": {"solo": {"model": "model", "predictor": "xgboost", "isolate": True, "num_cpus": 0.1}},
@@ -59,7 +59,7 @@ def test_export_of_each_option_kind_is_valid_serve_config_and_kuberay(kind, mode
             assert server.placement_group_bundles == [{"CPU": 0.1}, {"CPU": 0.05}]
             assert server.placement_group_strategy == "PACK"
         if kind == "resources":
-            assert server.ray_actor_options.resources == {"node:127.0.0.1": 0.01}
+            assert server.ray_actor_options.resources == {"node:__internal_head__": 0.01}
         if kind == "isolated":
             (isolated,) = [name for name in applications if name != app]
             assert isolated.startswith(f"{app}--solo-")

@@ -66,9 +66,12 @@ def haproxy_processes() -> dict[int, int]:
     return found
 
 
-def front_master() -> tuple[int, int]:
-    """(HAProxy master pid, the pid of the Front actor that started it), once there is exactly one."""
-    deadline = time.monotonic() + 60
+def front_master(timeout_s: float = 120) -> tuple[int, int]:
+    """(HAProxy master pid, the pid of the Front actor that started it), once there is exactly one.
+
+    Ray restarts a killed actor in 1-3 s on an idle machine, but took 34 s under a load average of 40.
+    """
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         processes = haproxy_processes()
         masters = {pid: parent for pid, parent in processes.items() if parent not in processes}
@@ -135,8 +138,7 @@ def test_killed_front_actor_is_restarted_and_costs_no_request(cancer_url, counte
         load.wait_for(25)
         killed_at = time.time()
         os.kill(actor, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and front_master()[1] == actor:
+        while front_master()[1] == actor:  # the old HAProxy serves until the restarted front takes it over
             time.sleep(0.2)
         time.sleep(2)
     rows = load.stop()

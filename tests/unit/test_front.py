@@ -177,25 +177,29 @@ def _sleeper() -> subprocess.Popen:
     return subprocess.Popen(["sleep", "60"])
 
 
-def test_the_guard_stops_an_haproxy_whose_front_died_and_left_it_alone():
+def test_the_guard_stops_an_haproxy_whose_front_died_once_the_head_is_gone():
     actor, haproxy = _sleeper(), _sleeper()
-    guard = start_guard(actor.pid, haproxy.pid, 0.5, "tag")
+    head = socket.create_server(("127.0.0.1", 0))  # stands for the head's GCS port
+    address = f"127.0.0.1:{head.getsockname()[1]}"
+    guard = start_guard(actor.pid, haproxy.pid, address, 0.5, "tag")
     try:
-        time.sleep(0.8)
-        assert haproxy.poll() is None, "the guard stopped HAProxy while its front lived"
         actor.kill()
         actor.wait()  # reaped: gone, as a dead actor is once Ray reaps it
-        assert haproxy.wait(timeout=5) == -signal.SIGTERM
+        time.sleep(2)
+        assert haproxy.poll() is None, "the guard stopped HAProxy while the head could still restart its front"
+        head.close()
+        assert haproxy.wait(timeout=10) == -signal.SIGTERM
         assert guard.wait(timeout=5) == 0
     finally:
+        head.close()
         for process in (actor, haproxy, guard):
             process.kill()
             process.wait()
 
 
-def test_the_guard_leaves_when_its_haproxy_is_taken_over_in_time():
+def test_the_guard_leaves_when_its_haproxy_is_taken_over():
     actor, haproxy = _sleeper(), _sleeper()
-    guard = start_guard(actor.pid, haproxy.pid, 30, "tag")
+    guard = start_guard(actor.pid, haproxy.pid, "127.0.0.1:1", 30, "tag")  # no head answers there
     try:
         actor.kill()  # left a zombie: a dead actor counts as dead before it is reaped
         time.sleep(0.8)

@@ -3,8 +3,15 @@ import json
 from metaflow._vendor import click
 from metaflow.exception import MetaflowException
 
-from ray_deploy import DeploymentSpec, RayDeployError, app_status, delete_app
-from ray_deploy.cli import app_lines, parse_weights, print_lineage
+from ray_deploy import (
+    DeploymentSpec,
+    RayDeployError,
+    app_lines,
+    app_status,
+    delete_app,
+    parse_weights,
+    print_lineage,
+)
 
 
 class RayServeCommandError(MetaflowException):

@@ -12,7 +12,6 @@ from ray_deploy import (
     ModelRef,
     ParityError,
     RayDeployError,
-    Registry,
     SpecError,
     check_parity,
     choose_predictor,
@@ -24,8 +23,8 @@ from ray_deploy import (
     metaflow_model_ref,
     option_defaults,
     origin_of,
+    report,
 )
-from ray_deploy.progress import report
 
 
 class RayServeException(MetaflowException):
@@ -327,14 +326,8 @@ class RayServeDecorator(StepDecorator):
         models, predictors, objects = {}, {}, {}
         for variant in self.spec.variants:
             if variant.is_mlflow_uri:
-                # Resolved on the cluster against the registry this step uses, not MLflow's default there.
-                registry = Registry()
-                models[variant.name] = ModelRef(
-                    kind="mlflow",
-                    uri=variant.model,
-                    tracking_uri=registry.tracking_uri,
-                    registry_uri=registry.registry_uri,
-                )
+                # ray_deploy.deploy resolves it against the registry this step uses.
+                models[variant.name] = ModelRef(kind="mlflow", uri=variant.model)
                 predictors[variant.name] = "mlflow" if variant.predictor == "auto" else variant.predictor
                 continue
             if not hasattr(flow, variant.model):

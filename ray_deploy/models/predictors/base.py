@@ -66,6 +66,17 @@ def config_choice(config: dict[str, Any], key: str, allowed: tuple[str, ...], de
 
 
 def visible_gpus() -> list[str]:
-    """GPUs this process may use: Ray sets ``CUDA_VISIBLE_DEVICES`` for a replica that holds GPUs."""
+    """GPUs this process holds. In a Ray worker (a replica, the preflight task): the GPUs Ray
+    assigned it, so a replica with ``num_gpus=0`` holds none even where a user exported
+    ``CUDA_VISIBLE_DEVICES`` (Ray leaves that variable alone for actors without GPUs). Elsewhere:
+    ``CUDA_VISIBLE_DEVICES``."""
+    try:
+        import ray
+        from ray._private.worker import WORKER_MODE, global_worker
+
+        if ray.is_initialized() and global_worker.mode == WORKER_MODE:
+            return [str(gpu) for gpu in ray.get_gpu_ids()]
+    except Exception:  # no Ray, or not in a worker: the environment says
+        pass
     value = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return [d.strip() for d in value.split(",") if d.strip() and d.strip() != "-1"]
