@@ -12,7 +12,7 @@ Local head settings come from the environment (defaults in brackets):
 ``RAY_DEPLOY_HTTP_HOST`` [127.0.0.1: Serve answers on loopback only unless told otherwise],
 ``RAY_DEPLOY_NUM_CPUS`` [all cores], ``RAY_DEPLOY_NUM_GPUS`` [0],
 ``RAY_DEPLOY_DATA_PATH`` [direct: replicas answer HTTP on loopback behind the ray-deploy front;
-``proxy`` for Serve's defaults, ``haproxy`` for Serve's HAProxy mode; see ``ray_deploy.front``],
+``proxy`` for Serve's defaults, ``haproxy`` for Serve's HAProxy mode; see ``ray_deploy.serving.front``],
 ``RAY_DEPLOY_PROXY_PORT`` [a free port: where Serve's own proxy listens behind the front].
 """
 
@@ -39,8 +39,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ray_deploy.errors import ClusterError, ClusterUnreachable
-from ray_deploy.front import DATA_PATHS, ensure_front, front_problem, front_status, head_environment
 from ray_deploy.progress import Waiter, report
+from ray_deploy.serving.front import DATA_PATHS, ensure_front, front_problem, front_status, head_environment
 
 logger = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ray_deploy.cluster import connect
@@ -16,6 +17,8 @@ from ray_deploy.registry.trace import Hop, trace_config
 from ray_deploy.registry.trace import trace_model as _trace_model
 from ray_deploy.serving.config import SERVER_DEPLOYMENT, ServingConfig, variant_app_name
 from ray_deploy.serving.metrics import app_devices, app_metrics, get_collector, replica_reports
+
+logger = logging.getLogger(__name__)
 
 
 def app_status(app: str | None = None, address: str | None = None) -> list[dict[str, Any]]:
@@ -103,7 +106,6 @@ def app_serving_config(app: str, address: str | None = None) -> tuple[ServingCon
 def delete_app(app: str, address: str | None = None) -> bool:
     """Delete an app, its rollout controller and its stats; True if it existed (deleting a missing
     app is not an error)."""
-    import ray
     from ray import serve
 
     from ray_deploy.control.controller import stop_controller
@@ -116,10 +118,20 @@ def delete_app(app: str, address: str | None = None) -> bool:
             serve.delete(app)
         for name in variant_apps(app):
             serve.delete(name)
+        _forget_stats(app)
+        return exists
+
+
+def _forget_stats(app: str) -> None:
+    """A new app of the same name starts its stats from zero (best effort: the app is gone either way)."""
+    import ray
+
+    try:
         collector = get_collector(create=False)
         if collector is not None:
-            ray.get(collector.forget.remote(app), timeout=30)  # a new app of that name starts from zero
-        return exists
+            ray.get(collector.forget.remote(app), timeout=10)
+    except Exception as exc:
+        logger.warning("could not clear the stats of deleted app %s: %s", app, exc)
 
 
 def _controller(app: str, config: ServingConfig) -> str | None:

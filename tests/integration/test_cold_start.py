@@ -33,7 +33,7 @@ ENV = {
 FLOW_START = """
 import json
 from ray_deploy import connect
-from ray_deploy.front import front_status
+from ray_deploy.serving.front import front_status
 with connect() as info:
     print(json.dumps({"address": info.address, "front": front_status(info.http_url)}))
 """

@@ -182,48 +182,76 @@ def controller_pid(app: str) -> int:
 
 
 PORTS = {
-    "RAY_DEPLOY_GCS_PORT": "6799",
-    "RAY_DEPLOY_DASHBOARD_PORT": "8798",
-    "RAY_DEPLOY_HTTP_PORT": "8797",
-    "RAY_DEPLOY_METRICS_PORT": "8796",
-    "RAY_DEPLOY_CLIENT_PORT": "9096",
+    "RAY_DEPLOY_GCS_PORT": "6699",
+    "RAY_DEPLOY_DASHBOARD_PORT": "8698",
+    "RAY_DEPLOY_HTTP_PORT": "8697",
+    "RAY_DEPLOY_METRICS_PORT": "8696",
+    "RAY_DEPLOY_CLIENT_PORT": "9097",
 }
 
 
-def test_a_head_restart_mid_rollout_is_restored_to_the_settled_release_and_recorded(
+def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_aliases(
     tmp_path, write_flow, run_flow, counted_load
 ):
+    """On a head of its own: an app deployed with its own aliases (``live``/``trial``) keeps them
+    through the controller, an operator's refused split and promote, a head restart mid-rollout
+    followed by ``restore``, and a rollback rebuilt from the registry; ``production``/``canary``
+    never appear."""
     env = {**os.environ, **PORTS}
     app = "phase"
     url = f"http://127.0.0.1:{PORTS['RAY_DEPLOY_HTTP_PORT']}/{app}"
     assert ray_deploy("cluster", "up", env=env).returncode == 0
+    registry = Registry()
+
+    def aliases() -> dict[str, str]:
+        found = registry.client.get_registered_model(app).aliases or {}
+        return {alias: f"{app}/{version}" for alias, version in found.items()}
+
     try:
-        flow = write(write_flow, tmp_path / "flow", app, canary(wait=False, interval_s=600))
+        rollout = canary(wait=False, interval_s=600)
+        flow = write(write_flow, tmp_path / "flow", app, rollout + ', production_alias="live", canary_alias="trial"')
         first = run_flow(flow, "--release", "1", env=env)
         assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
         ((v1, _),) = served(url)
         second = run_flow(flow, "--release", "2", env=env)
         assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
         wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the canary's first step")
-        split = served(url)
-        assert len(split) == 2 and sorted(w for _, w in split) == [30, 70], split
-        v2 = next(v for v, _ in split if v != v1)
+        split = dict(served(url))
+        v2 = next(v for v in split if v != v1)
+        assert (split[v1], split[v2]) == (70, 30) and aliases() == {"live": v1, "trial": v2}
 
+        # While the controller drives, a split is refused naming the phase; a promote is handed to it.
+        refused = ray_deploy("traffic", app, "--set", f"default@v{v1.rsplit('/', 1)[1]}=100", env=env)
+        assert refused.returncode != 0 and "is stepping: its rollout controller moves the traffic" in refused.stderr
+        promoted = ray_deploy("promote", app, env=env)
+        assert promoted.returncode == 0, promoted.stderr[-3000:]
+        assert served(url) == [(v2, 100)] and aliases() == {"live": v2}
+        again = ray_deploy("promote", app, env=env)
+        assert again.returncode != 0 and "is settled (no rollout is in progress)" in again.stderr
+
+        # The head restarts mid-rollout of v3: restore brings v2 back and records v3's rollout as rolled back.
+        third = run_flow(flow, "--release", "3", env=env)
+        assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
+        wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the third release's first step")
+        v3 = next(v for v, _ in served(url) if v not in (v1, v2))
         assert ray_deploy("cluster", "down", env=env).returncode == 0
         assert ray_deploy("cluster", "up", env=env).returncode == 0
         restored = ray_deploy("restore", app, env=env)
         assert restored.returncode == 0, restored.stderr[-3000:]
-        assert served(url) == [(v1, 100)]
+        assert served(url) == [(v2, 100)]
         with counted_load(url, BODY) as load:
             time.sleep(3)
         load.assert_nothing_lost()
-
         row = status(app, env)
         assert row["phase"] == "settled" and row["last_rollout"]["phase"] == "rolled_back", row["last_rollout"]
-        registry = Registry()
-        tags = registry.version_tags(registry.resolve(v2))
+        tags = registry.version_tags(registry.resolve(v3))
         assert tags["ray_deploy.status"] == "rolled_back", tags
         assert "lost app 'phase' during a rollout (stepping at 30%)" in tags["ray_deploy.rollback_reason"]
-        assert str(registry.resolve(f"{app}@production")) == v1
+        assert aliases() == {"live": v2}
+
+        # A rollback of the settled app rebuilds the previous release from the registry.
+        back = ray_deploy("rollback", app, "--reason", "test: back to v1", env=env)
+        assert back.returncode == 0, back.stderr[-3000:]
+        assert served(url) == [(v1, 100)] and aliases() == {"live": v1}
     finally:
         ray_deploy("cluster", "down", env=env, timeout=120)

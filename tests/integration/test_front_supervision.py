@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from ray_deploy.cluster import LocalClusterSettings
-from ray_deploy.front import RESTART_MAX_PAUSE_S
+from ray_deploy.serving.front import RESTART_MAX_PAUSE_S
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import pytest
 
 from ray_deploy.cluster import LocalClusterSettings, _head_start_lock, _is_local_head
 from ray_deploy.errors import ClusterError
-from ray_deploy.front import (
+from ray_deploy.serving.front import (
     HAProxyProcess,
     Layout,
     Route,

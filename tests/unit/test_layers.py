@@ -15,7 +15,6 @@ PLANES = {
     "cluster": 4,
     "registry": 3,
     "serving": 2,
-    "front": 2,  # the data plane's HTTP front (runs in its own actor, not in replicas)
     "models": 1,
     "spec": 0,
     "errors": 0,
