@@ -139,6 +139,7 @@ def drive(app: str, next_move: Callable[[], tuple[Action, str] | None] = lambda:
         return {"state": RolloutPhase.SETTLED.value}
     if state.phase == RolloutPhase.HOLDING:
         return {"state": RolloutPhase.HOLDING.value, "percent": state.percent}
+    _record_missed(live)
     policy, plan = state.policy, Plan.resume(live.config)
     steps = policy.plan
     new_labels = sorted(plan.new_labels)
@@ -446,15 +447,38 @@ def _outcome_from_app(app: str) -> dict[str, Any]:
     )
 
 
-def _last_recorded(live: LiveApp) -> RolloutPhase | None:
+def _latest_record(live: LiveApp) -> dict[str, Any] | None:
+    """The app's rollout state as the registry last recorded it."""
     if live.registry is None:
         return None
     records = [
         recorded_rollout(live.registry, name, live.name)
         for name in {version_of(v).name for v in live.config.variants if version_of(v)}
     ]
-    latest = max((r for r in records if r), key=lambda r: r.get("recorded_at", ""), default=None)
+    return max((r for r in records if r), key=lambda r: r.get("recorded_at", ""), default=None)
+
+
+def _last_recorded(live: LiveApp) -> RolloutPhase | None:
+    latest = _latest_record(live)
     return RolloutPhase(latest["phase"]) if latest else None
+
+
+def _record_missed(live: LiveApp) -> None:
+    """A transition applied to Serve whose record did not land (the controller died between the
+    two): record it now, so the registry never lags what serves."""
+    state, recorded = live.config.rollout, _latest_record(live)
+    if recorded is None or (recorded.get("phase"), recorded.get("step")) == (state.phase.value, state.step):
+        return
+    recorder = live.recorder()
+    if recorder is not None:
+        action = Action.STAGED if state.phase == RolloutPhase.STAGED else Action.TRAFFIC
+        report(f"app {live.name!r}: recording {state.phase.value} at {state.percent:g}%, applied before a restart")
+        recorder.record(
+            live.config,
+            action,
+            f"recorded on resume: {state.phase.value} step {state.step} at {state.percent:g}% was applied before "
+            "the controller restarted",
+        )
 
 
 def raise_for(app: str, outcome: dict[str, Any]) -> dict[str, Any]:

@@ -218,7 +218,9 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the canary's first step")
         split = dict(served(url))
         v2 = next(v for v in split if v != v1)
-        assert (split[v1], split[v2]) == (70, 30) and aliases() == {"live": v1, "trial": v2}
+        assert (split[v1], split[v2]) == (70, 30)
+        # The step is recorded once Serve serves it: the aliases follow within moments.
+        wait_until(lambda: aliases() == {"live": v1, "trial": v2}, 60, f"live -> {v1}, trial -> {v2}: {aliases()}")
 
         # While the controller drives, a split is refused naming the phase; a promote is handed to it.
         refused = ray_deploy("traffic", app, "--set", f"default@v{v1.rsplit('/', 1)[1]}=100", env=env)
