@@ -337,8 +337,6 @@ def start_controller(app: str) -> Any:
         max_task_retries=-1,
         max_concurrency=8,
         num_cpus=0,
-        # On the head, beside Serve's controller: worker nodes come and go with the autoscaler.
-        resources={"node:__internal_head__": 0.001},
     )
     for attempt in range(10):
         handle = actor.remote(app)

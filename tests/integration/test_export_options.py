@@ -20,8 +20,8 @@ OPTIONS = {
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
     },
     "placement": {"num_cpus": 0.1, "placement": {"bundles": [{"CPU": 0.1}, {"CPU": 0.05}], "strategy": "PACK"}},
-    # Ray gives the head node a resource of its own: a custom resource the suite's head can grant.
-    "resources": {"num_cpus": 0.1, "resources": {"node:__internal_head__": 0.01}},
+    # Filled in below with the head's own `node:<address>` resource: a custom resource it can grant.
+    "resources": {"num_cpus": 0.1, "resources": {}},
     "isolated": {
         "num_cpus": 0.1,
         "variants": {"solo": {"model": "model", "predictor": "xgboost", "isolate": True, "num_cpus": 0.1}},
@@ -39,6 +39,11 @@ def model_ref(train_run):
 def test_export_of_each_option_kind_is_valid_serve_config_and_kuberay(kind, model_ref, ray_head):
     app = f"export-{kind}"
     options = {"app": app, "deploy_timeout_s": 180, **OPTIONS[kind]}
+    if kind == "resources":
+        from ray_deploy import cluster_status
+
+        node = next(k for k in cluster_status()["resources"] if k.startswith("node:") and "internal" not in k)
+        options["resources"] = {node: 0.01}
     if "variants" not in options:
         options.update(model="model", predictor="xgboost")
     spec = DeploymentSpec.from_options(options)
@@ -59,7 +64,7 @@ def test_export_of_each_option_kind_is_valid_serve_config_and_kuberay(kind, mode
             assert server.placement_group_bundles == [{"CPU": 0.1}, {"CPU": 0.05}]
             assert server.placement_group_strategy == "PACK"
         if kind == "resources":
-            assert server.ray_actor_options.resources == {"node:__internal_head__": 0.01}
+            assert server.ray_actor_options.resources == options["resources"]
         if kind == "isolated":
             (isolated,) = [name for name in applications if name != app]
             assert isolated.startswith(f"{app}--solo-")
