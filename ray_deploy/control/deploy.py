@@ -41,7 +41,14 @@ from ray_deploy.progress import report
 from ray_deploy.registry.history import Action
 from ray_deploy.registry.lineage import LineageSource, Registry, VersionRef, recorded_at, tracking_uri, who
 from ray_deploy.registry.lineage import registry_uri as default_registry_uri
-from ray_deploy.serving.config import SERVER_DEPLOYMENT, RolloutPhase, ServingConfig, deployment_options, serving_config
+from ray_deploy.serving.config import (
+    SERVER_DEPLOYMENT,
+    RolloutPhase,
+    ServingConfig,
+    deployment_options,
+    serving_config,
+    variant_summary,
+)
 from ray_deploy.spec import DeploymentSpec
 
 logger = logging.getLogger(__name__)
@@ -73,18 +80,7 @@ class DeployResult:
             "registry_uri": self.registry.registry_uri if self.registry else None,
             "rollout": self.rollout,
             "variants": [
-                {
-                    "name": v.name,
-                    "label": v.label,
-                    "release": v.release,
-                    "weight": v.weight,
-                    "shadow": v.shadow,
-                    "predictor": v.predictor,
-                    "model_uri": v.model.uri,
-                    "sha256": v.model.sha256,
-                    "model_version": v.model_version,
-                    "model_ref": v.model.model_dump(mode="json"),
-                }
+                {**variant_summary(v), "sha256": v.model.sha256, "model_ref": v.model.model_dump(mode="json")}
                 for v in self.config.variants
             ],
             "deploy_seconds": round(self.seconds, 3),

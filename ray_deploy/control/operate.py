@@ -21,7 +21,7 @@ from ray_deploy.errors import DeployError, RolloutStateError, SpecError
 from ray_deploy.progress import report
 from ray_deploy.registry.history import Action, VersionStatus, previous_release
 from ray_deploy.registry.lineage import who
-from ray_deploy.serving.config import RolloutPhase, ServingConfig
+from ray_deploy.serving.config import RolloutPhase, ServingConfig, variant_summary
 
 logger = logging.getLogger(__name__)
 
@@ -163,15 +163,4 @@ def _rebuild_previous(live: LiveApp, reason: str) -> LiveApp:
 
 
 def describe_variants(config: ServingConfig) -> list[dict[str, Any]]:
-    return [
-        {
-            "label": v.label,
-            "name": v.name,
-            "release": v.release,
-            "weight": v.weight,
-            "shadow": v.shadow,
-            "model_version": v.model_version,
-            "model_uri": v.model.uri,
-        }
-        for v in config.variants
-    ]
+    return [variant_summary(v) for v in config.variants]

@@ -15,7 +15,7 @@ from ray_deploy.registry.history import recorded_rollout
 from ray_deploy.registry.lineage import Registry
 from ray_deploy.registry.trace import Hop, trace_config
 from ray_deploy.registry.trace import trace_model as _trace_model
-from ray_deploy.serving.config import SERVER_DEPLOYMENT, ServingConfig, variant_app_name
+from ray_deploy.serving.config import SERVER_DEPLOYMENT, ServingConfig, variant_app_name, variant_summary
 from ray_deploy.serving.metrics import app_devices, app_metrics, get_collector, replica_reports
 
 logger = logging.getLogger(__name__)
@@ -54,17 +54,7 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                         },
                     },
                     "variants": [
-                        {
-                            "name": v.name,
-                            "label": v.label,
-                            "release": v.release,
-                            "weight": v.weight,
-                            "shadow": v.shadow,
-                            "predictor": v.predictor,
-                            "model_uri": v.model.uri,
-                            "model_version": v.model_version,
-                            "isolated_app": variant_app_name(name, v) if v.isolated else None,
-                        }
+                        {**variant_summary(v), "isolated_app": variant_app_name(name, v) if v.isolated else None}
                         for v in config.variants
                     ],
                     "phase": config.phase.value,

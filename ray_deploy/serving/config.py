@@ -194,6 +194,20 @@ class ServingConfig(BaseModel):
         return {v.label: v.weight for v in self.variants}
 
 
+def variant_summary(variant: VariantConfig) -> dict[str, Any]:
+    """The one plain form of a variant shown to users (status, deploy results, operator commands)."""
+    return {
+        "name": variant.name,
+        "label": variant.label,
+        "release": variant.release,
+        "weight": variant.weight,
+        "shadow": variant.shadow,
+        "predictor": variant.predictor,
+        "model_uri": variant.model.uri,
+        "model_version": variant.model_version,
+    }
+
+
 def serving_config(
     spec: DeploymentSpec,
     models: dict[str, ModelRef],
