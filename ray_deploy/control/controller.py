@@ -28,7 +28,7 @@ from ray_deploy.control.live import LiveApp, stats_snapshot
 from ray_deploy.control.lock import app_lock
 from ray_deploy.control.phases import check_move
 from ray_deploy.control.rollout import GateResult, Plan, watch
-from ray_deploy.errors import AppLocked, DeployError, LineageError, RayDeployError, RolloutFailed
+from ray_deploy.errors import DeployError, LineageError, RayDeployError, RolloutFailed
 from ray_deploy.progress import Waiter, report, reporting_to
 from ray_deploy.registry.history import Action, VersionStatus, recorded_rollout, version_of
 from ray_deploy.serving.config import RolloutPhase, ServingConfig
@@ -39,7 +39,6 @@ CONTROLLER_NAMESPACE = "ray_deploy"
 LINGER_S = 30.0
 """How long a controller stays after its rollout ends, so that a waiting deploy step (or one that
 reconnects after a restart) still reads the outcome; then it exits for good."""
-LOCK_WAIT_S = 120.0
 CONTACT_LOST_S = 180.0
 
 
@@ -247,16 +246,10 @@ def change(
     check_move(live.name, live.phase, config.phase if config.rollout else _final(action), reason)
     if locked:
         return live.apply(config, action, reason, **record)
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            with app_lock(live.name, "rollout"):
-                return live.apply(config, action, reason, **record)
-        except AppLocked:
-            if time.monotonic() >= deadline:
-                raise
-            report(f"app {live.name!r}: waiting for another change to finish before: {reason}")
-            time.sleep(2.0)
+    # Every other change holds the lock briefly (an operator's move, a retried deploy checking
+    # its release): the controller waits for any of them.
+    with app_lock(live.name, "rollout", wait_for=None):
+        return live.apply(config, action, reason, **record)
 
 
 def _final(action: Action) -> RolloutPhase:

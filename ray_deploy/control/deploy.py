@@ -16,7 +16,8 @@
    app removed), and the error names what failed.
 
 The steps before the hand-over hold the app's lock (``control.lock``): a second deployer gets
-``AppLocked``; a deploy that meets a rollout of another release under way is refused.
+``AppLocked`` (a rollout controller applying a step is waited for: it holds the lock for
+seconds); a deploy that meets a rollout of another release under way is refused.
 """
 
 from __future__ import annotations
@@ -379,7 +380,7 @@ def _check_variants(user_config: dict[str, Any]) -> list[dict[str, Any]]:
     import numpy as np
 
     from ray_deploy.models.predictors import BUILTIN_PREDICTOR_PATHS
-    from ray_deploy.serving.server import load_variant
+    from ray_deploy.serving.variant import load_variant
 
     config = ServingConfig.model_validate(user_config)
     checked = []

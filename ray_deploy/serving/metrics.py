@@ -225,13 +225,20 @@ class StatsCollector:
         return {variant: stats.to_dict() for variant, stats in merged.items()}
 
 
+_COLLECTOR_CLASS: Any = None
+
+
 def get_collector(create: bool = True) -> Any:
     """The detached collector actor (created on first use), or None if absent and not created."""
     import ray
 
+    global _COLLECTOR_CLASS
     if create:
-        actor = ray.remote(num_cpus=0, max_restarts=-1)(StatsCollector)
-        return actor.options(
+        # The actor class is made once per process: making it anew on every call exported the
+        # class to the cluster each time (a rollout controller asks every second).
+        if _COLLECTOR_CLASS is None:
+            _COLLECTOR_CLASS = ray.remote(num_cpus=0, max_restarts=-1)(StatsCollector)
+        return _COLLECTOR_CLASS.options(
             name=COLLECTOR_NAME, namespace=COLLECTOR_NAMESPACE, lifetime="detached", get_if_exists=True
         ).remote()
     try:

@@ -18,15 +18,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
-import json
 import logging
 import math
 import os
 import random
 import time
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,27 +34,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ray_deploy.errors import RayDeployError
-from ray_deploy.models.artifacts import load_model
-from ray_deploy.models.predictors import build_predictor
 from ray_deploy.models.predictors.base import RequestError
 from ray_deploy.serving.config import ServingConfig, VariantConfig, gc_threshold_setting, variant_app_name
 from ray_deploy.serving.metrics import PUSH_INTERVAL_S, PrometheusExport, VariantStats, get_collector, report_devices
 from ray_deploy.serving.payload import ModelInput, parse_body, parse_model_input
+from ray_deploy.serving.variant import (
+    LoadedVariant,
+    json_bytes,
+    load_variant,
+)
 
 logger = logging.getLogger("ray.serve")
 
-VARIANT_HEADER = "X-Ray-Deploy-Variant"
-MODEL_VERSION_HEADER = "X-Model-Version"
 REQUEST_KEY_HEADER = "X-Request-Key"
 FALLBACK_HEADER = "X-Ray-Deploy-Fallback-From"
 _SCORE_PATHS = ("", "/", "/invocations")
-
-
-INLINE_PREDICT_S = 0.002
-"""Predictions that typically take less than this run on the replica's event loop; slower ones
-run on the replica's prediction thread, so that the event loop keeps accepting requests,
-answering health checks and counting ongoing requests for the autoscaler."""
-_PREDICT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-deploy-predict")
 
 
 def tune_gc(environ: Any = os.environ) -> int:
@@ -67,97 +59,6 @@ def tune_gc(environ: Any = os.environ) -> int:
         _, older, oldest = gc.get_threshold()
         gc.set_threshold(threshold, older, oldest)
     return gc.get_threshold()[0]
-
-
-def _timed(predict: Any, payload: Any) -> tuple[Any, float]:
-    started = time.perf_counter()
-    result = predict(payload)
-    return result, time.perf_counter() - started
-
-
-@dataclass
-class LoadedVariant:
-    config: VariantConfig
-    predictor: Any
-    typical_s: float | None = None  # moving average of this variant's predict time
-    # What every answer of this variant ends with, built once: the JSON after the predictions
-    # and the response headers naming the variant.
-    answer_tail: bytes = field(init=False, repr=False)
-    answer_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False)
-    # What the predictor takes, read once: "array" (with n_features, if known), "json" or "dataframe".
-    payload_format: str = field(init=False, repr=False)
-    n_features: int | None = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        config = self.config
-        self.payload_format = getattr(self.predictor, "payload_format", "array")
-        self.n_features = getattr(self.predictor, "n_features", None)
-        tail = {"variant": config.name}
-        headers = [(VARIANT_HEADER.lower().encode(), config.name.encode())]
-        if config.model_version:
-            tail["model_version"] = config.model_version
-            headers.append((MODEL_VERSION_HEADER.lower().encode(), config.model_version.encode()))
-        self.answer_tail = b"," + _dumps(tail)[1:]
-        self.answer_headers = tuple(headers)
-
-    @property
-    def quick(self) -> bool:
-        """Known to answer within ``INLINE_PREDICT_S``: ``predict_inline`` may run it on the event loop."""
-        typical = self.typical_s
-        return typical is not None and typical < INLINE_PREDICT_S
-
-    def predict_inline(self, payload: Any) -> Any:
-        """The predictor's answer, computed here (for quick variants: see ``quick``)."""
-        started = time.perf_counter()
-        result = self.predictor.predict(payload)
-        self.typical_s = 0.8 * self.typical_s + 0.2 * (time.perf_counter() - started)
-        return result
-
-    async def predict(self, payload: Any) -> Any:
-        """The predictor's answer, computed inline when it is known to be quick, else on the
-        prediction thread (one per replica: predictions stay serialized, as predictors expect)."""
-        if self.quick:
-            return self.predict_inline(payload)
-        loop = asyncio.get_running_loop()
-        result, took = await loop.run_in_executor(_PREDICT_THREAD, _timed, self.predictor.predict, payload)
-        self.typical_s = took if self.typical_s is None else 0.8 * self.typical_s + 0.2 * took
-        return result
-
-    def make_payload(self, model_input: ModelInput) -> Any:
-        payload_format = self.payload_format
-        if payload_format == "array":
-            return model_input.to_array(self.n_features)
-        if payload_format == "json":
-            return model_input.body
-        return model_input.to_dataframe()
-
-    @property
-    def label(self) -> str:
-        return self.config.label
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.config.name,
-            "label": self.config.label,
-            "release": self.config.release,
-            "model_version": self.config.model_version,
-            "weight": self.config.weight,
-            "shadow": self.config.shadow,
-            "predictor": self.config.predictor,
-            "model": self.config.model.uri,
-            "sha256": self.config.model.sha256,
-            "n_features": self.n_features,
-            "device": getattr(self.predictor, "device", "cpu"),
-        }
-
-
-def load_variant(config: VariantConfig, cache: dict[tuple, LoadedVariant] | None = None) -> LoadedVariant:
-    """Load one variant's model by reference and wrap it in its predictor (reusing a loaded one)."""
-    if cache and config.identity in cache:
-        return LoadedVariant(config=config, predictor=cache[config.identity].predictor)
-    model = load_model(config.model)
-    predictor = build_predictor(config.predictor, model, config.predictor_config, code_dir=os.getcwd())
-    return LoadedVariant(config=config, predictor=predictor)
 
 
 REMOTE_ATTEMPTS = 4
@@ -257,13 +158,6 @@ the served path slowed by 10-20% at c=8 and c=32 (benchmarks, rows ours and ours
 256, by 1-9%, the shadows' own scoring."""
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))  # built once, not per call
-
-
-def _dumps(value: Any) -> bytes:
-    return _ENCODER.encode(value).encode("utf-8")
-
-
 _JSON_TYPE = (b"content-type", b"application/json")
 
 
@@ -286,7 +180,7 @@ class JSONAnswer(Response):
 
 
 def json_answer(content: Any, status_code: int = 200) -> JSONAnswer:
-    return JSONAnswer(_dumps(content), status_code)
+    return JSONAnswer(json_bytes(content), status_code)
 
 
 def error_response(status: int, message: str) -> JSONAnswer:
@@ -496,7 +390,7 @@ class ModelServer:
             self._queue_shadow(model_input, predictions, len(model_input.rows[0]) if checked else None)
         # MLflow scoring clients read "predictions" and ignore the rest; "variant" and "model_version"
         # say which model answered (also in headers, for clients that only look at those).
-        answer = b'{"predictions":' + _dumps(predictions) + variant.answer_tail
+        answer = b'{"predictions":' + json_bytes(predictions) + variant.answer_tail
         return JSONAnswer(answer, 200, variant.answer_headers)
 
     def _queue_shadow(self, model_input: ModelInput, served: Any, checked_width: int | None) -> None:
@@ -666,6 +560,7 @@ REPLICA_CODE = (
     "serving/server.py",
     "serving/config.py",
     "serving/payload.py",
+    "serving/variant.py",
     "serving/metrics.py",
     "models",
     "spec.py",

@@ -22,6 +22,42 @@ def ray_head():
     stop_local_cluster()
 
 
+SESSION_APPS = {"cancer"}
+"""Apps the session's fixtures deploy (``train_run``) and every module may read."""
+
+
+def _session_head_apps() -> set[str] | None:
+    """The Serve apps on the session's head, read over the dashboard's REST API (no Ray
+    connection); None when the head is not running."""
+    from ray_deploy.cluster import LocalClusterSettings, auth_headers
+
+    settings = LocalClusterSettings.from_env()
+    try:
+        answer = httpx.get(f"{settings.dashboard_url}/api/serve/applications/", headers=auth_headers(), timeout=10)
+    except httpx.HTTPError:
+        return None
+    if answer.status_code != 200:
+        return None
+    return set(answer.json().get("applications") or {})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_apps_deleted():
+    """When a module ends, the apps it deployed on the session's head are deleted (with their
+    rollout controllers and stats): no module relies on another's apps, and idle replicas piling
+    up over the suite would slow every later test on a 2-core machine."""
+    before = _session_head_apps() or set()
+    yield
+    after = _session_head_apps()
+    leftover = sorted((after or set()) - before - SESSION_APPS)
+    if not leftover:
+        return
+    from ray_deploy import delete_app
+
+    for app in leftover:
+        delete_app(app)
+
+
 @pytest.fixture(scope="session")
 def train_run(ray_head):
     """The example flow, run to completion through Metaflow's Runner."""

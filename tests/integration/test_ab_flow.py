@@ -243,31 +243,3 @@ def test_per_variant_metrics_reach_prometheus(ab_run, http):
         assert cumulative == sorted(cumulative), cumulative  # buckets are cumulative ("le")
         assert cumulative[-1] == counts[(variant,)]  # +Inf holds every request
         assert 0 < timed[(variant,)] < 1000 * counts[(variant,)]  # milliseconds, each under a second
-
-
-def test_blue_green_moves_all_traffic_then_gates_then_drops_the_old_release(ab_run, run_user, http):
-    """The ONNX export replaces the XGBoost model blue/green: staged, all traffic, gate, promoted."""
-    from ray_deploy import DeploymentSpec, LineageSource, ModelRef, Registry, deploy
-    from ray_deploy.registry.history import events
-
-    refs = {v["name"]: ModelRef(**v["model_ref"]) for v in ab_run["deploy"].task.data.ray_serve["variants"]}
-    task = ab_run["deploy"].task
-    source = LineageSource(
-        flow="ABTestFlow", run_id=ab_run.id, step="deploy", task=task.pathspec, user=run_user(ab_run)
-    )
-    options = {"app": "bluegreen", "num_cpus": 0.25, "rollout": {"strategy": "blue_green", "interval_s": 2}}
-    first = deploy(
-        DeploymentSpec.from_options(options), {"default": refs["xgb"]}, {"default": "xgboost"}, lineage=source
-    )
-    second = deploy(
-        DeploymentSpec.from_options(options), {"default": refs["onnx"]}, {"default": "onnx"}, lineage=source
-    )
-    assert second.rollout["state"] == "promoted" and second.rollout["gates"][0]["passed"]
-    row = task.data.dataset["X_test"][0].tolist()
-    answers = {http.post(second.url, json={"instances": [row]}).json()["model_version"] for _ in range(10)}
-    assert answers == {str(second.versions["default"])}
-    registry = Registry()
-    actions = [e["action"] for e in events(registry, second.versions["default"])]
-    assert actions == ["staged", "traffic", "gate_passed", "promoted"]
-    assert registry.version_tags(first.versions["default"])["ray_deploy.status"] == "retired"
-    assert str(registry.resolve("bluegreen@production")) == str(second.versions["default"])

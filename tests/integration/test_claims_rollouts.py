@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ray_deploy import Registry
+from ray_deploy.registry.history import events
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +57,11 @@ def start(self):
 """
 
 
+APP = "claimed-rollouts"
+
+
 def release_flow(write_flow, directory: Path, app: str, rollout: dict) -> Path:
-    directory.mkdir()
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "claims_models.py").write_text(MODELS)
     options = f'app="{app}", predictor="python", num_cpus=0.25, rollout={json.dumps(rollout)}'
     return write_flow(directory / "release_flow.py", "ReleaseFlow", STEPS, options)
@@ -73,15 +77,22 @@ def shares(http, url: str) -> dict[str, float]:
     return {v["model_version"]: v["weight"] for v in http.get(url).json()["variants"]}
 
 
-def test_a_slow_canary_is_rolled_back_by_the_p99_gate_under_load(
-    tmp_path, write_flow, run_flow, ray_head, http, recorded_load
-):
-    app = "p99-gate"
-    rollout = {"strategy": "canary", "steps": [50, 100], "interval_s": 4, "max_p99_ms": 20}
-    flow = release_flow(write_flow, tmp_path / "flow", app, rollout)
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory, write_flow, run_flow, ray_head) -> str:
+    """The module's app, serving a first release (deployed once: each test starts from whatever
+    single release it serves and leaves it serving one)."""
+    flow = release_flow(write_flow, tmp_path_factory.mktemp("first"), APP, {"strategy": "immediate"})
     first = run_flow(flow, "--release", "1")
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    url = f"{ray_head.http_url}/{app}"
+    return f"{ray_head.http_url}/{APP}"
+
+
+def test_a_slow_canary_is_rolled_back_by_the_p99_gate_under_load(
+    tmp_path, write_flow, run_flow, serving, http, recorded_load
+):
+    app, url = APP, serving
+    rollout = {"strategy": "canary", "steps": [50, 100], "interval_s": 4, "max_p99_ms": 20}
+    flow = release_flow(write_flow, tmp_path / "flow", app, rollout)
     (v1,) = shares(http, url)
 
     load = recorded_load(url, tmp_path, BODY, rate=25, max_seconds=300)
@@ -114,13 +125,10 @@ def test_a_slow_canary_is_rolled_back_by_the_p99_gate_under_load(
 
 
 def test_blue_green_under_load_keeps_the_old_release_loaded_then_promotes_losing_nothing(
-    tmp_path, write_flow, run_flow, ray_head, http, recorded_load
+    tmp_path, write_flow, run_flow, serving, http, recorded_load
 ):
-    app = "blue-green-load"
+    app, url = APP, serving
     flow = release_flow(write_flow, tmp_path / "flow", app, {"strategy": "blue_green", "interval_s": 4})
-    first = run_flow(flow, "--release", "1")
-    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    url = f"{ray_head.http_url}/{app}"
     (v1,) = shares(http, url)
 
     seen: list[dict[str, float]] = []  # the app's split, as callers could see it during the rollout
@@ -129,7 +137,7 @@ def test_blue_green_under_load_keeps_the_old_release_loaded_then_promotes_losing
     try:
         load.wait_for(20)
         switch_start = time.time()
-        deployer = threading.Thread(target=lambda: finished.update(done=run_flow(flow, "--release", "2")))
+        deployer = threading.Thread(target=lambda: finished.update(done=run_flow(flow, "--release", "3")))
         deployer.start()
         while deployer.is_alive():
             seen.append(shares(http, url))
@@ -157,3 +165,11 @@ def test_blue_green_under_load_keeps_the_old_release_loaded_then_promotes_losing
     registry = Registry()
     assert registry.version_tags(registry.resolve(v2))["ray_deploy.status"] == "serving"
     assert registry.version_tags(registry.resolve(v1))["ray_deploy.status"] == "retired"
+    # Recorded as it happened: staged beside the old release, all traffic, the gate, promoted.
+    assert [e["action"] for e in events(registry, registry.resolve(v2))] == [
+        "staged",
+        "traffic",
+        "gate_passed",
+        "promoted",
+    ]
+    assert str(registry.resolve(f"{app}@production")) == v2

@@ -60,13 +60,14 @@ def served(url: str) -> list[tuple[str, float]]:
     return [(v["model_version"], v["weight"]) for v in httpx.get(url, timeout=30).json()["variants"]]
 
 
-def wait_until(check, timeout: float, what: str):
+def wait_until(check, timeout: float, what: str, every: float = 0.5):
+    """Poll ``check`` until it answers; ``every`` a couple of seconds for checks that start a process."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(every)
     pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
 
 
@@ -215,7 +216,7 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         ((v1, _),) = served(url)
         second = run_flow(flow, "--release", "2", env=env)
         assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
-        wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the canary's first step")
+        wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the canary's first step", every=2)
         split = dict(served(url))
         v2 = next(v for v in split if v != v1)
         assert (split[v1], split[v2]) == (70, 30)
@@ -234,7 +235,7 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         # The head restarts mid-rollout of v3: restore brings v2 back and records v3's rollout as rolled back.
         third = run_flow(flow, "--release", "3", env=env)
         assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
-        wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the third release's first step")
+        wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the third release's first step", every=2)
         v3 = next(v for v, _ in served(url) if v not in (v1, v2))
         assert ray_deploy("cluster", "down", env=env).returncode == 0
         assert ray_deploy("cluster", "up", env=env).returncode == 0

@@ -261,67 +261,64 @@ def _current(train_run, user):
     return ModelRef(**variant["model_ref"]), variant, source
 
 
-# The tests below change the apps they deploy, so each deploys the example flow's model to an app (and
-# registered model) of its own, deleted at the end: `cancer` belongs to the session, other modules read it.
+# The tests below deploy the example flow's model to apps (and registered models) of their own:
+# `cancer` belongs to the session, other modules read it. Three of them try a second deploy
+# against one serving app (`engine-app`), and each leaves it serving what it served before.
 
 
-def test_redeploying_the_same_task_reuses_its_version(train_run, run_user, embedded_registry, http):
-    """What a Metaflow retry of the deploy step does: same task, same model, one registry entry."""
+@pytest.fixture(scope="module")
+def engine_app(train_run, run_user):
+    """The example flow's model deployed by the engine to an app of this module's, and the
+    deployment's inputs: (result, spec, model reference, lineage source)."""
     ref, _, source = _current(train_run, run_user(train_run))
-    spec = DeploymentSpec.from_options({"app": "redeployed", "num_cpus": 0.25, "deploy_timeout_s": 120})
-    try:
-        first = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
-        served_by = http.get(first.url).json()["replica"]["pid"]
-        again = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
-        assert str(again.versions["default"]) == str(first.versions["default"])
-        versions = embedded_registry.client.search_model_versions(
-            f"name = 'redeployed' and tags.`metaflow.task` = '{source.task}'"
-        )
-        assert [f"redeployed/{v.version}" for v in versions] == [str(first.versions["default"])]
-        described = http.get(again.url).json()
-        assert described["variants"][0]["model"] == ref.uri
-        assert described["replica"]["pid"] == served_by, "the same release was deployed again instead of kept"
-    finally:
-        delete_app("redeployed")
+    spec = DeploymentSpec.from_options({"app": "engine-app", "num_cpus": 0.25, "deploy_timeout_s": 120})
+    first = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
+    yield first, spec, ref, source
+    delete_app("engine-app")
 
 
-def test_registry_write_failing_after_serve_changed_puts_the_app_back(train_run, run_user, http, monkeypatch):
+def test_redeploying_the_same_task_reuses_its_version(engine_app, embedded_registry, http):
+    """What a Metaflow retry of the deploy step does: same task, same model, one registry entry."""
+    first, spec, ref, source = engine_app
+    served_by = http.get(first.url).json()["replica"]["pid"]
+    again = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
+    assert str(again.versions["default"]) == str(first.versions["default"])
+    versions = embedded_registry.client.search_model_versions(
+        f"name = 'engine-app' and tags.`metaflow.task` = '{source.task}'"
+    )
+    assert [f"engine-app/{v.version}" for v in versions] == [str(first.versions["default"])]
+    described = http.get(again.url).json()
+    assert described["variants"][0]["model"] == ref.uri
+    assert described["replica"]["pid"] == served_by, "the same release was deployed again instead of kept"
+
+
+def test_registry_write_failing_after_serve_changed_puts_the_app_back(engine_app, http, monkeypatch):
     """Forced fault: the registry accepts the version, then fails the deployment write. Stopping a
     real server between those two calls cannot be timed from a test, so the recorder's writes are
     made to raise (the recorder's own error handling still runs)."""
     from ray_deploy.registry.history import TrafficRecorder
 
-    ref, _, source = _current(train_run, run_user(train_run))
-    spec = DeploymentSpec.from_options({"app": "put-back", "num_cpus": 0.25, "deploy_timeout_s": 120})
-    try:
-        first = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
-        before = http.get(first.url).json()["variants"]
-        other_task = dataclasses.replace(source, task=source.task + "-b")
+    first, spec, ref, source = engine_app
+    before = http.get(first.url).json()["variants"]
+    other_task = dataclasses.replace(source, task=source.task + "-b")
 
-        def registry_down(*args, **kwargs):
-            raise ConnectionError("registry went away")
+    def registry_down(*args, **kwargs):
+        raise ConnectionError("registry went away")
 
-        monkeypatch.setattr(TrafficRecorder, "_record", registry_down)
-        with pytest.raises(LineageError, match="registry went away.*was put back to its previous version"):
-            deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=other_task)
-        assert http.get(first.url).json()["variants"] == before
-    finally:
-        delete_app("put-back")
+    monkeypatch.setattr(TrafficRecorder, "_record", registry_down)
+    with pytest.raises(LineageError, match="registry went away.*was put back to its previous version"):
+        deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=other_task)
+    assert http.get(first.url).json()["variants"] == before
 
 
-def test_unreachable_registry_at_engine_level_changes_nothing(train_run, run_user, http, monkeypatch):
-    ref, _, source = _current(train_run, run_user(train_run))
-    spec = DeploymentSpec.from_options({"app": "unrecorded", "num_cpus": 0.25, "deploy_timeout_s": 120})
-    try:
-        first = deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=source)
-        before = http.get(first.url).json()["variants"]
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
-        other_task = dataclasses.replace(source, task=source.task + "-c")
-        with pytest.raises(RegistryUnreachable, match="http://127.0.0.1:1"):
-            deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=other_task)
-        assert http.get(first.url).json()["variants"] == before
-    finally:
-        delete_app("unrecorded")
+def test_unreachable_registry_at_engine_level_changes_nothing(engine_app, http, monkeypatch):
+    first, spec, ref, source = engine_app
+    before = http.get(first.url).json()["variants"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    other_task = dataclasses.replace(source, task=source.task + "-c")
+    with pytest.raises(RegistryUnreachable, match="http://127.0.0.1:1"):
+        deploy(spec, {"default": ref}, {"default": "xgboost"}, lineage=other_task)
+    assert http.get(first.url).json()["variants"] == before
 
 
 def test_aliases_follow_the_traffic(train_run, run_user, embedded_registry, ray_head, http):

@@ -272,3 +272,39 @@ def ray_deploy_apps(http, ray_head) -> set:
     return set(
         http.get(f"{ray_head.dashboard_url}/api/serve/applications/", headers=auth_headers()).json()["applications"]
     )
+
+
+def test_a_change_waits_for_a_controller_step_but_not_for_another_change(ray_head):
+    """The rollout controller holds an app's lock for the seconds one step takes: a deploy (or a
+    retried deploy step) that meets it waits; any other holder turns the change away at once."""
+    import threading
+
+    from ray_deploy import connect
+    from ray_deploy.control.lock import app_lock
+    from ray_deploy.errors import AppLocked
+
+    def hold(purpose: str, taken: threading.Event, seconds: float) -> None:
+        with app_lock("lock-demo", purpose):
+            taken.set()
+            time.sleep(seconds)
+
+    with connect(None, start_local=False):
+        taken = threading.Event()
+        step = threading.Thread(target=hold, args=("rollout", taken, 3.0))
+        step.start()
+        assert taken.wait(60)
+        started = time.monotonic()
+        with app_lock("lock-demo", "deploy"):
+            waited = time.monotonic() - started
+        step.join()
+        assert waited >= 2.0, f"the deploy took the lock while the controller held it ({waited:.1f}s)"
+
+        taken = threading.Event()
+        operator = threading.Thread(target=hold, args=("traffic", taken, 20.0))
+        operator.start()
+        assert taken.wait(60)
+        with pytest.raises(AppLocked, match=r"is being changed by .*traffic"):
+            with app_lock("lock-demo", "deploy"):
+                pass
+        assert operator.is_alive(), "the change waited for an operator's lock instead of being turned away"
+        operator.join()

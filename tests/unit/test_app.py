@@ -8,7 +8,8 @@ from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 from ray_deploy import ArtifactError, DeploymentSpec, ModelRef
 from ray_deploy.models.artifacts import verify_sha256
 from ray_deploy.serving.config import serving_config, to_serve_config
-from ray_deploy.serving.server import LoadedVariant, choose_variant, to_jsonable
+from ray_deploy.serving.server import choose_variant, to_jsonable
+from ray_deploy.serving.variant import LoadedVariant
 
 REF = ModelRef(
     kind="metaflow",
