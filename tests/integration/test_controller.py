@@ -7,7 +7,9 @@ A separate process keeps a steady load on the app (bounded in time and count) wh
 * the controller actor's process is SIGKILLed mid-rollout (``wait: False``: the flow has already
   ended): Ray restarts it, it resumes from the persisted phase and finishes, nothing is lost;
 * on a head of its own, the head is restarted mid-rollout and ``ray-deploy restore`` brings the
-  last settled release back and records the interrupted rollout as rolled back.
+  last settled release back and records the interrupted rollout as rolled back; a second app,
+  served by a user predictor shipped from its flow's directory, comes back with the same model
+  version answering the same way (requests counted before the restart and after the restore).
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ def start(self):
     self.model = LogisticRegression(C=float(self.release), max_iter=2000).fit(X, y)
     self.next(self.deploy)
 """
+
+
+PREDICTORS = '''
+class Named:
+    """A user predictor: it must come back with the app, shipped from the flow's directory."""
+
+    def __init__(self, model, config):
+        self.model = model
+        self.n_features = 4
+
+    def predict(self, rows):
+        return [f"class-{label}" for label in self.model.predict(rows)]
+'''
 
 
 def canary(wait: bool, interval_s: float = 5) -> str:
@@ -232,19 +247,44 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         again = ray_deploy("promote", app, env=env)
         assert again.returncode != 0 and "is settled (no rollout is in progress)" in again.stderr
 
-        # The head restarts mid-rollout of v3: restore brings v2 back and records v3's rollout as rolled back.
+        # A second app, served by user code from its flow's directory, settled when the head goes.
+        (tmp_path / "phoenix").mkdir()
+        (tmp_path / "phoenix" / "phoenix_predictors.py").write_text(PREDICTORS)
+        options = 'app="phoenix", predictor="phoenix_predictors:Named", num_cpus=0.25'
+        phoenix_flow = write_flow(tmp_path / "phoenix" / "phoenix_flow.py", "PhoenixFlow", STEPS, options)
+        done = run_flow(phoenix_flow, env=env)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        phoenix = f"http://127.0.0.1:{PORTS['RAY_DEPLOY_HTTP_PORT']}/phoenix"
+        rows = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
+        before = httpx.post(phoenix, json=rows, timeout=30).json()
+        assert before["predictions"] == ["class-0", "class-2"]
+        with counted_load(phoenix, json.dumps(rows)) as load:
+            time.sleep(3)
+        load.assert_nothing_lost()
+
+        # The head restarts mid-rollout of v3: restore brings v2 back and records v3's rollout as
+        # rolled back, and brings the other app back as it was.
         third = run_flow(flow, "--release", "3", env=env)
         assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
         wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the third release's first step", every=2)
         v3 = next(v for v, _ in served(url) if v not in (v1, v2))
         assert ray_deploy("cluster", "down", env=env).returncode == 0
         assert ray_deploy("cluster", "up", env=env).returncode == 0
-        restored = ray_deploy("restore", app, env=env)
-        assert restored.returncode == 0, restored.stderr[-3000:]
+        missing = ray_deploy("status", "phoenix", env=env)
+        assert missing.returncode == 1 and "no app 'phoenix'" in missing.stderr
+        for name in (app, "phoenix"):
+            restored = ray_deploy("restore", name, env=env)
+            assert restored.returncode == 0, restored.stderr[-3000:]
+            assert f"restored: {name}" in restored.stdout, restored.stdout
         assert served(url) == [(v2, 100)]
-        with counted_load(url, BODY) as load:
+        after = httpx.post(phoenix, json=rows, timeout=30).json()
+        assert after == before, "the same model version answers the same way after the restart"
+        with counted_load(url, BODY) as load, counted_load(phoenix, json.dumps(rows)) as other:
             time.sleep(3)
         load.assert_nothing_lost()
+        other.assert_nothing_lost()
+        again = ray_deploy("restore", "phoenix", env=env)
+        assert again.returncode == 0 and "left as it is" in again.stderr
         row = status(app, env)
         assert row["phase"] == "settled" and row["last_rollout"]["phase"] == "rolled_back", row["last_rollout"]
         tags = registry.version_tags(registry.resolve(v3))
