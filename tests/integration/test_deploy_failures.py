@@ -7,6 +7,7 @@ first (deleted at the end): `cancer` belongs to the session, and other modules r
 import json
 import time
 
+import httpx
 import pytest
 
 from ray_deploy import (
@@ -30,19 +31,21 @@ def served_model(http, url):
     return [(v["model"], v["sha256"]) for v in described["variants"]]
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def model_ref(train_run):
     (variant,) = train_run["deploy"].task.data.ray_serve["variants"]
     return ModelRef(**variant["model_ref"])
 
 
-@pytest.fixture()
-def serving(model_ref, ray_head, http):
-    """The example flow's model serving on app ``APP``: (url, what it serves); deleted afterwards."""
+@pytest.fixture(scope="module")
+def serving(model_ref, ray_head):
+    """The example flow's model serving on app ``APP``: (url, what it serves); deleted at the end.
+    Deployed once for the module: each test's failed deploy must leave it serving just that."""
     spec = DeploymentSpec.from_options({"app": APP, "num_cpus": 0.25, "deploy_timeout_s": 120})
     try:
         url = deploy(spec, {"default": model_ref}, {"default": "xgboost"}).url
-        before = served_model(http, url)
+        with httpx.Client(timeout=30) as http:
+            before = served_model(http, url)
         assert before == [(model_ref.uri, model_ref.sha256)]
         yield url, before
     finally:
