@@ -34,9 +34,9 @@ def app_lock(app: str, purpose: str, wait_for: tuple[str, ...] | None = BRIEF_HO
     """Hold the app's change lock for the block, or raise AppLocked naming who holds it.
 
     A holder whose purpose is in ``wait_for`` (None: any holder) is waited for, up to
-    ``BRIEF_WAIT_S`` with progress; any other holder fails the call at once. The lock is a named Ray actor owned by
-    this process: Ray removes it when the block ends, and also when this process dies, so a
-    crashed deploy never leaves an app locked.
+    ``BRIEF_WAIT_S`` with progress; any other holder fails the call at once. The lock is a named
+    Ray actor owned by this process: Ray removes it when the block ends, and also when this
+    process dies, so a crashed deploy never leaves an app locked.
     """
     import ray
 
@@ -52,7 +52,8 @@ def app_lock(app: str, purpose: str, wait_for: tuple[str, ...] | None = BRIEF_HO
     actor = None
     released = 0  # tries while a gone holder's name is being released
     deadline = time.monotonic() + BRIEF_WAIT_S
-    while actor is None and released < 20:
+    said_at = 0.0  # when the wait was last reported (every 10 s, not every try)
+    while released < 20:
         try:
             actor = holder.options(name=name, namespace=LOCK_NAMESPACE).remote(info)
             break
@@ -71,7 +72,9 @@ def app_lock(app: str, purpose: str, wait_for: tuple[str, ...] | None = BRIEF_HO
                 raise AppLocked(
                     f"app {app!r} is being changed by {held_by}; wait for that to finish and try again"
                 ) from None
-            report(f"app {app!r}: waiting for a change by {held_by} to finish ...")
+            if time.monotonic() - said_at >= 10.0:
+                report(f"app {app!r}: waiting for a change by {held_by} to finish ...")
+                said_at = time.monotonic()
             time.sleep(1.0)
     if actor is None:
         raise AppLocked(f"app {app!r}: could not take its change lock (namespace {LOCK_NAMESPACE})")

@@ -72,7 +72,8 @@ def _delete_new_apps(before: set[str]) -> None:
             except Exception as exc:
                 if attempt == 2:
                     warnings.warn(f"could not delete app {app!r} after its module: {exc!r}", stacklevel=1)
-                time.sleep(3)
+                else:
+                    time.sleep(3)
 
 
 @pytest.fixture(scope="session")
