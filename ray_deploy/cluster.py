@@ -202,10 +202,19 @@ def ensure_auth_token() -> None:
         return
     path = auth_token_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written beside it and renamed into place: a process that starts another head at the same
+    # moment finds either no token or the whole token, never a half-written one.
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(secrets.token_hex(32))
-    report(f"created a Ray auth token at {path}")
+    try:
+        os.link(staging, path)  # fails if another process put its token there first: use that one
+        report(f"created a Ray auth token at {path}")
+    except FileExistsError:
+        pass
+    finally:
+        staging.unlink()
 
 
 def auth_headers() -> dict[str, str]:

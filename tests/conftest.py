@@ -8,15 +8,28 @@ import os
 import tempfile
 from pathlib import Path
 
-STATE_DIR = Path(os.environ.get("RAY_DEPLOY_TEST_STATE") or tempfile.mkdtemp(prefix="ray-deploy-tests-"))
+# Under pytest-xdist (`make test` runs two workers), each worker is a machine of its own: its own
+# state directory and its own session head on ports of its own (worker N: the ports below + 50*N).
+# Modules that start heads of their own run whole on one worker (`--dist loadfile`).
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+OFFSET = 50 * WORKER
+_state = os.environ.get("RAY_DEPLOY_TEST_STATE")
+STATE_DIR = Path(f"{_state}-{WORKER}" if _state and WORKER else _state or tempfile.mkdtemp(prefix="ray-deploy-tests-"))
 os.environ.setdefault("USERNAME", "ci")
 os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"] = str(STATE_DIR / "metaflow")
-# Test-only ports, so a developer's own local head (6379/8265/8000) is left alone.
-os.environ.setdefault("RAY_DEPLOY_GCS_PORT", "6399")
-os.environ.setdefault("RAY_DEPLOY_DASHBOARD_PORT", "8299")
-os.environ.setdefault("RAY_DEPLOY_HTTP_PORT", "8099")
-os.environ.setdefault("RAY_DEPLOY_METRICS_PORT", "8599")
-os.environ.setdefault("RAY_DEPLOY_CLIENT_PORT", "9091")
+# Test-only ports, so a developer's own local head (6379/8265/8000) is left alone. A worker sets
+# its own (it inherits the environment of pytest's main process, which ran this file too).
+for _name, _port in (
+    ("RAY_DEPLOY_GCS_PORT", 6399),
+    ("RAY_DEPLOY_DASHBOARD_PORT", 8299),
+    ("RAY_DEPLOY_HTTP_PORT", 8099),
+    ("RAY_DEPLOY_METRICS_PORT", 8599),
+    ("RAY_DEPLOY_CLIENT_PORT", 9091),
+):
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        os.environ[_name] = str(_port + OFFSET)
+    else:
+        os.environ.setdefault(_name, str(_port))
 # Logical CPUs: the suite's apps (0.25-0.5 CPU replicas, mostly idle) fit on a 2-core machine.
 os.environ.setdefault("RAY_DEPLOY_NUM_CPUS", "8")
 os.environ.pop("RAY_ADDRESS", None)
@@ -29,3 +42,25 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ["RAY_DEPLOY_HOME"] = str(STATE_DIR / "home")
 for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
     os.environ.pop(name, None)
+
+
+# Heaviest modules first (minutes in CI), so that `make test`'s two workers (`--dist loadfile
+# --no-loadscope-reorder`) start the long ones at once and end together; unlisted modules follow.
+HEAVY_FIRST = (
+    "test_rollouts.py",
+    "test_controller.py",
+    "test_autoscaling_cluster.py",
+    "test_lineage.py",
+    "test_retry_deploy.py",
+    "test_deploy_failures.py",
+    "test_flow_options.py",
+    "test_remote_address.py",
+    "test_claims_rollouts.py",
+    "test_ab_flow.py",
+    "test_replica_faults.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: place for place, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -162,6 +163,21 @@ def wait_until_serving(app: str, url: str, config: ServingConfig, timeout_s: flo
 
 
 SCHEDULE_STALL_S = 30.0
+"""Default of ``RAY_DEPLOY_SCHEDULE_STALL_S``: how long replicas may wait for resources while no
+node is on its way (longer for an autoscaler slow to react, shorter where none runs)."""
+
+
+def schedule_stall_s() -> float:
+    raw = os.environ.get("RAY_DEPLOY_SCHEDULE_STALL_S")
+    if raw in (None, ""):
+        return SCHEDULE_STALL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise DeployError(f"RAY_DEPLOY_SCHEDULE_STALL_S: expected a number of seconds above 0, got {raw!r}")
+    return value
 
 
 class SchedulingWatch:
@@ -169,13 +185,13 @@ class SchedulingWatch:
 
     Serve reports replicas that wait for resources ("... to be scheduled. Resources required for
     each replica: ..., total resources available: ..."). While the cluster's autoscaler launches
-    nodes the wait goes on (and says so); when nothing is launching for ``SCHEDULE_STALL_S``, no
+    nodes the wait goes on (and says so); when nothing is launching for ``schedule_stall_s()``, no
     node type can hold the replicas or the autoscaler is at its maximum, and waiting longer would
     only hang.
     """
 
-    def __init__(self, stall_s: float = SCHEDULE_STALL_S):
-        self.stall_s = stall_s
+    def __init__(self, stall_s: float | None = None):
+        self.stall_s = schedule_stall_s() if stall_s is None else stall_s
         self.since: float | None = None
         self.note = ""
 

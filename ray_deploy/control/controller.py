@@ -25,7 +25,7 @@ from typing import Any
 
 from ray_deploy import errors
 from ray_deploy.control.live import LiveApp, stats_snapshot
-from ray_deploy.control.lock import app_lock
+from ray_deploy.control.lock import BRIEF_HOLDERS, app_lock
 from ray_deploy.control.phases import check_move
 from ray_deploy.control.rollout import GateResult, Plan, watch
 from ray_deploy.errors import DeployError, LineageError, RayDeployError, RolloutFailed
@@ -167,6 +167,7 @@ def drive(app: str, next_move: Callable[[], tuple[Action, str] | None] = lambda:
                     at(RolloutPhase.STEPPING, step, percent),
                     Action.TRAFFIC,
                     f"{policy.strategy} step {step}/{len(steps)}: {percent:g}% to the new release",
+                    wait_for=None,
                 )
             if not policy.gated:
                 continue
@@ -176,7 +177,7 @@ def drive(app: str, next_move: Callable[[], tuple[Action, str] | None] = lambda:
             if not gate.passed:
                 reason = f"gate failed at {percent:g}%: {gate.reason}"
                 report(f"app {app!r}: {reason}; rolling back")
-                roll_back(live, plan, f"automatic rollback: {reason}", gate=record, settled=False)
+                roll_back(live, plan, f"automatic rollback: {reason}", gate=record, settled=False, wait_for=None)
                 raise RolloutFailed(
                     f"app {app!r}: the new release ({', '.join(new_labels)}) was rolled back, {reason}; "
                     "the previous release serves all traffic",
@@ -191,9 +192,9 @@ def drive(app: str, next_move: Callable[[], tuple[Action, str] | None] = lambda:
     except OperatorMove as move:
         live = LiveApp.require(app)
         if move.action == Action.PROMOTED:
-            promote_now(live, move.reason)
+            promote_now(live, move.reason, wait_for=None)
             return {"state": RolloutPhase.PROMOTED.value, "percent": 100.0, "gates": gates, "reason": move.reason}
-        roll_back(live, Plan.resume(live.config), move.reason, settled=True)
+        roll_back(live, Plan.resume(live.config), move.reason, settled=True, wait_for=None)
         return {"state": RolloutPhase.ROLLED_BACK.value, "percent": 0.0, "gates": gates, "reason": move.reason}
     except (DeployError, LineageError) as failure:
         if not isinstance(failure, RolloutFailed):
@@ -205,10 +206,11 @@ def drive(app: str, next_move: Callable[[], tuple[Action, str] | None] = lambda:
             at(RolloutPhase.HOLDING, len(steps), steps[-1]),
             Action.HOLDING,
             f"holding at {steps[-1]:g}% on the new release for an operator",
+            wait_for=None,
         )
         report(f"app {app!r}: holding at {steps[-1]:g}%; `ray-deploy promote {app}` or `ray-deploy rollback {app}`")
         return {"state": RolloutPhase.HOLDING.value, "percent": steps[-1], "gates": gates}
-    promote_now(live, f"{policy.strategy} rollout complete")
+    promote_now(live, f"{policy.strategy} rollout complete", wait_for=None)
     return {"state": RolloutPhase.PROMOTED.value, "percent": 100.0, "gates": gates}
 
 
@@ -239,16 +241,26 @@ def _judge(
 
 
 def change(
-    live: LiveApp, config: ServingConfig, action: Action, reason: str, *, locked: bool = False, **record: Any
+    live: LiveApp,
+    config: ServingConfig,
+    action: Action,
+    reason: str,
+    *,
+    locked: bool = False,
+    wait_for: tuple[str, ...] | None = BRIEF_HOLDERS,
+    **record: Any,
 ) -> LiveApp:
     """Apply one transition under the app's lock (``locked``: the caller holds it), refusing a move
-    the state machine does not allow."""
+    the state machine does not allow.
+
+    ``wait_for`` is whom to wait for when the lock is held (see ``app_lock``): an operator's move
+    waits for a controller step and is turned away by any other holder; the controller passes
+    None, as every other change holds the lock briefly (an operator's move, a retried deploy
+    checking its release) and the rollout must not fail for it."""
     check_move(live.name, live.phase, config.phase if config.rollout else _final(action), reason)
     if locked:
         return live.apply(config, action, reason, **record)
-    # Every other change holds the lock briefly (an operator's move, a retried deploy checking
-    # its release): the controller waits for any of them.
-    with app_lock(live.name, "rollout", wait_for=None):
+    with app_lock(live.name, "rollout", wait_for=wait_for):
         return live.apply(config, action, reason, **record)
 
 
@@ -256,7 +268,7 @@ def _final(action: Action) -> RolloutPhase:
     return RolloutPhase.ROLLED_BACK if action == Action.ROLLED_BACK else RolloutPhase.PROMOTED
 
 
-def promote_now(live: LiveApp, reason: str) -> LiveApp:
+def promote_now(live: LiveApp, reason: str, wait_for: tuple[str, ...] | None = BRIEF_HOLDERS) -> LiveApp:
     """All traffic on the new release, then the old models dropped (running requests finish)."""
     plan = Plan.resume(live.config)
     return change(
@@ -264,6 +276,7 @@ def promote_now(live: LiveApp, reason: str) -> LiveApp:
         live.config.with_variants(plan.final()).model_copy(update={"rollout": None}),
         Action.PROMOTED,
         reason,
+        wait_for=wait_for,
         leaving=[v for v in plan.old if v.label in plan.old_labels],
         leaving_status=VersionStatus.RETIRED,
         settled=True,
@@ -271,7 +284,12 @@ def promote_now(live: LiveApp, reason: str) -> LiveApp:
 
 
 def roll_back(
-    live: LiveApp, plan: Plan, reason: str, gate: dict[str, Any] | None = None, settled: bool = True
+    live: LiveApp,
+    plan: Plan,
+    reason: str,
+    gate: dict[str, Any] | None = None,
+    settled: bool = True,
+    wait_for: tuple[str, ...] | None = BRIEF_HOLDERS,
 ) -> LiveApp:
     """The old release's weights back; the new release's models dropped and its versions marked."""
     return change(
@@ -279,6 +297,7 @@ def roll_back(
         live.config.with_variants(plan.rollback()).model_copy(update={"rollout": None}),
         Action.ROLLED_BACK,
         reason,
+        wait_for=wait_for,
         gate=gate,
         leaving=[v for v in plan.new if v.label in plan.new_labels],
         leaving_status=VersionStatus.ROLLED_BACK,

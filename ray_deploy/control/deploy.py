@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray_deploy.cluster import ClusterInfo, connect
+from ray_deploy.control.apply import schedule_stall_s
 from ray_deploy.control.controller import controller_name, start_controller, wait_for_outcome
 from ray_deploy.control.live import LiveApp, plain
 from ray_deploy.control.lock import app_lock
@@ -151,6 +152,7 @@ def deploy(
         LineageError: recording the deployment failed; the previous release was put back.
     """
     started = time.monotonic()
+    schedule_stall_s()  # a bad RAY_DEPLOY_SCHEDULE_STALL_S fails here, before anything changes
     if source is None and lineage is not None:
         source = {
             "flow": lineage.flow,

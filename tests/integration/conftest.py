@@ -255,10 +255,53 @@ if __name__ == "__main__":
 """
 
 
+RELEASE_MODEL = '''
+class Release:
+    """A model that tells its release apart: what rollout tests need of a model, with nothing to
+    import (a user class shipped from the flow's directory, served by the python predictor)."""
+
+    n_features_in_ = 4
+
+    def __init__(self, release):
+        self.release = int(release)
+
+    def predict(self, rows):
+        return [self.release % 3 for _ in rows]
+'''
+
+RELEASE_STEPS = """
+release = Parameter("release", type=int, default=1)
+
+@step
+def start(self):
+    from release_model import Release
+    self.model = Release(self.release)
+    self.next(self.deploy)
+"""
+"""Steps for flows whose model only needs to tell releases apart (``--release N``)."""
+
+
+@pytest.fixture(scope="session")
+def release_steps() -> str:
+    """``RELEASE_STEPS``: a start step whose model tells releases apart (``--release N``)."""
+    return RELEASE_STEPS
+
+
+def _write_release_model(directory: Path) -> None:
+    (directory / "release_model.py").write_text(RELEASE_MODEL)
+
+
+@pytest.fixture(scope="session")
+def write_release_model():
+    """``write_release_model(directory)``: ``release_model.py`` (the ``Release`` model) beside a flow."""
+    return _write_release_model
+
+
 @pytest.fixture(scope="session")
 def write_flow():
     """Write a test flow: the given steps (ending in self.next(self.deploy)), then an @ray_serve
-    deploy step with the given options, then end. Returns the flow file's path."""
+    deploy step with the given options, then end. Returns the flow file's path. The flow's
+    directory also gets ``release_model.py`` (see ``RELEASE_STEPS``)."""
     import textwrap
 
     def write(path: Path, name: str, steps: str, options: str) -> Path:
@@ -267,6 +310,7 @@ def write_flow():
         path.write_text(
             f"from metaflow import FlowSpec, Parameter, step, ray_serve\n\n\nclass {name}(FlowSpec):\n{body}\n{tail}"
         )
+        _write_release_model(path.parent)
         return path
 
     return write

@@ -45,10 +45,8 @@ slow = Parameter("slow", type=bool, default=False)
 
 @step
 def start(self):
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-    X, y = load_iris(return_X_y=True)
-    model = LogisticRegression(C=float(self.release), max_iter=2000).fit(X, y)
+    from release_model import Release
+    model = Release(self.release)
     if self.slow:
         from claims_models import Slow
         model = Slow(model, {DELAY_S})

@@ -34,15 +34,13 @@ APP = "steady"
 ROW = [5.1, 3.5, 1.4, 0.2]
 BODY = json.dumps({"instances": [ROW]})
 
-STEPS = """
-release = Parameter("release", type=int, default=1)
-
+IRIS_STEPS = """
 @step
 def start(self):
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
     X, y = load_iris(return_X_y=True)
-    self.model = LogisticRegression(C=float(self.release), max_iter=2000).fit(X, y)
+    self.model = LogisticRegression(max_iter=2000).fit(X, y)
     self.next(self.deploy)
 """
 
@@ -65,14 +63,19 @@ def canary(wait: bool, interval_s: float = 5) -> str:
     return json.dumps({**policy, "wait": wait}).replace("true", "True").replace("false", "False")
 
 
-def write(write_flow, directory: Path, app: str, rollout: str) -> Path:
+def write(write_flow, directory: Path, app: str, rollout: str, steps: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     options = f'app="{app}", num_cpus=0.25, predictor="python", rollout={rollout}'
-    return write_flow(directory / "steady_flow.py", "SteadyFlow", STEPS, options)
+    return write_flow(directory / "steady_flow.py", "SteadyFlow", steps, options)
 
 
 def served(url: str) -> list[tuple[str, float]]:
     return [(v["model_version"], v["weight"]) for v in httpx.get(url, timeout=30).json()["variants"]]
+
+
+def split_in_two(url: str) -> bool:
+    """Whether the app serves two releases, each with a share of traffic (a canary step)."""
+    return len([weight for _, weight in served(url) if weight > 0]) == 2
 
 
 def wait_until(check, timeout: float, what: str, every: float = 0.5):
@@ -99,10 +102,10 @@ def status(app: str, env: dict | None = None) -> dict:
 
 
 def test_the_rollout_outlives_the_killed_flow_and_the_killed_controller(
-    tmp_path, write_flow, run_flow, ray_head, recorded_load
+    tmp_path, write_flow, run_flow, ray_head, recorded_load, release_steps
 ):
     url = f"{ray_head.http_url}/{APP}"
-    flow = write(write_flow, tmp_path / "flow", APP, canary(wait=True))
+    flow = write(write_flow, tmp_path / "flow", APP, canary(wait=True), release_steps)
     first = run_flow(flow, "--release", "1")
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     ((v1, _),) = served(url)
@@ -137,7 +140,7 @@ def test_the_rollout_outlives_the_killed_flow_and_the_killed_controller(
         finished_at = time.time()
 
         # 2. The controller's own process SIGKILLed mid-rollout; the flow has handed over and ended.
-        third_flow = write(write_flow, tmp_path / "third", APP, canary(wait=False, interval_s=8))
+        third_flow = write(write_flow, tmp_path / "third", APP, canary(wait=False, interval_s=8), release_steps)
         third = run_flow(third_flow, "--release", "3")
         assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
         assert "rollout continues in controller 'rollout:steady'" in third.stdout + third.stderr
@@ -207,7 +210,7 @@ PORTS = {
 
 
 def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_aliases(
-    tmp_path, write_flow, run_flow, counted_load
+    tmp_path, write_flow, run_flow, counted_load, release_steps
 ):
     """On a head of its own: an app deployed with its own aliases (``live``/``trial``) keeps them
     through the controller, an operator's refused split and promote, a head restart mid-rollout
@@ -225,13 +228,21 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
 
     try:
         rollout = canary(wait=False, interval_s=600)
-        flow = write(write_flow, tmp_path / "flow", app, rollout + ', production_alias="live", canary_alias="trial"')
+        flow = write(
+            write_flow,
+            tmp_path / "flow",
+            app,
+            rollout + ', production_alias="live", canary_alias="trial"',
+            release_steps,
+        )
         first = run_flow(flow, "--release", "1", env=env)
         assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
         ((v1, _),) = served(url)
         second = run_flow(flow, "--release", "2", env=env)
         assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
-        wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the canary's first step", every=2)
+        # Watched over HTTP (the app's own answer), then the phase read once with the CLI.
+        wait_until(lambda: split_in_two(url), 120, "the canary's first step")
+        assert status(app, env)["phase"] == "stepping"
         split = dict(served(url))
         v2 = next(v for v in split if v != v1)
         assert (split[v1], split[v2]) == (70, 30)
@@ -251,7 +262,7 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         (tmp_path / "phoenix").mkdir()
         (tmp_path / "phoenix" / "phoenix_predictors.py").write_text(PREDICTORS)
         options = 'app="phoenix", predictor="phoenix_predictors:Named", num_cpus=0.25'
-        phoenix_flow = write_flow(tmp_path / "phoenix" / "phoenix_flow.py", "PhoenixFlow", STEPS, options)
+        phoenix_flow = write_flow(tmp_path / "phoenix" / "phoenix_flow.py", "PhoenixFlow", IRIS_STEPS, options)
         done = run_flow(phoenix_flow, env=env)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         phoenix = f"http://127.0.0.1:{PORTS['RAY_DEPLOY_HTTP_PORT']}/phoenix"
@@ -266,7 +277,8 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         # rolled back, and brings the other app back as it was.
         third = run_flow(flow, "--release", "3", env=env)
         assert third.returncode == 0, (third.stdout + third.stderr)[-4000:]
-        wait_until(lambda: status(app, env)["phase"] == "stepping", 120, "the third release's first step", every=2)
+        wait_until(lambda: split_in_two(url), 120, "the third release's first step")
+        assert status(app, env)["phase"] == "stepping"
         v3 = next(v for v, _ in served(url) if v not in (v1, v2))
         assert ray_deploy("cluster", "down", env=env).returncode == 0
         assert ray_deploy("cluster", "up", env=env).returncode == 0

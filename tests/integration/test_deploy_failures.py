@@ -76,17 +76,21 @@ def test_unschedulable_replicas_time_out_and_previous_comes_back(model_ref, serv
     assert http.post(url, json={"instances": [[1.0] * 30]}).status_code == 200
 
 
-def test_gpu_app_fails_in_bounded_time_without_a_gpu_and_deploys_with_one(model_ref, serving, http, capfd):
+def test_gpu_app_fails_in_bounded_time_without_a_gpu_and_deploys_with_one(model_ref, serving, http, capfd, monkeypatch):
     """A GPU app on a cluster that does not autoscale: with no GPU in the cluster the deploy says what
-    is missing long before deploy_timeout_s, and the previous version keeps serving throughout. On
-    a cluster that has a GPU (the suite's head takes the machine's), the app deploys instead and
-    its replica reports the GPU it holds."""
+    is missing long before deploy_timeout_s (after RAY_DEPLOY_SCHEDULE_STALL_S with no node on its
+    way), and the previous version keeps serving throughout. On a cluster that has a GPU (the
+    suite's head takes the machine's), the app deploys instead and its replica reports the GPU it
+    holds."""
     url, before = serving
+    monkeypatch.setenv("RAY_DEPLOY_SCHEDULE_STALL_S", "8")
     spec = DeploymentSpec.from_options({"app": APP, "num_cpus": 0.5, "num_gpus": 1, "deploy_timeout_s": 600})
     gpus = cluster_status()["resources"].get("GPU", 0)
     if gpus < 1:
         started = time.monotonic()
-        with pytest.raises(DeployError, match="cannot be scheduled and no node is being added") as raised:
+        with pytest.raises(
+            DeployError, match=r"cannot be scheduled and no node is being added for them \(for 8s\)"
+        ) as raised:
             deploy(spec, {"default": model_ref}, {"default": "xgboost"})
         assert time.monotonic() - started < 300, "the deploy waited as if the replicas could still start"
         assert "GPU" in str(raised.value)

@@ -13,21 +13,9 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-STEPS = """
-release = Parameter("release", type=int, default=1)
-
-@step
-def start(self):
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-    X, y = load_iris(return_X_y=True)
-    self.model = LogisticRegression(C=0.1 * self.release, max_iter=3000).fit(X, y)
-    self.next(self.deploy)
-"""
-
 
 def test_registry_killed_mid_deploy_leaves_nothing_unrecorded(
-    tmp_path, write_flow, run_flow, ray_head, http, start_mlflow_server, counted_load
+    tmp_path, write_flow, run_flow, ray_head, http, start_mlflow_server, counted_load, release_steps
 ):
     from mlflow import MlflowClient
 
@@ -38,7 +26,7 @@ def test_registry_killed_mid_deploy_leaves_nothing_unrecorded(
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     }
     flow = write_flow(
-        tmp_path / "outage_flow.py", "OutageFlow", STEPS, 'app="outage", predictor="python", num_cpus=0.25'
+        tmp_path / "outage_flow.py", "OutageFlow", release_steps, 'app="outage", predictor="python", num_cpus=0.25'
     )
     first = run_flow(flow, "--release", "1", env=env)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]

@@ -95,11 +95,9 @@ class RetryFlow(FlowSpec):
 
     @step
     def start(self):
-        from sklearn.datasets import load_iris
-        from sklearn.linear_model import LogisticRegression
+        from release_model import Release
 
-        X, y = load_iris(return_X_y=True)
-        self.model = LogisticRegression(C=0.2 * self.release, max_iter=3000).fit(X, y)
+        self.model = Release(self.release)
         self.next(self.deploy)
 
     @retry(times=1, minutes_between_retries=0)
@@ -144,12 +142,13 @@ RELEASES = {"answered": 2, "recorded": 3}
 
 
 @pytest.fixture(scope="module")
-def first_release(tmp_path_factory, run_flow, ray_head) -> Iterator[tuple[Path, str]]:
+def first_release(tmp_path_factory, run_flow, ray_head, write_release_model) -> Iterator[tuple[Path, str]]:
     """The module's app serving a first release; each scenario starts from the release it finds
     serving (its baseline) and leaves one release serving."""
     directory = tmp_path_factory.mktemp(APP)
     flow = directory / "retry_flow.py"
     flow.write_text(FLOW.replace("APP_NAME", APP))
+    write_release_model(directory)
     first = run_flow(flow, "--release", "1", timeout=RUN_TIMEOUT_S)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     yield flow, f"{ray_head.http_url}/{APP}"

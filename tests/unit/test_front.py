@@ -311,3 +311,24 @@ def test_a_second_process_waits_for_the_head_start_lock(tmp_path, monkeypatch):
     out, err = second.communicate(timeout=30)
     assert out.strip() == "True"
     assert "waiting for another process starting the local Ray head at 127.0.0.1:6497" in err
+
+
+def _ensure_token_in(path: str) -> str:
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = path
+    from ray_deploy.cluster import ensure_auth_token, read_auth_token
+
+    ensure_auth_token()
+    return read_auth_token()
+
+
+def test_heads_started_at_once_on_a_new_machine_share_one_token(tmp_path):
+    """Two heads of different ports (two test workers, or a user's two projects) started at the
+    same moment both create the token if none exists: one wins, the other uses its token."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = tmp_path / "ray" / "auth_token"
+    with ProcessPoolExecutor(4) as pool:
+        tokens = set(pool.map(_ensure_token_in, [str(path)] * 8))
+    assert tokens == {path.read_text().strip()} and len(tokens.pop()) == 64
+    assert [p.name for p in path.parent.iterdir()] == ["auth_token"], "no staging file is left behind"

@@ -117,3 +117,19 @@ def test_shadow_variant_takes_no_share():
         spec(variants={"main": {"weight": 100}, "mirror": {"shadow": True, "weight": 10}})
     with pytest.raises(SpecError, match="every variant is a shadow"):
         spec(variants={"mirror": {"shadow": True}})
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "soon"])
+def test_a_bad_schedule_stall_is_refused_naming_the_variable(monkeypatch, raw):
+    from ray_deploy.control.apply import SchedulingWatch
+    from ray_deploy.errors import DeployError
+
+    monkeypatch.setenv("RAY_DEPLOY_SCHEDULE_STALL_S", raw)
+    with pytest.raises(
+        DeployError, match=rf"RAY_DEPLOY_SCHEDULE_STALL_S: expected a number of seconds above 0, got '{raw}'"
+    ):
+        SchedulingWatch()
+    monkeypatch.setenv("RAY_DEPLOY_SCHEDULE_STALL_S", "12.5")
+    assert SchedulingWatch().stall_s == 12.5
+    monkeypatch.delenv("RAY_DEPLOY_SCHEDULE_STALL_S")
+    assert SchedulingWatch().stall_s == 30.0
