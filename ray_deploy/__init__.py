@@ -9,7 +9,7 @@ from ray_deploy.control.deploy import DeployResult, deploy
 from ray_deploy.control.export import kuberay_manifest, serve_config
 from ray_deploy.control.operate import promote, rollback, set_traffic
 from ray_deploy.control.restore import restore
-from ray_deploy.control.status import app_serving_config, app_status, delete_app, trace_app, trace_model
+from ray_deploy.control.status import app_serving_config, app_status, delete_app, delete_apps, trace_app, trace_model
 from ray_deploy.errors import (
     ArtifactError,
     ClusterError,
@@ -77,6 +77,7 @@ __all__ = [
     "connect",
     "data_ref_from_pathspec",
     "delete_app",
+    "delete_apps",
     "deploy",
     "flatten_metrics",
     "kuberay_manifest",

@@ -26,7 +26,7 @@ import urllib.request
 from typing import Any
 
 from ray_deploy.cluster import cluster_status, start_local_cluster, stop_local_cluster
-from ray_deploy.control.status import app_status, delete_app
+from ray_deploy.control.status import app_status, delete_apps
 from ray_deploy.errors import RayDeployError
 
 
@@ -43,7 +43,8 @@ def app_lines(row: dict[str, Any]) -> list[str]:
         )
     elif row.get("last_rollout") and row["last_rollout"].get("phase"):
         last = row["last_rollout"]
-        lines.append(f"  last rollout: {last['phase']} (recorded {last.get('recorded_at', '?')})")
+        why = f": {last['reason']}" if last.get("reason") else ""
+        lines.append(f"  last rollout: {last['phase']} (recorded {last.get('recorded_at', '?')}){why}")
     for variant in row.get("variants", []):
         label = variant.get("label", variant["name"])
         version = f" = MLflow {variant['model_version']}" if variant.get("model_version") else ""
@@ -93,8 +94,9 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _delete(args: argparse.Namespace) -> None:
-    existed = delete_app(args.app, address=args.address)
-    print(f"deleted app {args.app!r}" if existed else f"app {args.app!r} was not deployed")
+    existed = delete_apps(args.apps, address=args.address)
+    for app in args.apps:
+        print(f"deleted app {app!r}" if app in existed else f"app {app!r} was not deployed")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -240,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--data", required=True, help="request JSON, e.g. '{\"instances\": [[...]]}', or - for stdin")
     predict.set_defaults(run=_predict)
 
-    delete = commands.add_parser("delete", parents=[common], help="remove an app from the cluster")
-    delete.add_argument("app")
+    delete = commands.add_parser(
+        "delete", parents=[common], help="remove apps from the cluster (several: their replicas drain side by side)"
+    )
+    delete.add_argument("apps", nargs="+", metavar="APP")
     delete.set_defaults(run=_delete)
 
     traffic = commands.add_parser("traffic", parents=[common], help="split traffic between an app's variants")

@@ -440,30 +440,44 @@ def stop_local_cluster(settings: LocalClusterSettings | None = None, grace_s: fl
     """Stop the local head started here, and only it; its Serve apps go away.
 
     ``ray stop`` would end every Ray process on the machine; this ends the processes that run
-    under this head's temp dir. Returns True if any were running.
+    under this head's temp dir. As ``ray stop`` does, the GCS goes last: a raylet or an actor
+    asked to stop while the GCS is already gone waits out its RPC timeouts instead of exiting.
+    Returns True if any were running.
     """
     settings = settings or LocalClusterSettings.from_env()
     pids = _processes_using(settings)
     if not pids:
         return False
     report(f"stopping the local Ray head at {settings.address} ({len(pids)} processes) ...")
-    known, signaled = set(pids), set()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            # Looked up again each time: a front that is stopping may still restart its HAProxy.
-            # Those found before stay known: once their parent is gone, some no longer match.
-            known.update(_processes_using(settings))
-            pids = [pid for pid in known if _alive(pid)]
-            if not pids:
-                return True
-            for pid in pids:
-                if (pid, sig) not in signaled:
-                    signaled.add((pid, sig))
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, sig)
-            time.sleep(0.2)
+    known: set[int] = set(pids)
+    signaled: set[tuple[int, int]] = set()
+    for last in (False, True):  # everything but the GCS first, then the GCS
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline:
+                # Looked up again each time: a front that is stopping may still restart its HAProxy.
+                # Those found before stay known: once their parent is gone, some no longer match.
+                known.update(_processes_using(settings))
+                pids = [pid for pid in known if _alive(pid) and (last or not _is_gcs(pid))]
+                if not pids:
+                    break
+                for pid in pids:
+                    if (pid, sig) not in signaled:
+                        signaled.add((pid, sig))
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.kill(pid, sig)
+                time.sleep(0.1)
+            else:
+                continue  # the grace ran out: the next signal
+            break
     return True
+
+
+def _is_gcs(pid: int) -> bool:
+    try:
+        return b"gcs_server" in (Path("/proc") / str(pid) / "cmdline").read_bytes()[:400]
+    except OSError:
+        return False
 
 
 def _processes_using(settings: LocalClusterSettings) -> list[int]:

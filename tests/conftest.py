@@ -8,7 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
-# Under pytest-xdist (`make test` runs two workers), each worker is a machine of its own: its own
+# Under pytest-xdist (`pytest -n 2 --dist loadfile`, on machines with cores to spare; `make test`
+# runs one process), each worker is a machine of its own: its own
 # state directory and its own session head on ports of its own (worker N: the ports below + 50*N).
 # Modules that start heads of their own run whole on one worker (`--dist loadfile`).
 WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
@@ -44,8 +45,8 @@ for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
     os.environ.pop(name, None)
 
 
-# Heaviest modules first (minutes in CI), so that `make test`'s two workers (`--dist loadfile
-# --no-loadscope-reorder`) start the long ones at once and end together; unlisted modules follow.
+# Heaviest modules first (minutes in CI), so that two xdist workers (`--dist loadfile`) start the
+# long ones at once and end together; unlisted modules follow.
 HEAVY_FIRST = (
     "test_rollouts.py",
     "test_controller.py",

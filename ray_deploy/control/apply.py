@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,8 +38,18 @@ def serve_details() -> dict[str, Any]:
     return _get_global_client().get_serve_details()
 
 
-def apply_config(app: str, route_prefix: str, options: dict[str, Any], url: str, timeout_s: float) -> None:
+def apply_config(
+    app: str,
+    route_prefix: str,
+    options: dict[str, Any],
+    url: str,
+    timeout_s: float,
+    replaced: list[str] | None = None,
+) -> None:
     """Apply ModelServer ``options`` (user_config included) to ``app`` and wait until it serves them.
+
+    ``replaced``: replicas of a failed release that never started, ended once Serve has the new
+    config (see ``end_replicas``).
 
     Raises:
         DeployError: Serve refused the app, or it did not serve the config within ``timeout_s``.
@@ -48,6 +59,7 @@ def apply_config(app: str, route_prefix: str, options: dict[str, Any], url: str,
     config = ServingConfig.model_validate(options["user_config"])
     ensure_variant_apps(config, timeout_s)
     _run(server_deployment(options).bind(), app, route_prefix)
+    end_replicas(app, replaced or [], timeout_s)
     wait_until_serving(app, url, config, timeout_s)
     prune_variant_apps(config)
 
@@ -265,11 +277,68 @@ def _serves(url: str, expected: list[tuple[str, str, float]]) -> bool:
     return True
 
 
-def remove_new_app(app: str) -> None:
+def starting_replicas(app: str) -> list[str]:
+    """Actor names of the app's replicas that are still starting (possibly never placed by Ray)."""
+    entry = (serve_details().get("applications") or {}).get(app) or {}
+    return [
+        replica["actor_name"]
+        for deployment in (entry.get("deployments") or {}).values()
+        for replica in deployment.get("replicas") or []
+        if replica.get("state") == "STARTING" and replica.get("actor_name")
+    ]
+
+
+def end_replicas(app: str, names: list[str], timeout_s: float = 60.0) -> threading.Thread | None:
+    """End, on a background thread, replicas of ``app`` that never started once Serve stops them.
+
+    Serve asks each replica it stops to shut down gracefully and waits up to its graceful-shutdown
+    timeout (20 s) for the answer, which a replica that Ray could never place does not give. So
+    each of ``names`` is ended as soon as Serve stops it, as its details show (STOPPING, or no
+    longer listed); not before: Serve would start a replica it still wants again. Returns the
+    thread (None when there is nothing to end).
+    """
+    if not names:
+        return None
+
+    def watch() -> None:
+        import ray
+
+        left, deadline = set(names), time.monotonic() + timeout_s
+        while left and time.monotonic() < deadline:
+            entry = (serve_details().get("applications") or {}).get(app) or {}
+            states = {
+                replica.get("actor_name"): replica.get("state")
+                for deployment in (entry.get("deployments") or {}).values()
+                for replica in deployment.get("replicas") or []
+            }
+            for name in sorted(left):
+                # Serve lists a replica it is stopping as STOPPING, or (an app being deleted) no more.
+                if states.get(name, "STOPPING") == "STOPPING":
+                    left.discard(name)
+                    try:  # Serve's replicas live in Ray namespace "serve"
+                        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+                    except ValueError:
+                        pass  # gone already
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, name=f"end-replicas-{app}", daemon=True)
+    thread.start()
+    return thread
+
+
+def remove_new_app(app: str, timeout_s: float = 60.0) -> None:
+    """Delete an app whose first deploy failed (nothing of it ever served), and wait until it is
+    gone; its replicas that never started are ended at once (``end_replicas``)."""
     from ray import serve
 
     report(f"removing app {app!r}: its first deploy failed")
-    serve.delete(app)
+    ending = end_replicas(app, starting_replicas(app), timeout_s)
+    serve.delete(app, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while app in serve.status().applications and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if ending is not None:
+        ending.join(timeout=1.0)
 
 
 def url_base() -> str:

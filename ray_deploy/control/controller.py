@@ -75,6 +75,9 @@ class RolloutController:
             if self.thread is None or not self.thread.is_alive():
                 self.runs += 1
                 self.outcome = None
+                # A lingering controller starts a new rollout: its waiter reads this rollout's
+                # lines from 0, never the last rollout's again.
+                self.lines = []
                 self.thread = threading.Thread(target=self._run, name=f"rollout-{self.app}", daemon=True)
                 self.thread.start()
             return self.runs
@@ -444,11 +447,13 @@ def _outcome_from_app(app: str) -> dict[str, Any]:
     rollout ended, is the outcome."""
     live = LiveApp.require(app)
     if live.config.rollout is None:
-        last = _last_recorded(live)
+        ended = live.config.last_rollout
+        last = ended.phase if ended is not None else _last_recorded(live)
         if last == RolloutPhase.ROLLED_BACK:
+            why = f": {ended.reason}" if ended is not None and ended.reason else ""
             raise RolloutFailed(
-                f"app {app!r}: the rollout was rolled back; the previous release serves all traffic "
-                f"(the reason is on the model versions: `ray-deploy lineage {app}`)"
+                f"app {app!r}: the rollout was rolled back{why}; the previous release serves all traffic "
+                f"(the events are on the model versions: `ray-deploy lineage {app}`)"
             )
         return {"state": (last or RolloutPhase.SETTLED).value}
     raise DeployError(

@@ -93,7 +93,9 @@ def _unchanged(running: LiveApp, config: ServingConfig, options: dict[str, Any])
     """Whether applying ``config`` with ``options`` would change nothing that runs: the same task
     deploying the same release again (e.g. run again by @retry). Then nothing is applied and
     nothing recorded twice. Another task (possibly with other user code) always applies."""
-    if running.config.model_dump(exclude={"rollout"}) != config.model_dump(exclude={"rollout"}):
+    # The rollout fields say how the app got here, not what it serves.
+    unserved = {"rollout", "last_rollout"}
+    if running.config.model_dump(exclude=unserved) != config.model_dump(exclude=unserved):
         return False
     return _same_options(running.options, options)
 

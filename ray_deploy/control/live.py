@@ -17,12 +17,12 @@ from enum import Enum
 from functools import cached_property
 from typing import Any
 
-from ray_deploy.control.apply import apply_config, remove_new_app, serve_details, url_base
+from ray_deploy.control.apply import apply_config, remove_new_app, serve_details, starting_replicas, url_base
 from ray_deploy.errors import DeployError
 from ray_deploy.progress import report
 from ray_deploy.registry.history import Action, TrafficRecorder, VersionStatus
-from ray_deploy.registry.lineage import Registry
-from ray_deploy.serving.config import SERVER_DEPLOYMENT, RolloutPhase, ServingConfig, VariantConfig
+from ray_deploy.registry.lineage import Registry, recorded_at, who
+from ray_deploy.serving.config import SERVER_DEPLOYMENT, RolloutOutcome, RolloutPhase, ServingConfig, VariantConfig
 from ray_deploy.serving.metrics import VariantStats, get_collector
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class LiveApp:
             DeployError: Serve did not apply it within the app's ``deploy_timeout_s``.
             LineageError: the registry did not take the record (the change itself is live).
         """
+        config = self._with_outcome(config, action, reason, leaving)
         shares = ", ".join(f"{v.label} {v.weight:g}%" for v in config.variants if v.weight > 0 or v.shadow)
         report(f"app {self.name!r}: {reason} [{shares}]")
         # What each release did up to this change (errors, latency, shadow agreement): recorded
@@ -160,6 +161,34 @@ class LiveApp:
             )
         return moved
 
+    def _with_outcome(
+        self,
+        config: ServingConfig,
+        action: Action,
+        reason: str,
+        leaving: list[VariantConfig] | tuple[VariantConfig, ...] = (),
+    ) -> ServingConfig:
+        """``config`` carrying how the last rollout ended: a promotion or rollback records its
+        outcome; any other change keeps the outcome the app already carries."""
+        if action in (Action.PROMOTED, Action.ROLLED_BACK) and config.rollout is None:
+            rollout = self.config.rollout
+            by = (rollout.started_by if rollout is not None else "") or who()
+            if rollout is not None:
+                new = tuple(sorted(rollout.new))
+            else:  # a rollback with no rollout in the config (e.g. one that restore found lost)
+                new = tuple(sorted(v.label for v in leaving)) if action == Action.ROLLED_BACK else ()
+            outcome = RolloutOutcome(
+                phase=RolloutPhase(action.value),
+                reason=reason[:1000],
+                new=new,
+                recorded_at=recorded_at(),
+                by=by,
+            )
+            return config.model_copy(update={"last_rollout": outcome})
+        if config.last_rollout is None and self.exists and self.config.last_rollout is not None:
+            return config.model_copy(update={"last_rollout": self.config.last_rollout})
+        return config
+
     def put_back(self) -> None:
         """Serve this app exactly as it was read (a new app: remove it); never raises, since the
         caller is already reporting the failure that made it necessary."""
@@ -171,8 +200,15 @@ class LiveApp:
             return
         report(f"putting the previous version of app {self.name!r} back ...")
         try:
+            # Replicas still starting belong to the change that failed (the previous version's run).
+            stuck = starting_replicas(self.name)
             apply_config(
-                self.name, self.route_prefix, self.serve_options(), self.url, self.config.settings.deploy_timeout_s
+                self.name,
+                self.route_prefix,
+                self.serve_options(),
+                self.url,
+                self.config.settings.deploy_timeout_s,
+                replaced=stuck,
             )
         except Exception as exc:
             logger.error("the previous version of %s did not come back: %s", self.name, exc)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from typing import Any
 
 from ray_deploy.cluster import connect
@@ -60,7 +62,7 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                     "phase": config.phase.value,
                     "rollout": config.rollout.model_dump(mode="json") if config.rollout else None,
                     "controller": _controller(name, config),
-                    "last_rollout": _last_rollout(config),
+                    "last_rollout": _last_rollout(config, user_config),
                     "source": config.source,
                     "metrics": app_metrics(name),
                     "devices": app_devices(reports),
@@ -96,20 +98,46 @@ def app_serving_config(app: str, address: str | None = None) -> tuple[ServingCon
 def delete_app(app: str, address: str | None = None) -> bool:
     """Delete an app, its rollout controller and its stats; True if it existed (deleting a missing
     app is not an error)."""
+    return bool(delete_apps([app], address))
+
+
+def delete_apps(apps: list[str], address: str | None = None, timeout_s: float = 120.0) -> list[str]:
+    """Delete several apps at once (their replicas drain side by side); returns those that existed.
+
+    Each app's lock is held until it is gone: a deploy of the same name waits or is turned away
+    rather than finding a half-deleted app.
+
+    Raises:
+        DeployError: an app was still there after ``timeout_s``.
+    """
     from ray import serve
 
     from ray_deploy.control.controller import stop_controller
 
-    with connect(address, start_local=False), app_lock(app, "delete"):
-        stop_controller(app)  # first: a controller mid-rollout would bring the app back
-        exists = app in serve.status().applications
-        if exists:
-            report(f"deleting app {app!r} ...")
-            serve.delete(app)
-        for name in variant_apps(app):
-            serve.delete(name)
-        _forget_stats(app)
-        return exists
+    deleting: list[str] = []
+    with connect(address, start_local=False), contextlib.ExitStack() as locks:
+        existing = set(serve.status().applications)
+        for app in apps:
+            locks.enter_context(app_lock(app, "delete"))
+            stop_controller(app)  # first: a controller mid-rollout would bring the app back
+            names = [name for name in (app, *variant_apps(app)) if name in existing]
+            if app in existing:
+                report(f"deleting app {app!r} ...")
+            for name in names:
+                serve.delete(name, _blocking=False)
+            deleting.extend(names)
+        deadline = time.monotonic() + timeout_s
+        while deleting and time.monotonic() < deadline:
+            left = set(serve.status().applications)
+            if not left & set(deleting):
+                break
+            time.sleep(0.2)
+        still = sorted(set(serve.status().applications) & set(deleting))
+        if still:
+            raise DeployError(f"apps still being deleted after {timeout_s:g}s: {', '.join(still)}")
+        for app in apps:
+            _forget_stats(app)
+    return [app for app in apps if app in existing]
 
 
 def _forget_stats(app: str) -> None:
@@ -133,8 +161,11 @@ def _controller(app: str, config: ServingConfig) -> str | None:
     return controller_name(app) if find_controller(app) is not None else None
 
 
-def _last_rollout(config: ServingConfig) -> dict[str, Any] | None:
-    """How the app's last rollout ended, as the registry recorded it (None with lineage off)."""
+def _last_rollout(config: ServingConfig, user_config: dict[str, Any]) -> dict[str, Any] | None:
+    """How the app's last rollout ended: from its config (None: it never had one), or, for an app
+    deployed by an older ray-deploy whose config has no such field, as the registry recorded it."""
+    if config.last_rollout is not None or "last_rollout" in user_config:
+        return config.last_rollout.model_dump(mode="json") if config.last_rollout else None
     if not config.registry_uri:
         return None
     try:

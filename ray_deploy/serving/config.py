@@ -126,6 +126,19 @@ class RolloutState(BaseModel):
     policy: RolloutSpec = Field(default_factory=RolloutSpec, description="The policy the controller follows.")
 
 
+class RolloutOutcome(BaseModel):
+    """How the app's last rollout ended, kept in its config so that ``status`` reads it from Serve
+    (the registry holds the same record, tag ``ray_deploy.rollout.<app>``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    phase: RolloutPhase
+    reason: str = ""
+    new: tuple[str, ...] = Field((), description="Labels of the release the rollout brought (or tried to).")
+    recorded_at: str
+    by: str = ""
+
+
 class AppSettings(BaseModel):
     """Settings of the app that later processes need (operators, the rollout controller, restore):
     replicas ignore them, but keeping them in the config persists them with the app."""
@@ -162,6 +175,7 @@ class ServingConfig(BaseModel):
     )
     registry_uri: str | None = Field(None, description="MLflow registry holding the variants' model versions.")
     rollout: RolloutState | None = Field(None, description="The rollout in progress, if any.")
+    last_rollout: RolloutOutcome | None = Field(None, description="How the last rollout ended, if one did.")
     settings: AppSettings = Field(default_factory=AppSettings, description="Persisted control-plane settings.")
 
     @property

@@ -714,6 +714,11 @@ def _front_actor(host: str, port: int, fallback_port: int, workdir: str) -> Any:
     return actor_class.remote(host, port, fallback_port, workdir)
 
 
+# How long a front that is already running may take to answer before it counts as hung (a new
+# front's actor is given ``ensure_front``'s whole timeout: its process has to start first).
+RUNNING_FRONT_ANSWER_S = 10.0
+
+
 def _status_of(front: Any, address: str, timeout_s: float) -> dict[str, Any]:
     """The front's status; a down status naming the failure when its actor does not answer."""
     import ray
@@ -751,7 +756,12 @@ def ensure_front(
     import ray
 
     address = f"http://{host}:{port}"
-    status = _wait_serving(_front_actor(host, port, fallback_port, workdir), address, timeout_s)
+    try:
+        ray.get_actor(FRONT_NAME, namespace=FRONT_NAMESPACE)
+        first_answer_s = min(timeout_s, RUNNING_FRONT_ANSWER_S)  # running: it answers in moments
+    except ValueError:
+        first_answer_s = timeout_s  # a new actor: its process starts first
+    status = _wait_serving(_front_actor(host, port, fallback_port, workdir), address, first_answer_s)
     if not repair or status.get("haproxy_pid"):
         return status
     report(f"the ray-deploy front on {host}:{port} is down ({status.get('down_reason')}); starting a new one ...")

@@ -61,19 +61,21 @@ def _delete_new_apps(before: set[str]) -> None:
     import time
     import warnings
 
-    from ray_deploy import delete_app
+    from ray_deploy import delete_apps
 
     leftover = sorted((_session_head_apps() or set()) - before - SESSION_APPS)
-    for app in leftover:
-        for attempt in range(3):
-            try:
-                delete_app(app)
-                break
-            except Exception as exc:
-                if attempt == 2:
-                    warnings.warn(f"could not delete app {app!r} after its module: {exc!r}", stacklevel=1)
-                else:
-                    time.sleep(3)
+    for attempt in range(3):
+        if not leftover:
+            return
+        try:
+            delete_apps(leftover)  # side by side: their replicas drain together
+            return
+        except Exception as exc:
+            if attempt == 2:
+                warnings.warn(f"could not delete apps {leftover} after their module: {exc!r}", stacklevel=1)
+            else:
+                time.sleep(3)
+                leftover = sorted((_session_head_apps() or set()) - before - SESSION_APPS)
 
 
 @pytest.fixture(scope="session")

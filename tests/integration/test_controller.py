@@ -34,17 +34,6 @@ APP = "steady"
 ROW = [5.1, 3.5, 1.4, 0.2]
 BODY = json.dumps({"instances": [ROW]})
 
-IRIS_STEPS = """
-@step
-def start(self):
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
-    X, y = load_iris(return_X_y=True)
-    self.model = LogisticRegression(max_iter=2000).fit(X, y)
-    self.next(self.deploy)
-"""
-
-
 PREDICTORS = '''
 class Named:
     """A user predictor: it must come back with the app, shipped from the flow's directory."""
@@ -262,13 +251,13 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         (tmp_path / "phoenix").mkdir()
         (tmp_path / "phoenix" / "phoenix_predictors.py").write_text(PREDICTORS)
         options = 'app="phoenix", predictor="phoenix_predictors:Named", num_cpus=0.25'
-        phoenix_flow = write_flow(tmp_path / "phoenix" / "phoenix_flow.py", "PhoenixFlow", IRIS_STEPS, options)
-        done = run_flow(phoenix_flow, env=env)
+        phoenix_flow = write_flow(tmp_path / "phoenix" / "phoenix_flow.py", "PhoenixFlow", release_steps, options)
+        done = run_flow(phoenix_flow, "--release", "2", env=env)
         assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
         phoenix = f"http://127.0.0.1:{PORTS['RAY_DEPLOY_HTTP_PORT']}/phoenix"
         rows = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}
         before = httpx.post(phoenix, json=rows, timeout=30).json()
-        assert before["predictions"] == ["class-0", "class-2"]
+        assert before["predictions"] == ["class-2", "class-2"]  # release 2 of the Release model, by Named
         with counted_load(phoenix, json.dumps(rows)) as load:
             time.sleep(3)
         load.assert_nothing_lost()

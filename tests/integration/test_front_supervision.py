@@ -230,7 +230,7 @@ def test_cluster_up_replaces_a_front_that_does_not_answer(cancer_url, http):
         assert up.returncode == 0, up.stderr
         assert (
             f"the ray-deploy front on {SETTINGS.http_host}:{SETTINGS.http_port} is down "
-            "(its actor (ray_deploy/ray_deploy_front) did not answer within 30s); starting a new one"
+            "(its actor (ray_deploy/ray_deploy_front) did not answer within 10s); starting a new one"
         ) in up.stderr
         assert http.get(cancer_url).status_code == 200
         new_master, new_actor = front_master()

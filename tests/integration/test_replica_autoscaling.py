@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -50,7 +51,8 @@ OPTIONS = (
 )
 
 
-def running_replicas() -> int:
+def cli_running_replicas() -> int:
+    """Running replicas as `ray-deploy status` shows them."""
     exe = Path(sys.executable).with_name("ray-deploy")
     shown = subprocess.run([str(exe), "status", APP, "--json"], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr[-2000:]
@@ -58,13 +60,22 @@ def running_replicas() -> int:
     return row["replicas"].get("ModelServer", {}).get("RUNNING", 0)
 
 
-def wait_for_replicas(done, timeout_s: float) -> list[int]:
-    """Replica counts seen every ~2 s until ``done(count)`` or the timeout."""
-    seen = [running_replicas()]
+def running_replicas(dashboard_url: str) -> int:
+    """Running replicas as the dashboard's Serve API lists them (polled: no process per look)."""
+    from ray_deploy.cluster import auth_headers
+
+    shown = httpx.get(f"{dashboard_url}/api/serve/applications/", headers=auth_headers(), timeout=30).json()
+    replicas = shown["applications"][APP]["deployments"]["ModelServer"]["replicas"]
+    return sum(1 for replica in replicas if replica["state"] == "RUNNING")
+
+
+def wait_for_replicas(dashboard_url: str, done, timeout_s: float) -> list[int]:
+    """Replica counts seen every ~second until ``done(count)`` or the timeout."""
+    seen = [running_replicas(dashboard_url)]
     deadline = time.monotonic() + timeout_s
     while not done(seen[-1]) and time.monotonic() < deadline:
-        time.sleep(2)
-        seen.append(running_replicas())
+        time.sleep(1)
+        seen.append(running_replicas(dashboard_url))
     return seen
 
 
@@ -76,14 +87,14 @@ def test_replicas_shrink_under_a_steady_load_and_no_request_fails(
     done = run_flow(flow)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     url = f"{ray_head.http_url}/{APP}"
-    assert running_replicas() == 1
+    assert cli_running_replicas() == 1
 
     with counted_load(url, BODY, concurrency=1, max_seconds=400) as trickle:
         time.sleep(2)
         with counted_load(url, BODY, concurrency=8, max_seconds=200) as burst:
-            grown = wait_for_replicas(lambda count: count >= 2, timeout_s=120)
+            grown = wait_for_replicas(ray_head.dashboard_url, lambda count: count >= 2, timeout_s=120)
             time.sleep(2)  # the new replicas take part of the burst
-        shrunk = wait_for_replicas(lambda count: count == 1, timeout_s=180)
+        shrunk = wait_for_replicas(ray_head.dashboard_url, lambda count: count == 1, timeout_s=180)
         assert trickle.process.poll() is None, "the steady load ended before the replicas went"
         time.sleep(2)
 
@@ -92,4 +103,3 @@ def test_replicas_shrink_under_a_steady_load_and_no_request_fails(
     assert max(shrunk) >= 2, f"the replicas were gone before the burst ended; nothing shrank under load: {shrunk}"
     burst.assert_nothing_lost(at_least=100)
     trickle.assert_nothing_lost(at_least=100)
-    subprocess.run([str(Path(sys.executable).with_name("ray-deploy")), "delete", APP], capture_output=True, timeout=120)

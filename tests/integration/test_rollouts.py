@@ -99,6 +99,8 @@ def test_rollouts_and_rollbacks_under_load_drop_nothing(
         output = third.stdout + third.stderr
         assert third.returncode != 0, output[-3000:]
         assert "Rollout rolled back" in output and "error rate" in output, output[-3000:]
+        # The controller that drove v2 still lingers and drives v3: its v2 lines are not replayed.
+        assert f"rollout of default@v{v2.rsplit('/', 1)[1]} from" not in output, output[-3000:]
         assert [v["model_version"] for v in describe(http, url)["variants"]] == [v2]
 
         time.sleep(2)
@@ -217,7 +219,6 @@ def test_a_holding_canary_is_the_operators_and_a_second_deployer_is_turned_away(
     assert [(v["label"], v["weight"]) for v in describe(http, url)["variants"]] == [(old, 100)]
     answer = http.post(url, json={"instances": [ROW]})
     assert answer.status_code == 200 and answer.json()["model_version"] == f"{app}/{old.split('@v')[1]}"
-    ray_deploy("delete", app)
 
 
 def test_isolated_releases_show_side_by_side_in_the_dashboard(tmp_path, write_flow, run_flow, ray_head, http):
@@ -262,7 +263,9 @@ def test_isolated_releases_show_side_by_side_in_the_dashboard(tmp_path, write_fl
     assert {http.post(url, json={"instances": [ROW]}).json()["model_version"] for _ in range(10)} == {
         f"{app}/{new.split('@v')[1]}"
     }
-    assert ray_deploy("delete", app).returncode == 0
+    deleted = ray_deploy("delete", app, "never-deployed")
+    assert deleted.returncode == 0, deleted.stderr[-2000:]
+    assert f"deleted app {app!r}" in deleted.stdout and "app 'never-deployed' was not deployed" in deleted.stdout
     assert not [name for name in ray_deploy_apps(http, ray_head) if name.startswith(app)]
 
 
@@ -300,7 +303,7 @@ def test_a_change_waits_for_a_controller_step_but_not_for_another_change(ray_hea
         assert waited >= 2.0, f"the deploy took the lock while the controller held it ({waited:.1f}s)"
 
         taken = threading.Event()
-        operator = threading.Thread(target=hold, args=("traffic", taken, 20.0))
+        operator = threading.Thread(target=hold, args=("traffic", taken, 4.0))
         operator.start()
         assert taken.wait(60)
         with pytest.raises(AppLocked, match=r"is being changed by .*traffic"):
@@ -308,3 +311,32 @@ def test_a_change_waits_for_a_controller_step_but_not_for_another_change(ray_hea
                 pass
         assert operator.is_alive(), "the change waited for an operator's lock instead of being turned away"
         operator.join()
+
+        # A holder that dies mid-change (SIGKILL: no `finally` runs) does not leave the app locked.
+        holder = subprocess.Popen(
+            [sys.executable, "-c", KILLED_HOLDER],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout.readline().strip() == "holding", "the holder process did not take the lock"
+            with pytest.raises(AppLocked, match=r"is being changed by .*a doomed deploy"):
+                with app_lock("lock-demo", "deploy"):
+                    pass
+        finally:
+            holder.kill()
+            holder.wait(30)
+        started = time.monotonic()
+        with app_lock("lock-demo", "deploy"):
+            taken_after = time.monotonic() - started
+        assert taken_after < 30, f"the dead holder's lock was taken over only after {taken_after:.0f}s"
+
+
+KILLED_HOLDER = """
+import time
+from ray_deploy import connect
+from ray_deploy.control.lock import app_lock
+with connect(None, start_local=False), app_lock("lock-demo", "a doomed deploy"):
+    print("holding", flush=True)
+    time.sleep(600)
+"""

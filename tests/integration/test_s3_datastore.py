@@ -90,4 +90,3 @@ def test_replicas_load_the_model_from_s3(tmp_path, write_flow, run_flow, ray_hea
     assert not list(local_root.rglob("S3Flow/data")), "the flow wrote no artifact to the local datastore"
     answer = http.post(f"{ray_head.http_url}/from-s3", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
     assert answer.status_code == 200 and answer.json()["predictions"] == [0]
-    subprocess.run([str(Path(sys.executable).with_name("ray-deploy")), "delete", "from-s3"], timeout=60)

@@ -121,3 +121,32 @@ def test_a_persisted_rollout_resumes_to_the_same_plan():
 def test_resuming_a_settled_app_is_refused():
     with pytest.raises(RolloutStateError, match="no rollout to resume"):
         Plan.resume(config(variant("default", "v1", 100)))
+
+
+def test_a_settled_rollout_leaves_its_outcome_in_the_config_and_later_changes_keep_it():
+    from ray_deploy.control.live import LiveApp
+    from ray_deploy.registry.history import Action
+
+    running = config(variant("default", "v1", 100))
+    plan = Plan.between(running, config(variant("default", "v2", 100)))
+    policy = RolloutSpec(strategy="canary", steps=(10, 100), interval_s=1)
+    state = plan.state(policy, P.STEPPING, 1, 10.0, "2026-12-01T00:00:00+00:00", "alice")
+    live = LiveApp(
+        "cancer",
+        "/cancer",
+        "http://h/cancer",
+        running.with_variants(plan.at(10)).model_copy(update={"rollout": state}),
+        {},
+    )
+    settled = running.with_variants(plan.rollback()).model_copy(update={"rollout": None})
+    ended = live._with_outcome(settled, Action.ROLLED_BACK, "gate failed at 10%: errors")
+    outcome = ended.last_rollout
+    assert outcome.phase == P.ROLLED_BACK and outcome.new == ("default@v2",) and outcome.by == "alice"
+    assert outcome.reason == "gate failed at 10%: errors" and outcome.recorded_at
+    # It survives the trip through Serve's user_config, and a later change (traffic, settings) keeps it.
+    after = LiveApp(
+        "cancer", "/cancer", "http://h/cancer", ServingConfig.model_validate_json(ended.model_dump_json()), {}
+    )
+    assert after._with_outcome(settled, Action.DEPLOYED, "settings updated").last_rollout == outcome
+    # A change that is not the end of a rollout adds none.
+    assert live._with_outcome(settled, Action.TRAFFIC, "step").last_rollout is None
