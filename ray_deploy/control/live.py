@@ -200,7 +200,7 @@ class LiveApp:
             return
         report(f"putting the previous version of app {self.name!r} back ...")
         try:
-            # Replicas still starting belong to the change that failed (the previous version's run).
+            # Replicas still starting belong to the change that failed: the previous version's are running.
             stuck = starting_replicas(self.name)
             apply_config(
                 self.name,

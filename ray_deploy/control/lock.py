@@ -67,10 +67,6 @@ class LockTable:
         self._save()
         return True
 
-    def holder(self, app: str) -> dict[str, Any] | None:
-        held = self._locks.get(app)
-        return held["info"] if held is not None and _alive(held["owner"]) else None
-
     def _save(self) -> None:
         from ray.experimental.internal_kv import _internal_kv_put
 
