@@ -33,8 +33,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two workers, each with a Ray head of its own (tests/conftest.py); TEST_WORKERS=0 runs one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(VENV)/bin/pytest tests --durations=15
+	$(VENV)/bin/pytest tests --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 unit: install
 	$(VENV)/bin/pytest tests/unit

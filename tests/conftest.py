@@ -8,10 +8,10 @@ import os
 import tempfile
 from pathlib import Path
 
-# Under pytest-xdist (`pytest -n 2 --dist loadfile`, on machines with cores to spare; `make test`
-# runs one process), each worker is a machine of its own: its own
-# state directory and its own session head on ports of its own (worker N: the ports below + 50*N).
-# Modules that start heads of their own run whole on one worker (`--dist loadfile`).
+# `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile`: a module runs whole on one
+# worker). Each worker is a machine of its own: its own state directory, registry and Metaflow
+# datastore, and its own session head on ports of its own (worker N: the ports below + 50*N). Modules
+# that start heads of their own use ports no other module uses.
 WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 OFFSET = 50 * WORKER
 _state = os.environ.get("RAY_DEPLOY_TEST_STATE")
@@ -45,20 +45,21 @@ for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
     os.environ.pop(name, None)
 
 
-# Heaviest modules first (minutes in CI), so that two xdist workers (`--dist loadfile`) start the
-# long ones at once and end together; unlisted modules follow.
+# Modules heaviest first (seconds of one CI run in brackets), so that the two workers start the long
+# ones at once and end together; unlisted modules follow.
 HEAVY_FIRST = (
-    "test_rollouts.py",
-    "test_controller.py",
-    "test_autoscaling_cluster.py",
-    "test_lineage.py",
-    "test_retry_deploy.py",
-    "test_deploy_failures.py",
-    "test_flow_options.py",
-    "test_remote_address.py",
-    "test_claims_rollouts.py",
-    "test_ab_flow.py",
-    "test_replica_faults.py",
+    "test_rollouts.py",  # 285 (with the worker's session setup)
+    "test_controller.py",  # 277 (one test on a head of its own)
+    "test_autoscaling_cluster.py",  # 160 (a fake multi-node cluster)
+    "test_lineage.py",  # 120
+    "test_replica_faults.py",  # 90
+    "test_flow_options.py",  # 83
+    "test_deploy_failures.py",  # 82
+    "test_retry_deploy.py",  # 80
+    "test_claims_rollouts.py",  # 74
+    "test_ab_flow.py",  # 62
+    "test_front_supervision.py",  # 61
+    "test_export_options.py",  # 56
 )
 
 

@@ -1,9 +1,12 @@
 """The distribution Metaflow will load: namespace layout, plugin registration, console script."""
 
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,3 +62,26 @@ def test_ray_deploy_help():
     shown = subprocess.run([str(ray_deploy), "--help"], capture_output=True, text=True, check=True)
     for command in ("cluster", "status", "predict", "delete"):
         assert command in shown.stdout
+
+
+def test_importing_metaflow_does_not_import_the_engine():
+    """Metaflow loads the extension in every flow and task process, of any flow: `import metaflow`
+    (and the decorator's option checks) must not pay for Ray, MLflow, numpy or the deploy engine."""
+    probe = (
+        "import sys, metaflow\n"
+        "from metaflow import ray_serve\n"
+        "heavy = ('ray', 'mlflow', 'numpy', 'pandas', 'ray_deploy.control.deploy', 'ray_deploy.cluster')\n"
+        "print(','.join(name for name in heavy if name in sys.modules))\n"
+    )
+    env = {**os.environ, "USERNAME": os.environ.get("USERNAME") or "someone"}
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    assert shown.stdout.strip() == "", f"import metaflow imported {shown.stdout.strip()}"
+
+
+def test_every_public_name_resolves():
+    import ray_deploy
+
+    missing = [name for name in ray_deploy.__all__ if getattr(ray_deploy, name, None) is None]
+    assert not missing, missing
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        ray_deploy.not_a_name  # noqa: B018

@@ -3,15 +3,9 @@ import json
 from metaflow._vendor import click
 from metaflow.exception import MetaflowException
 
-from ray_deploy import (
-    DeploymentSpec,
-    RayDeployError,
-    app_lines,
-    app_status,
-    delete_app,
-    parse_weights,
-    print_lineage,
-)
+# Metaflow imports this module with every flow: the engine is imported by the commands that use it.
+from ray_deploy.errors import RayDeployError
+from ray_deploy.spec import DeploymentSpec
 
 
 class RayServeCommandError(MetaflowException):
@@ -72,6 +66,8 @@ def _address(obj, app):
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
 @click.pass_obj
 def status(obj, app=None, as_json=False):
+    from ray_deploy import app_lines, app_status
+
     rows = []
     for name in _selected(obj, app):
         try:
@@ -90,6 +86,8 @@ def status(obj, app=None, as_json=False):
 @click.option("--app", default=None, help="Only this app.")
 @click.pass_obj
 def delete(obj, app=None):
+    from ray_deploy import delete_app
+
     for name in _selected(obj, app):
         try:
             existed = delete_app(name, address=_address(obj, name))
@@ -103,7 +101,7 @@ def delete(obj, app=None):
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON.")
 @click.pass_context
 def lineage(ctx, app=None, as_json=False):
-    from ray_deploy import trace_app
+    from ray_deploy import print_lineage, trace_app
 
     obj = ctx.obj
     failed = 0
@@ -145,7 +143,7 @@ def _show(obj, config):
 @click.option("--reason", default=None, help="Why; recorded on the model versions.")
 @click.pass_obj
 def traffic(obj, app=None, weights=None, reason=None):
-    from ray_deploy import set_traffic
+    from ray_deploy import parse_weights, set_traffic
 
     name = _single(obj, app)
     try:

@@ -5,26 +5,10 @@ from metaflow.decorators import StepDecorator
 from metaflow.exception import MetaflowException
 from metaflow.metadata_provider import MetaDatum
 
-from ray_deploy import (
-    DataRef,
-    DeploymentSpec,
-    LineageSource,
-    ModelRef,
-    ParityError,
-    RayDeployError,
-    SpecError,
-    check_parity,
-    choose_predictor,
-    code_version,
-    data_ref_from_pathspec,
-    deploy,
-    flatten_metrics,
-    load_predictor_class,
-    metaflow_model_ref,
-    option_defaults,
-    origin_of,
-    report,
-)
+# Only what step_init needs is imported here: Metaflow imports this module in every flow and task
+# process (any flow's), so the engine is imported by the methods that use it.
+from ray_deploy.errors import ParityError, RayDeployError, SpecError
+from ray_deploy.spec import DeploymentSpec, option_defaults
 
 
 class RayServeException(MetaflowException):
@@ -182,6 +166,8 @@ class RayServeDecorator(StepDecorator):
             self.spec = DeploymentSpec.from_options(options)
             for variant in self.spec.variants:
                 if variant.is_user_predictor:
+                    from ray_deploy.models.predictors import load_predictor_class
+
                     load_predictor_class(variant.predictor, code_dir=self._code_dir)
         except RayDeployError as error:
             raise RayServeException(step_name, error)
@@ -216,6 +202,8 @@ class RayServeDecorator(StepDecorator):
         self._task_id = task_id
 
     def task_post_step(self, step_name, flow, graph, retry_count, max_user_code_retries):
+        from ray_deploy.control.deploy import deploy
+
         try:
             models, predictors, objects = self._resolve_models(flow)
             parity = self._check_parity(flow, predictors, objects)
@@ -272,6 +260,8 @@ class RayServeDecorator(StepDecorator):
         them), the flow's parameters, metrics and data."""
         from metaflow import current
 
+        from ray_deploy.registry.lineage import LineageSource, code_version
+
         parameters = {name: getattr(flow, name) for name in getattr(current, "parameter_names", [])}
         return LineageSource(
             flow=flow.name,
@@ -290,6 +280,8 @@ class RayServeDecorator(StepDecorator):
         """Content address of each Metaflow model -> the artifact where that content first appeared in
         this run: the task that trained it (a foreach's winning branch, under any artifact name), not
         the steps that copied it here; this task's own artifact when no earlier task holds it."""
+        from ray_deploy.registry.lineage import origin_of
+
         origins = {}
         for ref in models.values():
             if ref.kind == "metaflow" and ref.blob_key and ref.blob_key not in origins:
@@ -298,6 +290,8 @@ class RayServeDecorator(StepDecorator):
         return origins
 
     def _metrics(self, flow):
+        from ray_deploy.registry.lineage import flatten_metrics
+
         metrics = {}
         for name in self.spec.metrics:
             if not hasattr(flow, name):
@@ -309,6 +303,9 @@ class RayServeDecorator(StepDecorator):
         return metrics
 
     def _data_ref(self, flow, entry):
+        from ray_deploy.models.artifacts import metaflow_model_ref
+        from ray_deploy.registry.lineage import DataRef, data_ref_from_pathspec, origin_of
+
         if "/" in entry:
             return data_ref_from_pathspec(entry, self._flow_datastore)
         if not hasattr(flow, entry):
@@ -323,6 +320,9 @@ class RayServeDecorator(StepDecorator):
 
     def _resolve_models(self, flow):
         """Variant name -> ModelRef, -> predictor with 'auto' resolved, and -> the model object."""
+        from ray_deploy.models.artifacts import ModelRef, metaflow_model_ref
+        from ray_deploy.models.predictors import choose_predictor
+
         models, predictors, objects = {}, {}, {}
         for variant in self.spec.variants:
             if variant.is_mlflow_uri:
@@ -344,6 +344,9 @@ class RayServeDecorator(StepDecorator):
 
     def _check_parity(self, flow, predictors, objects):
         """Every derived variant must answer like its source before anything is deployed."""
+        from ray_deploy.models.parity import check_parity
+        from ray_deploy.progress import report
+
         derived = [v for v in self.spec.variants if v.derived_from]
         if not derived:
             return []
