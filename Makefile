@@ -33,8 +33,9 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Two workers, each with a Ray head of its own (tests/conftest.py); TEST_WORKERS=0 runs one process.
-TEST_WORKERS ?= 2
+# One process by default (2 cores are busy enough); TEST_WORKERS=2 on machines with more cores runs two
+# workers, each with a Ray head of its own (tests/conftest.py).
+TEST_WORKERS ?= 0
 test: lint
 	$(VENV)/bin/pytest tests --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

@@ -27,6 +27,34 @@ _ALIAS = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
+RESERVED_ROUTES = {
+    "-": "'/-/' is Serve's own namespace (/-/routes, /-/healthz)",
+    "v2": "'/v2' is reserved for the Open Inference Protocol (/v2/health/..., /v2/models/<app>/infer)",
+}
+"""First path segments no app may take, and why."""
+
+
+def route_rule_broken(route: str) -> str | None:
+    """Why ``route`` (a path starting with '/') cannot be an app's route, or None when it can."""
+    if route == "/":
+        return None
+    segments = route[1:].split("/")
+    if "" in segments:
+        return "an empty path segment ('//'); write '/name' or '/name/sub'"
+    if "." in segments or ".." in segments:
+        return "'.' and '..' segments are not allowed (clients and proxies resolve them differently)"
+    return RESERVED_ROUTES.get(segments[0])
+
+
+def routes_overlap(one: str, other: str) -> bool:
+    """Whether two app routes would shadow each other: equal, or one inside the other ('/seed' and
+    '/seed/feedback': the outer app's own sub-routes, such as its feedback or health routes, would
+    reach the inner app). '/' holds every route."""
+    if one == other or "/" in (one, other):
+        return True
+    return other.startswith(one + "/") or one.startswith(other + "/")
+
+
 def _parse_json_string(value: Any, field: str) -> Any:
     """Options given on the command line (``--with ray_serve:x=...``) may arrive as JSON text."""
     if isinstance(value, str):
@@ -368,6 +396,9 @@ class DeploymentSpec(_Spec):
             raise ValueError(
                 f"route_prefix {value!r} must be a path such as '/cancer': starts with '/', no trailing '/'"
             )
+        broken = route_rule_broken(value)
+        if broken:
+            raise ValueError(broken)
         return value
 
     @field_validator("data", "metrics", mode="before")
@@ -427,6 +458,15 @@ class DeploymentSpec(_Spec):
     @classmethod
     def _groups_from_text(cls, value: Any, info: Any) -> Any:
         return _parse_json_string(value, info.field_name) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _default_route_is_free(self) -> DeploymentSpec:
+        if self.route_prefix is None and self.app in RESERVED_ROUTES:
+            raise ValueError(
+                f"app {self.app!r}: its default route '/{self.app}' is taken: {RESERVED_ROUTES[self.app]}; "
+                "set route_prefix (e.g. route_prefix='/my-model') or choose another app name"
+            )
+        return self
 
     @model_validator(mode="after")
     def _replicas_fit(self) -> DeploymentSpec:

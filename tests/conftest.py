@@ -8,10 +8,11 @@ import os
 import tempfile
 from pathlib import Path
 
-# `make test` runs two pytest-xdist workers (`-n 2 --dist loadfile`: a module runs whole on one
-# worker). Each worker is a machine of its own: its own state directory, registry and Metaflow
-# datastore, and its own session head on ports of its own (worker N: the ports below + 50*N). Modules
-# that start heads of their own use ports no other module uses.
+# `make test TEST_WORKERS=2` runs two pytest-xdist workers (`--dist loadfile`: a module runs whole on
+# one worker), for machines with cores to spare (on 2 cores the suite is CPU-bound already: two
+# workers measured ~1.2x). Each worker is a machine of its own: its own state directory, registry and
+# Metaflow datastore, and its own session head on ports of its own (worker N: the ports below +
+# 50*N). Modules that start heads of their own use ports no other module uses.
 WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
 OFFSET = 50 * WORKER
 _state = os.environ.get("RAY_DEPLOY_TEST_STATE")

@@ -33,11 +33,11 @@ from typing import Any
 from ray_deploy.cluster import ClusterInfo, connect
 from ray_deploy.control.apply import schedule_stall_s
 from ray_deploy.control.controller import controller_name, start_controller, wait_for_outcome
-from ray_deploy.control.live import LiveApp, plain
+from ray_deploy.control.live import LiveApp, overlapping_app, plain
 from ray_deploy.control.lock import app_lock
 from ray_deploy.control.phases import ACTIVE, IN_PROGRESS, check_move
 from ray_deploy.control.rollout import Plan
-from ray_deploy.errors import DeployError, LineageError, RayDeployError, RolloutStateError
+from ray_deploy.errors import DeployError, LineageError, RayDeployError, RolloutStateError, SpecError
 from ray_deploy.models.artifacts import ModelRef, without_credentials
 from ray_deploy.progress import report
 from ray_deploy.registry.history import Action
@@ -126,6 +126,7 @@ def deploy(
     source: dict[str, str] | None = None,
     code_dir: str | None = None,
     lineage: LineageSource | None = None,
+    record: bool = False,
 ) -> DeployResult:
     """Serve ``models`` as the app ``spec`` describes, replacing any running release safely.
 
@@ -137,6 +138,9 @@ def deploy(
         code_dir: directory holding user predictor modules, shipped with the deployment.
         lineage: where the models came from; with ``spec.lineage`` each variant becomes an MLflow
             model version, tagged both ways, and the aliases follow the traffic.
+        record: with no ``lineage`` (MLflow models deployed by the MLflow deployments target),
+            still record each variant in the registry: as the source version itself when it
+            belongs to the app's registered model, else as a new version that points back to it.
 
     Returns:
         A ``DeployResult`` with the URL the app answers on, the model versions, and what the
@@ -147,6 +151,7 @@ def deploy(
         ClusterUnreachable: the cluster does not answer at the address tried.
         AppLocked: another process is changing the same app; nothing was changed.
         RolloutStateError: a rollout of another release is under way; nothing was changed.
+        SpecError: the app's route overlaps another app's on the cluster; nothing was changed.
         ArtifactError, PredictorError: a model failed its preflight; nothing was changed.
         RolloutFailed: a gate failed; the previous release serves all traffic again.
         DeployError: Serve did not bring the app up (or the deploy failed after changing it); the
@@ -164,7 +169,7 @@ def deploy(
             "user": lineage.user,
         }
     config = serving_config(spec, {name: _resolvable(ref) for name, ref in models.items()}, predictors or {}, source)
-    registry = Registry() if spec.lineage and lineage is not None else None
+    registry = Registry() if spec.lineage and (lineage is not None or record) else None
     registry_answer: Future | None = None
     if registry is not None:
         report(f"checking the MLflow registry at {registry.registry_uri} ...")
@@ -199,6 +204,13 @@ def deploy(
         )
         options = {k: v for k, v in deployment_options(spec, config).items() if k != "user_config"}
         with app_lock(spec.app, "deploy"):
+            overlap = overlapping_app(spec.app, spec.route)
+            if overlap is not None:
+                raise SpecError(
+                    f"route_prefix: {spec.route!r} overlaps app {overlap[0]!r} at {overlap[1]!r} on the cluster at "
+                    f"{cluster.address} (one route inside the other would take the other app's requests); "
+                    "choose a route beside it, e.g. route_prefix='/<name>'"
+                )
             report(f"checking {len(config.variants)} model(s) on the cluster before deploying {spec.app!r} ...")
             checked = preflight(config, timeout_s=spec.deploy_timeout_s)
             versions: dict[str, VersionRef] = {}
@@ -346,8 +358,12 @@ def _in_background(work: Callable[[], Any]) -> Future:
 
 
 def _register_versions(
-    registry: Registry, spec: DeploymentSpec, config: ServingConfig, lineage: LineageSource
+    registry: Registry, spec: DeploymentSpec, config: ServingConfig, lineage: LineageSource | None
 ) -> dict[str, VersionRef]:
+    if lineage is None:
+        return {
+            v.name: registry.record_mlflow_model(spec.model_name, v.name, v.model, v.predictor) for v in config.variants
+        }
     run_id = registry.mirror_run(lineage)
     return {
         v.name: registry.register_version(spec.model_name, v.name, v.model, lineage, run_id, v.predictor)

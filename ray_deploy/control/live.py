@@ -22,8 +22,16 @@ from ray_deploy.errors import DeployError
 from ray_deploy.progress import report
 from ray_deploy.registry.history import Action, TrafficRecorder, VersionStatus
 from ray_deploy.registry.lineage import Registry, recorded_at, who
-from ray_deploy.serving.config import SERVER_DEPLOYMENT, RolloutOutcome, RolloutPhase, ServingConfig, VariantConfig
+from ray_deploy.serving.config import (
+    SERVER_DEPLOYMENT,
+    VARIANT_APP_SEPARATOR,
+    RolloutOutcome,
+    RolloutPhase,
+    ServingConfig,
+    VariantConfig,
+)
 from ray_deploy.serving.metrics import VariantStats, get_collector
+from ray_deploy.spec import routes_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -258,3 +266,15 @@ def observed_stats(app: str) -> dict[str, dict[str, Any]]:
     except Exception as exc:  # stats are informative; never block a change on them
         logger.warning("could not read the stats of %s: %s", app, exc)
         return {}
+
+
+def overlapping_app(app: str, route: str) -> tuple[str, str] | None:
+    """Another app on the cluster (this process is connected) whose route overlaps ``route``: its
+    name and route, or None. ``app``'s own releases and isolated variant apps do not count."""
+    for name, entry in (serve_details().get("applications") or {}).items():
+        if name == app or name.startswith(app + VARIANT_APP_SEPARATOR):
+            continue
+        other = (entry or {}).get("route_prefix")
+        if other and routes_overlap(route, other):
+            return name, other
+    return None

@@ -149,8 +149,14 @@ def verify_sha256(ref: ModelRef, blob: bytes) -> None:
         )
 
 
-def load_model(ref: ModelRef) -> Any:
-    """Load the model a reference points at (hash checked first for Metaflow artifacts)."""
+MLFLOW_FLAVORS = ("xgboost", "onnx")
+"""Predictors that take an MLflow model in its own flavor (an XGBoost model, an ONNX ModelProto)
+rather than as a pyfunc."""
+
+
+def load_model(ref: ModelRef, flavor: str | None = None) -> Any:
+    """Load the model a reference points at (hash checked first for Metaflow artifacts); an MLflow
+    model as a pyfunc, or in ``flavor`` (one of ``MLFLOW_FLAVORS``) for the predictor of that name."""
     if ref.kind == "mlflow":
         try:
             import mlflow.pyfunc
@@ -159,7 +165,17 @@ def load_model(ref: ModelRef) -> Any:
         # Resolved against the registry the reference was made with; MLflow's own default would be
         # a new, empty store in the replica's working directory.
         with _mlflow_uris(ref.tracking_uri, ref.registry_uri):
-            return mlflow.pyfunc.load_model(ref.uri)
+            if flavor not in MLFLOW_FLAVORS:
+                return mlflow.pyfunc.load_model(ref.uri)
+            import importlib
+
+            try:
+                return importlib.import_module(f"mlflow.{flavor}").load_model(ref.uri)
+            except Exception as exc:
+                raise ArtifactError(
+                    f"{ref.uri}: cannot load it in the {flavor!r} flavor ({type(exc).__name__}: {exc}); "
+                    f"log it with mlflow.{flavor}.log_model, or serve it as a pyfunc (predictor 'mlflow')"
+                ) from exc
     blob = read_model_bytes(ref)
     try:
         # The bytes were hash-checked above: only the exact artifact the flow recorded is unpickled.

@@ -219,11 +219,7 @@ class Registry:
         existing = self.find_version(name, source.task, variant, ref.sha256)
         if existing is not None:
             return existing
-        try:
-            client.create_registered_model(name, tags={"ray_deploy.managed": "true"})
-        except Exception as exc:
-            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
-                raise
+        self._ensure_registered_model(name)
         tags = {
             "metaflow.flow": source.flow,
             "metaflow.run_id": source.run_id,
@@ -264,6 +260,51 @@ class Registry:
                 if "Invalid model version source" not in str(exc) or candidate == ref.uri:
                     raise
         return VersionRef(name, str(version.version))
+
+    def record_mlflow_model(self, name: str, variant: str, ref: ModelRef, predictor: str) -> VersionRef:
+        """Record an MLflow model deployed without a Metaflow run (the MLflow deployments target).
+
+        A version of ``name`` itself (``models:/name/...`` for the app's own registered model) is
+        the record, tagged; any other source gets a new version of ``name`` with the source's
+        artifacts and MLflow run, tagged with the source, and carrying the source's ``metaflow.*``
+        tags (the Metaflow run behind it, when ``@ray_serve`` recorded it)."""
+        client = self.client
+        tags = {
+            "mlflow.source_uri": ref.uri,
+            "ray.variant": variant,
+            "ray_deploy.predictor": predictor,
+            "ray_deploy.status": "registered",
+            "ray_deploy.deployed_by": who(),
+        }
+        if ref.uri.startswith("models:/"):
+            source = self.resolve(ref.uri)
+            found = client.get_model_version(source.name, source.version)
+            if source.name == name:
+                self.set_tags(source, tags)
+                return source
+            # Where its files are, not its source: an MLflow 3 source is "models:/m-<id>", which the
+            # registry resolves against the process-wide tracking URI, not this client's.
+            artifacts, run_id = client.get_model_version_download_uri(source.name, source.version), found.run_id
+            tags.update({k: v for k, v in found.tags.items() if k.startswith("metaflow.")})
+            tags["mlflow.source_model_version"] = str(source)
+        else:  # runs:/RUN_ID/PATH
+            artifacts, run_id = ref.uri, ref.uri.removeprefix("runs:/").split("/", 1)[0]
+        self._ensure_registered_model(name)
+        version = client.create_model_version(
+            name,
+            artifacts,
+            run_id=run_id,
+            tags=tags,
+            description=f"{ref.uri} (variant {variant!r}), deployed by MLflow deployments",
+        )
+        return VersionRef(name, str(version.version))
+
+    def _ensure_registered_model(self, name: str) -> None:
+        try:
+            self.client.create_registered_model(name, tags={"ray_deploy.managed": "true"})
+        except Exception as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                raise
 
     def find_version(self, name: str, task: str, variant: str, sha256: str | None) -> VersionRef | None:
         try:

@@ -125,6 +125,10 @@ def _version_hops(registry: Registry, version: VersionRef, expected: ModelRef | 
     if aliases:
         detail += f"; aliases {', '.join(aliases)}"
     hops = [Hop("model_version", str(version), not problems, "; ".join(problems) or detail)]
+    if not tags.get("metaflow.task") and tags.get("mlflow.source_uri"):
+        # Deployed by the MLflow deployments target from a model no @ray_serve step recorded: its
+        # MLflow run is where the chain goes on.
+        return [*hops, _mlflow_run_hop(registry, version, tags), *history_hops(tags)]
     hops.append(_task_hop(tags.get("metaflow.task", "")))
     pathspec = tags.get("metaflow.artifact_pathspec", "")
     ref = ModelRef(
@@ -179,6 +183,21 @@ def history_hops(tags: dict[str, str]) -> list[Hop]:
             )
         hops.append(Hop("traffic", event.get("action", "?"), True, detail))
     return hops
+
+
+def _mlflow_run_hop(registry: Registry, version: VersionRef, tags: dict[str, str]) -> Hop:
+    origin = tags.get("mlflow.source_model_version") or tags["mlflow.source_uri"]
+    try:
+        run_id = registry.client.get_model_version(version.name, version.version).run_id
+    except Exception as exc:
+        return Hop("mlflow_run", "-", False, f"cannot read {version}: {type(exc).__name__}")
+    if not run_id:
+        return Hop("mlflow_run", "-", False, f"{origin} names no MLflow run")
+    try:
+        run = registry.client.get_run(run_id)
+    except Exception as exc:
+        return Hop("mlflow_run", run_id, False, f"not found in {registry.tracking_uri}: {type(exc).__name__}")
+    return Hop("mlflow_run", run_id, run.info.status == "FINISHED", f"{run.info.status}; deployed from {origin}")
 
 
 def _aliases(registry: Registry, version: VersionRef) -> list[str]:

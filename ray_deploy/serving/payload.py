@@ -8,12 +8,18 @@ Accepted bodies (one of these keys, nothing else at the top level but ``params``
     {"dataframe_split": {"columns": ["a", "b"], "data": [[1.0, 2.0]]}}
     {"dataframe_records": [{"a": 1.0, "b": 2.0}]}
 
+``params`` (a JSON object) goes to predictors that take it (the MLflow predictor passes it to
+``PyFuncModel.predict(data, params=...)``). A ``text/csv`` body is a header row of column names,
+then one row per line, as ``mlflow models serve`` reads it with ``pandas.read_csv``.
+
 Answers are ``{"predictions": [...]}``. Every refusal is a ``RequestError`` whose message names
 the problem (the row and column of a bad value, the widths seen, the keys allowed).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -35,6 +41,7 @@ class ModelInput:
     rows: list[list[Any]]
     columns: list[str] | None
     body: Any
+    params: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -120,6 +127,9 @@ def parse_model_input(payload: Any) -> ModelInput:
     if len(present) != 1:
         found = f"got {', '.join(present)}" if present else "got none"
         raise RequestError(f"request needs exactly one of {', '.join(INPUT_KEYS)} ({found}); e.g. {_EXAMPLE}")
+    params = payload.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise RequestError(f'params must be a JSON object such as {{"temperature": 0.5}}, got {_type_name(params)}')
     key = present[0]
     value = payload[key]
     if key == "dataframe_split":
@@ -132,7 +142,42 @@ def parse_model_input(payload: Any) -> ModelInput:
         rows, columns = _rows(value, key)
     if not rows:
         raise RequestError(f"{key} is empty; send at least one row")
-    return ModelInput(rows=rows, columns=columns, body=payload)
+    return ModelInput(rows=rows, columns=columns, body=payload, params=params)
+
+
+def parse_csv(body: bytes) -> ModelInput:
+    """A ``text/csv`` body: a header row of column names, then one row per line. Cells that read as
+    numbers are numbers, others stay text; empty lines are skipped. The decoded ``body`` is the same
+    table as ``dataframe_split``, for the variants that take the JSON body."""
+    if not body or not body.strip():
+        raise RequestError("empty CSV body; send a header row of column names, then one row per line")
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"CSV body is not UTF-8 text (byte {exc.start})") from None
+    try:
+        lines = [line for line in csv.reader(io.StringIO(text)) if line]
+    except csv.Error as exc:
+        raise RequestError(f"CSV body does not parse: {exc}") from None
+    columns, rows = lines[0], lines[1:]
+    if not rows:
+        raise RequestError(f"CSV body has a header ({', '.join(columns)}) but no rows")
+    for index, row in enumerate(rows):
+        if len(row) != len(columns):
+            raise RequestError(f"CSV row {index + 1} has {len(row)} values but the header names {len(columns)} columns")
+    values = [[_csv_value(cell) for cell in row] for row in rows]
+    return ModelInput(rows=values, columns=columns, body={"dataframe_split": {"columns": columns, "data": values}})
+
+
+def _csv_value(cell: str) -> Any:
+    try:
+        return int(cell)
+    except ValueError:
+        pass
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 def _rows(value: Any, key: str) -> tuple[list[list[Any]], list[str] | None]:

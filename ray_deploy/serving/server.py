@@ -16,6 +16,7 @@ it, callers do not.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import hashlib
 import logging
@@ -31,13 +32,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from ray_deploy.errors import RayDeployError
 from ray_deploy.models.predictors.base import RequestError
 from ray_deploy.serving.config import ServingConfig, VariantConfig, gc_threshold_setting, variant_app_name
 from ray_deploy.serving.metrics import PUSH_INTERVAL_S, PrometheusExport, VariantStats, get_collector, report_devices
-from ray_deploy.serving.payload import ModelInput, parse_body, parse_model_input
+from ray_deploy.serving.payload import ModelInput, parse_body, parse_csv, parse_model_input
 from ray_deploy.serving.variant import (
     LoadedVariant,
     json_bytes,
@@ -62,6 +63,21 @@ def tune_gc(environ: Any = os.environ) -> int:
 
 
 REMOTE_ATTEMPTS = 4
+HEALTH_TIMEOUT_S = 2.0
+"""Longest ``/health`` waits for an isolated variant's app to answer."""
+
+
+def scoring_server_version() -> str:
+    """What ``GET /version`` answers: the MLflow version of the replica's environment, as
+    ``mlflow models serve`` does (MLflow clients compare it), else this package's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlflow")
+    except PackageNotFoundError:
+        from ray_deploy import __version__
+
+        return __version__
 
 
 @dataclass
@@ -123,17 +139,20 @@ def choose_variant(variants: list[LoadedVariant], request_key: str | None = None
 
 
 def to_jsonable(predictions: Any) -> Any:
-    """Predictions as plain JSON values (numpy and pandas included; NaN becomes null)."""
+    """Predictions as ``mlflow models serve`` answers them, in plain JSON values: an array as a list,
+    a DataFrame as records, a Series as the records of its one-column frame, dicts and lists with
+    numpy and pandas values inside; NaN and infinities become null (MLflow writes bare NaN, which
+    is not JSON)."""
     if type(predictions) is np.ndarray:
         kind = predictions.dtype.kind
         if kind in "iub":
             return predictions.tolist()  # plain ints or bools: nothing to replace
         if kind == "f" and predictions.size > 64 and np.isfinite(predictions).all():
             return predictions.tolist()  # (for a few values, the walk below is cheaper than numpy's check)
-    if hasattr(predictions, "to_dict") and hasattr(predictions, "columns"):
+    if hasattr(predictions, "to_frame") and hasattr(predictions, "index"):  # a pandas Series
+        predictions = predictions.to_frame().to_dict(orient="records")
+    elif hasattr(predictions, "to_dict") and hasattr(predictions, "columns"):
         predictions = predictions.to_dict(orient="records")
-    elif hasattr(predictions, "tolist"):
-        predictions = predictions.tolist()
     return _finite(predictions)
 
 
@@ -144,8 +163,16 @@ def _finite(value: Any) -> Any:
         return [_finite(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
     if isinstance(value, np.generic):
         return _finite(value.item())
+    if isinstance(value, bytes | bytearray):
+        return base64.encodebytes(value).decode("ascii")
+    if hasattr(value, "isoformat"):  # datetime, date, time, pandas Timestamp
+        return value.isoformat()
+    if hasattr(value, "tolist"):  # pandas Series, Index and the like
+        return _finite(value.tolist())
     return value
 
 
@@ -247,10 +274,28 @@ class ModelServer:
                 return json_answer({"status": "ok"})
             if path in _SCORE_PATHS:
                 return json_answer(self.describe())
+            if path in ("/ping", "/health"):
+                return await self._health()
+            if path == "/version":
+                return PlainTextResponse(scoring_server_version())
             return error_response(404, f"no route {path!r}; POST {self.config.route_prefix} to predict")
         if method != "POST":
             return error_response(405, f"method {method} not allowed; POST JSON to predict, GET to describe")
         return error_response(404, f"no route {path!r}; POST to {self.config.route_prefix} or its /invocations")
+
+    async def _health(self) -> JSONAnswer:
+        """``/ping`` and ``/health``, as ``mlflow models serve`` answers them: 200 once every variant
+        is loaded (an isolated variant: once its own app answers), else 503 naming what is not."""
+        waiting = [] if self.config is not None else ["the app's config"]
+        for variant in self.variants:
+            if isinstance(variant.predictor, RemoteVariant):
+                try:
+                    await asyncio.wait_for(variant.predictor.handle.describe.remote(), HEALTH_TIMEOUT_S)
+                except Exception as exc:
+                    waiting.append(f"{variant.label} ({variant.predictor.app_name}: {type(exc).__name__})")
+        if waiting:
+            return error_response(503, f"not ready: {', '.join(waiting)} not loaded")
+        return json_answer({"status": "ok", "variants": [v.label for v in self.variants]})
 
     def describe(self) -> dict[str, Any]:
         assert self.config is not None
@@ -281,7 +326,7 @@ class ModelServer:
         # only a failure on the server side goes on to the fallback variant.
         status, predictions, body = 500, None, _NO_BODY
         try:
-            self._check_headers(content_type, declared)
+            csv_body = self._check_headers(content_type, declared)
             message = await receive()
             chunk = message.get("body", b"")
             if (
@@ -290,9 +335,18 @@ class ModelServer:
                 or len(chunk) > self.config.max_request_bytes
             ):
                 chunk = await _receive_rest(receive, message, self.config.max_request_bytes)  # refuses what is wrong
-            body = parse_body(chunk)
-            model_input = parse_model_input(body)
-            if variant.quick and variant.payload_format == "array" and self.config.max_batch_size <= 1:
+            if csv_body:
+                model_input = parse_csv(chunk)
+                body = model_input.body
+            else:
+                body = parse_body(chunk)
+                model_input = parse_model_input(body)
+            if (
+                variant.quick
+                and variant.payload_format == "array"
+                and self.config.max_batch_size <= 1
+                and model_input.params is None
+            ):
                 raw = variant.predict_inline(model_input.to_array(variant.n_features))
             else:
                 raw = await self._predict(variant, model_input)
@@ -360,31 +414,43 @@ class ModelServer:
             except Exception:  # metrics must never break serving
                 logger.exception("ray-deploy: could not push stats")
 
-    def _check_headers(self, content_type: bytes | None, declared: bytes | None) -> None:
-        """Refuse, before reading it, a body that is not JSON or is declared too large."""
+    def _check_headers(self, content_type: bytes | None, declared: bytes | None) -> bool:
+        """Refuse, before reading it, a body that is neither JSON nor CSV (in UTF-8) or is declared
+        too large; True for a CSV body."""
         assert self.config is not None
+        csv_body = False
         if content_type is not None and content_type != b"application/json":
-            kind = content_type.decode("latin-1").split(";")[0].strip().lower()
-            if kind not in ("application/json", "") and not kind.endswith("+json"):
-                raise RequestError(f"content type {kind!r} is not supported; send Content-Type: application/json", 415)
+            kind, *parameters = (part.strip().lower() for part in content_type.decode("latin-1").split(";"))
+            csv_body = kind == "text/csv"
+            if not csv_body and kind not in ("application/json", "") and not kind.endswith("+json"):
+                raise RequestError(
+                    f"content type {kind!r} is not supported; send Content-Type: application/json or text/csv", 415
+                )
+            for parameter in parameters:
+                name, _, value = parameter.partition("=")
+                if name.strip() != "charset" or value.strip().strip('"') not in ("utf-8", "utf8"):
+                    raise RequestError(f"content type parameter {parameter!r} is not supported; send UTF-8", 415)
         limit = self.config.max_request_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(
                 f"request body is {declared.decode()} bytes; the limit is {limit} (max_request_bytes)", 413
             )
+        return csv_body
 
     def _predict(self, variant: LoadedVariant, model_input: ModelInput) -> Awaitable[Any]:
         """The variant's predictions, to await (a plain function: one coroutine less per request)."""
         if isinstance(variant.predictor, RemoteVariant):
             return variant.predictor.score(model_input.body)
         payload = variant.make_payload(model_input)
+        if model_input.params is not None:
+            return variant.predict_with_params(payload, model_input.params)
         if self.config.max_batch_size > 1 and variant.payload_format == "array":
             return self._predict_batched((variant, payload))
         return variant.predict(payload)
 
     def _answer(self, variant: LoadedVariant, model_input: ModelInput, predictions: Any) -> JSONAnswer:
         """The answer to a scored request (and its copy to the shadows, if any)."""
-        if self.shadows:
+        if self.shadows and model_input.params is None:  # a shadow would score without the params
             # The rows were checked as numbers of this width if the served variant took an array.
             checked = variant.payload_format == "array" and not isinstance(variant.predictor, RemoteVariant)
             self._queue_shadow(model_input, predictions, len(model_input.rows[0]) if checked else None)
@@ -546,7 +612,10 @@ class VariantServer:
         """Predictions for a scoring body the router has already read (RequestError on bad input)."""
         assert self.variant is not None
         model_input = parse_model_input(body)
-        return to_jsonable(await self.variant.predict(self.variant.make_payload(model_input)))
+        payload = self.variant.make_payload(model_input)
+        if model_input.params is not None:
+            return to_jsonable(await self.variant.predict_with_params(payload, model_input.params))
+        return to_jsonable(await self.variant.predict(payload))
 
     def describe(self) -> dict[str, Any]:
         assert self.variant is not None

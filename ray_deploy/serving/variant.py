@@ -7,6 +7,7 @@ Imports nothing of Serve: the deploy preflight loads variants with it on a plain
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_deploy.models.artifacts import load_model
-from ray_deploy.models.predictors import build_predictor
+from ray_deploy.models.predictors import RequestError, build_predictor
 from ray_deploy.serving.config import VariantConfig
 from ray_deploy.serving.payload import ModelInput
 
@@ -51,14 +52,17 @@ class LoadedVariant:
     # and the response headers naming the variant.
     answer_tail: bytes = field(init=False, repr=False)
     answer_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False)
-    # What the predictor takes, read once: "array" (with n_features, if known), "json" or "dataframe".
+    # What the predictor takes, read once: "array" (with n_features, if known), "json" or "dataframe";
+    # and whether its predict takes a request's "params".
     payload_format: str = field(init=False, repr=False)
     n_features: int | None = field(init=False, repr=False)
+    accepts_params: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         config = self.config
         self.payload_format = getattr(self.predictor, "payload_format", "array")
         self.n_features = getattr(self.predictor, "n_features", None)
+        self.accepts_params = takes_params(self.predictor)
         tail = {"variant": config.name}
         headers = [(VARIANT_HEADER.lower().encode(), config.name.encode())]
         if config.model_version:
@@ -90,6 +94,16 @@ class LoadedVariant:
         self.typical_s = took if self.typical_s is None else 0.8 * self.typical_s + 0.2 * took
         return result
 
+    async def predict_with_params(self, payload: Any, params: dict[str, Any]) -> Any:
+        """The predictor's answer to a request that sent ``params`` (on the prediction thread)."""
+        if not self.accepts_params:
+            raise RequestError(
+                f"variant {self.label!r} (predictor {self.config.predictor!r}) takes no params; "
+                'send the request without "params"'
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_PREDICT_THREAD, lambda: self.predictor.predict(payload, params=params))
+
     def make_payload(self, model_input: ModelInput) -> Any:
         payload_format = self.payload_format
         if payload_format == "array":
@@ -118,10 +132,22 @@ class LoadedVariant:
         }
 
 
+def takes_params(predictor: Any) -> bool:
+    """Whether ``predictor.predict`` takes a ``params`` argument (``accepts_params`` says so, or its
+    signature has one)."""
+    declared = getattr(predictor, "accepts_params", None)
+    if declared is not None:
+        return bool(declared)
+    try:
+        return "params" in inspect.signature(predictor.predict).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
 def load_variant(config: VariantConfig, cache: dict[tuple, LoadedVariant] | None = None) -> LoadedVariant:
     """Load one variant's model by reference and wrap it in its predictor (reusing a loaded one)."""
     if cache and config.identity in cache:
         return LoadedVariant(config=config, predictor=cache[config.identity].predictor)
-    model = load_model(config.model)
+    model = load_model(config.model, flavor=config.predictor)
     predictor = build_predictor(config.predictor, model, config.predictor_config, code_dir=os.getcwd())
     return LoadedVariant(config=config, predictor=predictor)

@@ -48,11 +48,11 @@ def ray_deploy(env: dict, *args: str, timeout: int = 240) -> subprocess.Complete
 def autoscaling_cluster():
     env = {**os.environ, **PORTS}
     env.pop("RAY_DEPLOY_NUM_CPUS", None)  # the config's head node type says what the head has
-    up = ray_deploy(env, "cluster", "up", "--config", str(REPO / "configs" / "cluster" / "local-autoscaling.yaml"))
-    assert up.returncode == 0, up.stderr[-3000:]
     try:
+        up = ray_deploy(env, "cluster", "up", "--config", str(REPO / "configs" / "cluster" / "local-autoscaling.yaml"))
+        assert up.returncode == 0, up.stderr[-3000:]
         yield env
-    finally:
+    finally:  # also after a failed start: a half-started head would outlive the suite
         ray_deploy(env, "cluster", "down", timeout=120)
 
 

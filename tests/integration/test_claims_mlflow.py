@@ -83,3 +83,85 @@ def test_a_registered_pyfunc_model_deploys_by_models_uri_and_answers_as_the_pyfu
     assert wrong.status_code == 400, wrong.text[:2000]
     assert "missing inputs" in wrong.json()["error"] and "'bmi'" in wrong.json()["error"], wrong.text[:2000]
     assert http.post(url, json=bodies["dataframe_split"]).status_code == 200  # and the replica keeps serving
+
+
+SHAPES_MODEL = '''
+import mlflow
+import pandas as pd
+
+
+class Shapes(mlflow.pyfunc.PythonModel):
+    """Sums each row; the "shape" param picks how the answer comes back."""
+
+    def predict(self, context, model_input, params=None):
+        total = model_input.sum(axis=1)
+        shape = (params or {}).get("shape", "array")
+        if shape == "frame":
+            return pd.DataFrame({"total": total, "double": total * 2})
+        if shape == "dict":
+            return {"total": total.to_numpy(), "rows": len(total)}
+        return total.to_numpy()
+
+
+mlflow.models.set_model(Shapes())
+'''
+
+
+def test_mlflow_scoring_clients_work_unchanged(tmp_path, write_flow, run_flow, ray_head, http):
+    """MLflow's own ScoringServerClient, pointed at an app's URL: ping, version, a DataFrame in; a
+    CSV body over plain HTTP; a pyfunc's params, and its DataFrame and dict answers, shaped as
+    `mlflow models serve` shapes them (its own encoder is the reference)."""
+    import io
+    import json
+
+    import mlflow
+    import pandas as pd
+    from mlflow.models import infer_signature
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+    from mlflow.pyfunc.scoring_server.client import ScoringServerClient
+
+    from ray_deploy import Registry
+
+    registry = Registry()
+    name = f"shapes-{uuid.uuid4().hex[:8]}"
+    code = tmp_path / "shapes_model.py"
+    code.write_text(SHAPES_MODEL)
+    table = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [0.5, 0.25, 0.125]})
+    experiment = registry.client.create_experiment(name, artifact_location=(tmp_path / "mlartifacts").as_uri())
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", registry.tracking_uri)
+        env.setenv("MLFLOW_REGISTRY_URI", registry.registry_uri)
+        with mlflow.start_run(experiment_id=experiment):
+            signature = infer_signature(table, table.sum(axis=1).to_numpy(), params={"shape": "array"})
+            mlflow.pyfunc.log_model(
+                name="model", python_model=str(code), signature=signature, registered_model_name=name
+            )
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    app = "mlflow-shapes"
+    options = f'app="{app}", model="models:/{name}/1", num_cpus=0.25'
+    done = run_flow(write_flow(tmp_path / "shapes_flow.py", "ShapesFlow", STEPS, options))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    url = f"{ray_head.http_url}/{app}"
+
+    def as_mlflow_answers(params=None):
+        written = io.StringIO()
+        predictions_to_json(pyfunc.predict(table, params=params), written)
+        return json.loads(written.getvalue())["predictions"]
+
+    client = ScoringServerClient("127.0.0.1", ray_head.http_url.rsplit(":", 1)[1])
+    client.url_prefix = url  # the app's URL instead of a server's root
+    client.ping()
+    assert client.get_version() == mlflow.__version__
+    answer = client.invoke(table)
+    assert answer.get_predictions(predictions_format="ndarray").tolist() == as_mlflow_answers()
+    for shape in ("frame", "dict"):
+        shaped = client.invoke(table, params={"shape": shape})
+        assert shaped["predictions"] == as_mlflow_answers({"shape": shape}), shape
+    assert http.get(f"{url}/health").status_code == 200
+
+    csv = http.post(f"{url}/invocations", content=table.to_csv(index=False), headers={"Content-Type": "text/csv"})
+    assert csv.status_code == 200, csv.text[:2000]
+    assert csv.json()["predictions"] == as_mlflow_answers()
+    latin = http.post(url, content=b"a,b\n1,2\n", headers={"Content-Type": "text/csv; charset=latin-1"})
+    assert latin.status_code == 415 and "UTF-8" in latin.json()["error"]
+    assert http.post(url, json={"instances": [[1.0, 2.0]], "params": "frame"}).status_code == 400

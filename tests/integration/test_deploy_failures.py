@@ -16,6 +16,8 @@ from ray_deploy import (
     DeployError,
     DeploymentSpec,
     ModelRef,
+    SpecError,
+    app_status,
     cluster_status,
     delete_app,
     deploy,
@@ -64,6 +66,20 @@ def test_tampered_model_is_refused_and_previous_keeps_serving(model_ref, serving
     load.assert_nothing_lost()
     assert served_model(http, url) == before
     assert http.post(url, json={"instances": [[1.0] * 30]}).status_code == 200
+
+
+def test_a_route_inside_another_apps_is_refused_before_anything_changes(model_ref, serving, http):
+    """An app whose route would sit inside a serving app's (and take its sub-routes' requests), or hold
+    it, is refused naming the other app; the serving app is untouched and no app is created."""
+    url, before = serving
+    for app, route, inside in ((f"{APP}-fb", f"/{APP}/feedback", APP), ("holds-all", "/", None)):
+        spec = DeploymentSpec.from_options({"app": app, "route_prefix": route, "num_cpus": 0.25})
+        with pytest.raises(SpecError, match=f"'{route}' overlaps app ") as raised:
+            deploy(spec, {"default": model_ref}, {"default": "xgboost"})
+        if inside:  # "/" holds every app's route: whichever the cluster lists first is named
+            assert f"overlaps app '{inside}' at '/{inside}'" in str(raised.value)
+        assert app not in {row["app"] for row in app_status()}
+    assert served_model(http, url) == before
 
 
 def test_unschedulable_replicas_time_out_and_previous_comes_back(model_ref, serving, http):

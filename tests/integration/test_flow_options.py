@@ -84,6 +84,54 @@ def test_with_ray_serve_is_refused_before_any_step_runs(tmp_path, write_flow, ru
     assert runs() == before
 
 
+TWO_APPS_FLOW = """
+from metaflow import FlowSpec, ray_serve, step
+
+
+class TwoAppsFlow(FlowSpec):
+    @step
+    def start(self):
+        from pathlib import Path
+        Path(MARKER).write_text("trained")
+        self.model = 1
+        self.next(self.seed)
+
+    @ray_serve(app="seed", num_cpus=0.25)
+    @step
+    def seed(self):
+        self.next(self.feedback)
+
+    @ray_serve(app="seed-feedback", route_prefix="/seed/feedback", num_cpus=0.25)
+    @step
+    def feedback(self):
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    TwoAppsFlow()
+"""
+
+
+def test_two_steps_deploying_nested_routes_are_refused_before_any_step_runs(tmp_path, run_flow):
+    marker = tmp_path / "trained.txt"
+    flow = tmp_path / "two_apps_flow.py"
+    flow.write_text(TWO_APPS_FLOW.replace("MARKER", repr(str(marker))))
+    finished = run_flow(flow)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode != 0
+    assert "Invalid @ray_serve option" in output, output[-3000:]
+    # Named from whichever of the two steps Metaflow initialises first.
+    assert (
+        "'/seed' overlaps '/seed/feedback', the route of app 'seed-feedback' deployed by step 'feedback'" in output
+        or "'/seed/feedback' overlaps '/seed', the route of app 'seed' deployed by step 'seed'" in output
+    ), output[-3000:]
+    assert not marker.exists(), "the start step ran although the routes overlap"
+
+
 CONFIG_FLOW = """
 from metaflow import Config, FlowSpec, config_expr, ray_serve, step
 

@@ -69,7 +69,7 @@ def test_predictions_become_json():
     import pandas as pd
 
     assert to_jsonable(np.array([1.5, np.nan])) == [1.5, None]
-    assert to_jsonable(pd.Series([1, 2])) == [1, 2]
+    assert to_jsonable(pd.Series([1, 2], name="score")) == [{"score": 1}, {"score": 2}]  # as MLflow answers
     assert to_jsonable(pd.DataFrame({"a": [1]})) == [{"a": 1}]
     # Arrays of every size and kind: a non-finite value anywhere becomes null, ints stay ints.
     big = np.arange(200, dtype=np.float32).reshape(100, 2) / 4
@@ -80,6 +80,39 @@ def test_predictions_become_json():
     labels = to_jsonable(np.array([0, 1, 1], dtype=np.int64))
     assert labels == [0, 1, 1] and all(type(label) is int for label in labels)
     assert to_jsonable(np.array([True, False])) == [True, False]
+
+
+def _mlflow_outputs():
+    import numpy as np
+    import pandas as pd
+
+    return {
+        "int array": np.array([0, 1, 1]),
+        "float matrix": np.array([[0.25, 0.75], [0.5, 0.5]], dtype=np.float32),
+        "string array": np.array(["setosa", "virginica"]),
+        "list": [0.5, 1.5],
+        "frame": pd.DataFrame({"label": [0, 1], "score": [0.9, 0.2]}),
+        "named series": pd.Series([0.1, 0.2], name="score"),
+        "unnamed series": pd.Series([3, 4]),
+        "dict of arrays": {"label": np.array([0, 1]), "proba": np.array([[0.1, 0.9], [0.8, 0.2]])},
+        "dict of lists": {"label": [0, 1], "text": ["a", "b"]},
+        "records with numpy values": [{"label": np.int64(1), "score": np.float32(0.5)}],
+        "bytes": [b"\x00\x01"],
+    }
+
+
+@pytest.mark.parametrize("name", list(_mlflow_outputs()))
+def test_answers_are_shaped_as_mlflow_models_serve_shapes_them(name):
+    """The same predictions, answered by `mlflow models serve` (its own encoder) and by a replica."""
+    import io
+    import json
+
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    output = _mlflow_outputs()[name]
+    written = io.StringIO()
+    predictions_to_json(output, written)
+    assert to_jsonable(output) == json.loads(written.getvalue())["predictions"]
 
 
 def test_replica_gc_threshold_is_raised_unless_told_otherwise(monkeypatch):

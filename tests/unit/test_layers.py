@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ray_deploy"
 # Higher number = higher plane. A module may import modules of its own plane or lower ones.
 PLANES = {
     "cli": 5,
+    "deployments": 5,
     "control": 4,
     "cluster": 4,
     "registry": 3,

@@ -64,7 +64,7 @@ def test_ray_deploy_help():
         assert command in shown.stdout
 
 
-def test_importing_metaflow_does_not_import_the_engine():
+def test_importing_metaflow_does_not_import_the_engine(tmp_path):
     """Metaflow loads the extension in every flow and task process, of any flow: `import metaflow`
     (and the decorator's option checks) must not pay for Ray, MLflow, numpy or the deploy engine."""
     probe = (
@@ -74,7 +74,10 @@ def test_importing_metaflow_does_not_import_the_engine():
         "print(','.join(name for name in heavy if name in sys.modules))\n"
     )
     env = {**os.environ, "USERNAME": os.environ.get("USERNAME") or "someone"}
-    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    # Run outside the checkout: with a regular install, the checkout's own metaflow_extensions on
+    # sys.path would be a second copy of the extension.
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
     assert shown.stdout.strip() == "", f"import metaflow imported {shown.stdout.strip()}"
 
 

@@ -1,8 +1,10 @@
+import re
+
 import numpy as np
 import pytest
 
 from ray_deploy.models.predictors.base import RequestError
-from ray_deploy.serving.payload import parse_body, parse_model_input
+from ray_deploy.serving.payload import parse_body, parse_csv, parse_model_input
 
 
 def rows_of(payload):
@@ -94,3 +96,43 @@ def test_numeric_rows_become_a_float_array():
     array = parse_model_input({"instances": [[1, 2.5], [-3, 0.0]]}).to_array(2)
     assert array.dtype == np.float64
     assert array.tolist() == [[1.0, 2.5], [-3.0, 0.0]]
+
+
+def test_a_csv_body_reads_as_pandas_reads_it():
+    """`mlflow models serve` reads text/csv with pandas.read_csv: a header row, then rows."""
+    import io
+
+    import pandas as pd
+
+    body = b"a,b,name\n1,2.5,x\n3,-4e-1,y\n\n"
+    parsed = parse_csv(body)
+    expected = pd.read_csv(io.BytesIO(body))
+    assert parsed.columns == list(expected.columns)
+    assert parsed.to_dataframe().equals(expected)
+    assert parsed.body == {"dataframe_split": {"columns": ["a", "b", "name"], "data": [[1, 2.5, "x"], [3, -0.4, "y"]]}}
+    assert parse_model_input(parsed.body).rows == parsed.rows  # what an isolated variant reads
+    numbers = parse_csv(b"\xef\xbb\xbfx,y\n1,2\n")  # a byte-order mark, as spreadsheets write it
+    assert numbers.columns == ["x", "y"] and numbers.to_array(2).tolist() == [[1.0, 2.0]]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"", "empty CSV body"),
+        (b"a,b\n", "has a header (a, b) but no rows"),
+        (b"a,b\n1,2\n3\n", "CSV row 2 has 1 values but the header names 2 columns"),
+        (b"a\n\xff\n", "not UTF-8"),
+    ],
+)
+def test_bad_csv_bodies(body, expected):
+    with pytest.raises(RequestError, match=re.escape(expected)) as raised:
+        parse_csv(body)
+    assert raised.value.status == 400
+
+
+def test_params_travel_with_the_rows():
+    parsed = parse_model_input({"dataframe_split": {"columns": ["a"], "data": [[1.0]]}, "params": {"k": 3}})
+    assert parsed.params == {"k": 3} and parsed.rows == [[1.0]]
+    assert parse_model_input({"instances": [[1.0]]}).params is None
+    with pytest.raises(RequestError, match="params must be a JSON object"):
+        parse_model_input({"instances": [[1.0]], "params": [1, 2]})

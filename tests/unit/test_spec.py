@@ -53,6 +53,15 @@ BAD_OPTIONS = [
     ({"model": "my-model"}, "model", "step artifact"),
     ({"route_prefix": "cancer"}, "route_prefix", "starts with '/'"),
     ({"route_prefix": "/cancer/"}, "route_prefix", "no trailing"),
+    ({"route_prefix": "/-/routes"}, "route_prefix", "Serve's own namespace"),
+    ({"route_prefix": "/-/healthz"}, "route_prefix", "Serve's own namespace"),
+    ({"route_prefix": "/v2"}, "route_prefix", "reserved for the Open Inference Protocol"),
+    ({"route_prefix": "/v2/models/cancer"}, "route_prefix", "reserved for the Open Inference Protocol"),
+    ({"route_prefix": "/a/../b"}, "route_prefix", "'.' and '..' segments"),
+    ({"route_prefix": "/a/./b"}, "route_prefix", "'.' and '..' segments"),
+    ({"route_prefix": "//x"}, "route_prefix", "empty path segment"),
+    ({"route_prefix": "/a//b"}, "route_prefix", "empty path segment"),
+    ({"app": "v2"}, "app 'v2'", "default route '/v2' is taken"),
     ({"max_batch_size": 0}, "max_batch_size", "greater than or equal to 1"),
     ({"batch_wait_timeout_s": -1}, "batch_wait_timeout_s", "greater than or equal to 0"),
     ({"deploy_timeout_s": 0}, "deploy_timeout_s", "greater than 0"),
@@ -133,3 +142,21 @@ def test_a_bad_schedule_stall_is_refused_naming_the_variable(monkeypatch, raw):
     assert SchedulingWatch().stall_s == 12.5
     monkeypatch.delenv("RAY_DEPLOY_SCHEDULE_STALL_S")
     assert SchedulingWatch().stall_s == 30.0
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "overlap"),
+    [
+        ("/seed", "/seed/feedback", True),
+        ("/seed/feedback", "/seed", True),
+        ("/seed", "/seed", True),
+        ("/", "/seed", True),
+        ("/seed", "/seedling", False),
+        ("/seed/a", "/seed/b", False),
+        ("/cancer", "/iris", False),
+    ],
+)
+def test_routes_overlap_when_one_holds_the_other(one, other, overlap):
+    from ray_deploy.spec import routes_overlap
+
+    assert routes_overlap(one, other) is overlap

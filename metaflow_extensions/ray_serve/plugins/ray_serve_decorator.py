@@ -8,7 +8,7 @@ from metaflow.metadata_provider import MetaDatum
 # Only what step_init needs is imported here: Metaflow imports this module in every flow and task
 # process (any flow's), so the engine is imported by the methods that use it.
 from ray_deploy.errors import ParityError, RayDeployError, SpecError
-from ray_deploy.spec import DeploymentSpec, option_defaults
+from ray_deploy.spec import DeploymentSpec, option_defaults, routes_overlap
 
 
 class RayServeException(MetaflowException):
@@ -48,7 +48,9 @@ class RayServeDecorator(StepDecorator):
     predictor_config : Dict[str, Any], optional, default None
         JSON-serializable config passed to the predictor, e.g. {"output": "probability"}.
     route_prefix : str, optional, default None
-        HTTP route of the app; defaults to "/<app>".
+        HTTP route of the app; defaults to "/<app>". Not under "/-/" (Serve's own) or "/v2" (the
+        Open Inference Protocol), no "." or ".." segments, and not inside another app's route
+        (or holding it): "/seed/feedback" beside "/seed" is refused, naming the other app.
     variants : Dict[str, Dict[str, Any]], optional, default None
         Several models behind one route, by name: {"xgb": {"model": "model", "weight": 50},
         "onnx": {"model": "model_onnx", "predictor": "onnx", "weight": 50, "derived_from": "xgb"}};
@@ -164,6 +166,7 @@ class RayServeDecorator(StepDecorator):
             if options.get("app") is None:
                 raise SpecError("app: required; name the Ray Serve application, e.g. @ray_serve(app='cancer')")
             self.spec = DeploymentSpec.from_options(options)
+            _check_routes_apart(flow, step_name, self.spec)
             for variant in self.spec.variants:
                 if variant.is_user_predictor:
                     from ray_deploy.models.predictors import load_predictor_class
@@ -399,6 +402,24 @@ def _attach_card(decorators):
     card = CardDecorator(attributes={"type": "ray_serve", "id": "ray_serve"}, statically_defined=False)
     card.external_init()
     decorators.append(card)
+
+
+def _check_routes_apart(flow, step_name, spec):
+    """Two @ray_serve steps of one flow that deploy different apps on overlapping routes (one inside
+    the other) are refused before any step runs; the cluster's other apps are checked at deploy."""
+    for step in flow:
+        if step.__name__ == step_name:
+            continue
+        for deco in getattr(step, "decorators", []):
+            if deco.name != "ray_serve" or not deco.attributes.get("app") or deco.attributes["app"] == spec.app:
+                continue
+            route = deco.attributes.get("route_prefix") or "/%s" % deco.attributes["app"]
+            if routes_overlap(spec.route, route):
+                raise SpecError(
+                    "route_prefix: %r overlaps %r, the route of app %r deployed by step %r of this flow "
+                    "(one route inside the other would take the other app's requests); give the apps routes "
+                    "side by side" % (spec.route, route, deco.attributes["app"], step.__name__)
+                )
 
 
 def _flow_directory(flow):

@@ -12,15 +12,16 @@ class MLflowPredictor(Predictor):
     """Calls ``PyFuncModel.predict`` with a DataFrame (column names kept when the request has them)."""
 
     payload_format = "dataframe"
+    accepts_params = True
 
     def __init__(self, model: Any, config: dict[str, Any]):
         super().__init__(model, config)
         if not callable(getattr(model, "predict", None)):
             raise PredictorError(f"predictor 'mlflow' needs an MLflow pyfunc model, got {type(model).__name__}")
 
-    def predict(self, payload: Any) -> Any:
+    def predict(self, payload: Any, params: dict[str, Any] | None = None) -> Any:
         try:
-            return self.model.predict(payload)
+            return self.model.predict(payload) if params is None else self.model.predict(payload, params=params)
         except Exception as exc:
             from mlflow.exceptions import MlflowException
 
