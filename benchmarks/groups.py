@@ -135,7 +135,18 @@ OUR_APPS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
         {"served": "onnx", "shadow": "onnx"},
     ),
     "ours_batched": ({"predictor": "onnx", "max_batch_size": None, "batch_wait_timeout_s": None}, {"default": "onnx"}),
+    "ours_mlflow": ({"predictor": "onnx"}, {"default": "onnx"}),
 }
+
+
+def our_request(spec: RowSpec, url: str, body: str) -> tuple[str, str]:
+    """Where a row of ours sends its requests, and what: the plan's JSON body at the app's URL, or
+    (``ours_mlflow``) the same row as MLflow's clients send it, to ``/invocations``."""
+    if spec.id != "ours_mlflow":
+        return url, body
+    (row,) = json.loads(body)["instances"]
+    columns = [f"f{index}" for index in range(len(row))]
+    return f"{url}/invocations", json.dumps({"dataframe_split": {"columns": columns, "data": [row]}})
 
 
 def our_spec_options(spec: RowSpec, plan: Plan) -> dict[str, Any]:
@@ -165,11 +176,12 @@ def measure_our_row(spec: RowSpec, plan: Plan, *, keep: bool) -> dict[str, Any]:
     started = time.monotonic()
     result = deploy(deployment, refs)
     deploy_s = time.monotonic() - started
-    wait_s = wait_until_answers(result.url, plan.body)
+    url, body = our_request(spec, result.url, plan.body)
+    wait_s = wait_until_answers(url, body)
     try:
-        answered = sample_answers(result.url, plan.body)
+        answered = sample_answers(url, body)
         s = plan.settings
-        points = measure_http(result.url, plan.body, concurrency=s.concurrency, seconds=s.seconds, warmup_s=s.warmup_s)
+        points = measure_http(url, body, concurrency=s.concurrency, seconds=s.seconds, warmup_s=s.warmup_s)
     finally:
         if not keep:
             delete_app(deployment.app)

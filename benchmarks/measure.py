@@ -24,25 +24,104 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
+WRK_GENERATOR_ENV = "RAY_DEPLOY_BENCH_GENERATOR"
+"""``wrk`` (the default when it is installed) or ``python`` (``benchmarks.loadgen``)."""
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = [==[BODY]==]
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"wrk": 1, "requests": %d, "duration_us": %d, "status": %d, "connect": %d, "read": %d, "write": %d, ' ..
+    '"timeout": %d, "p50_us": %d, "p99_us": %d}\\n',
+    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def load_generator() -> str:
+    """The generator the harness drives: ``wrk`` (a C load generator, on its own core) when it is
+    installed, unless ``RAY_DEPLOY_BENCH_GENERATOR=python``; else the Python ``benchmarks.loadgen``."""
+    import shutil
+
+    wanted = os.environ.get(WRK_GENERATOR_ENV, "wrk")
+    if wanted not in ("wrk", "python"):
+        raise ValueError(f"{WRK_GENERATOR_ENV}={wanted!r}: expected 'wrk' or 'python'")
+    return "wrk" if wanted == "wrk" and shutil.which("wrk") else "python"
+
+
 def measure_http(url: str, body: str, *, concurrency: tuple[int, ...], seconds: float, warmup_s: float) -> list[dict]:
-    """A point per concurrency level, one after the other, from one ``benchmarks.loadgen`` process."""
+    """A point per concurrency level, one after the other; each says which generator measured it
+    (``generator``) and the share of one core that generator used (``generator_cpu``)."""
+    if load_generator() == "wrk":
+        return [_measure_wrk(url, body, level, seconds, warmup_s) for level in concurrency]
     command = [sys.executable, "-m", "benchmarks.loadgen", url]
     command += ["--concurrency", ",".join(map(str, concurrency)), "--seconds", f"{seconds:g}"]
     command += ["--warmup", f"{warmup_s:g}", "--body", body]
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        cwd=str(REPO),
-        env=_subprocess_env(),
-        timeout=len(concurrency) * (seconds + warmup_s) + LOADGEN_SLACK_S,
-        check=False,
-    )
+    result, cpu, wall = _run_timed(command, timeout=len(concurrency) * (seconds + warmup_s) + LOADGEN_SLACK_S)
     points = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or len(points) != len(concurrency):
         tail = (result.stderr or result.stdout).strip()[-1500:]
         raise RuntimeError(f"loadgen exited with {result.returncode} against {url}: {tail}")
-    return points
+    return [{**point, "generator": "python", "generator_cpu": round(cpu / wall, 3)} for point in points]
+
+
+def _run_timed(command: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``command``; its result, the CPU seconds it used (user + system) and its wall time."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=str(REPO), env=_subprocess_env(), timeout=timeout, check=False
+    )
+    wall = max(1e-9, time.monotonic() - started)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return result, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+
+
+def _measure_wrk(url: str, body: str, concurrency: int, seconds: float, warmup_s: float) -> dict:
+    """One point from ``wrk`` (one thread: the generator takes at most one core), after a warm-up run."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(_WRK_SCRIPT.replace("BODY", body))
+    try:
+        base = ["wrk", "-t1", f"-c{concurrency}", "--timeout", "10s", "-s", script.name]
+        if warmup_s > 0:
+            _run_timed([*base, f"-d{max(1, round(warmup_s))}s", url], timeout=warmup_s + LOADGEN_SLACK_S)
+        result, cpu, wall = _run_timed([*base, f"-d{max(1, round(seconds))}s", url], timeout=seconds + LOADGEN_SLACK_S)
+    finally:
+        os.unlink(script.name)
+    if result.returncode != 0:
+        raise RuntimeError(f"wrk exited with {result.returncode} against {url}: {result.stderr.strip()[-1500:]}")
+    return {**wrk_point(result.stdout, concurrency), "generator": "wrk", "generator_cpu": round(cpu / wall, 3)}
+
+
+def wrk_point(output: str, concurrency: int) -> dict:
+    """A point, in ``benchmarks.loadgen``'s shape, from the summary line our wrk script prints."""
+    line = next((text for text in output.splitlines() if text.startswith('{"wrk"')), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary: {output.strip()[-1500:]}")
+    summary = json.loads(line)
+    errors = {kind: summary[kind] for kind in ("status", "connect", "read", "write", "timeout") if summary[kind]}
+    failed = sum(errors.values())
+    window = max(1e-9, summary["duration_us"] / 1e6)
+    ok = summary["requests"] - summary["status"]
+    return {
+        "concurrency": concurrency,
+        "seconds": round(window, 3),
+        "sent": summary["requests"] + failed - summary["status"],
+        "ok": ok,
+        "failed": failed,
+        "errors": {("HTTP non-2xx" if kind == "status" else kind): count for kind, count in errors.items()},
+        "rps": round(ok / window, 1),
+        "p50_ms": round(summary["p50_us"] / 1000, 3) if ok else None,
+        "p99_ms": round(summary["p99_us"] / 1000, 3) if ok else None,
+    }
 
 
 def wait_until_answers(url: str, body: str, timeout_s: float = READY_TIMEOUT_S) -> float:

@@ -104,6 +104,13 @@ ROWS = (
         "(every request is also scored by the shadow, after the answer is sent).",
     ),
     RowSpec(
+        "ours_mlflow",
+        "ours, MLflow /invocations",
+        "default",
+        "the 'ours' app asked as MLflow's scoring clients ask it: POST <app>/invocations with the same row "
+        'as {"dataframe_split": {"columns": [...], "data": [[...]]}} (named columns).',
+    ),
+    RowSpec(
         "ours_batched",
         "ours, batching on",
         "default",

@@ -76,6 +76,9 @@ RATIOS = (
     Ratio("ab_vs_ours", "A/B 50/50 / ours one variant", "ours_ab", "ours", target=0.85),
     Ratio("shadow_p50_cost", "shadow p50 cost (p50 increase)", "ours_shadow", "ours", metric="p50_cost", target=0.10),
     Ratio("batching_gain", "batching gain (batching on / off)", "ours_batched", "ours"),
+    Ratio(
+        "mlflow_path_vs_json", "MLflow /invocations (dataframe_split) / ours JSON", "ours_mlflow", "ours", target=0.9
+    ),
     Ratio("ab_xgb_vs_ours", "A/B XGBoost vs ONNX / ours one variant", "ours_ab_xgb", "ours"),
     Ratio("ours_vs_handwritten_direct", "ours / hand-written, both on our data path", "ours", "handwritten_direct"),
     Ratio("ours_vs_ours_proxy", "ours / ours on Serve's default path", "ours", "ours_proxy"),
@@ -160,8 +163,10 @@ def _ratio_text(ratio: dict[str, Any], c: int) -> str:
 
 
 def results_table(rows: list[dict[str, Any]], concurrency: tuple[int, ...]) -> list[str]:
-    head = "| row | " + " | ".join(f"c={c} req/s | c={c} p50 ms | c={c} p99 ms" for c in concurrency) + " |"
-    lines = [head, "|---|" + "---:|" * (3 * len(concurrency))]
+    """Requests/s, p50 and p99 per concurrency; beside each rate, the share of one core its load
+    generator used (a generator near a full core measures itself as much as the server)."""
+    head = "| row | " + " | ".join(f"c={c} req/s (gen. CPU) | c={c} p50 ms | c={c} p99 ms" for c in concurrency)
+    lines = [head + " |", "|---|" + "---:|" * (3 * len(concurrency))]
     for row in rows:
         cells = []
         for c in concurrency:
@@ -170,7 +175,9 @@ def results_table(rows: list[dict[str, Any]], concurrency: tuple[int, ...]) -> l
                 cells += ["error" if row.get("error") else "n/a", "", ""]
                 continue
             failed = f" ({point['failed']} failed)" if point.get("failed") else ""
-            cells += [_number(point.get("rps")) + failed, _ms(point.get("p50_ms")), _ms(point.get("p99_ms"))]
+            share = point.get("generator_cpu")
+            rate = _number(point.get("rps")) + (f" ({share:.0%})" if share is not None else "") + failed
+            cells += [rate, _ms(point.get("p50_ms")), _ms(point.get("p99_ms"))]
         lines.append(f"| {row['title']} | " + " | ".join(cells) + " |")
     return lines
 
@@ -197,6 +204,7 @@ def machine_lines(machine: dict[str, Any]) -> list[str]:
         f"at end {load.get('end')}",
         f"- {machine.get('platform', '')}; {versions}",
         f"- git: {machine.get('git', '?')}",
+        f"- load generator: {machine.get('generator', 'benchmarks/loadgen.py (Python)')}",
     ]
 
 
@@ -271,8 +279,9 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         "",
         "## Results",
         "",
-        f"Closed-loop load from `benchmarks/loadgen.py` (HTTP/1.1 keep-alive, one process, on the same "
-        f"machine): {settings['seconds']:g} s per point after {settings['warmup_s']:g} s of warm-up; "
+        f"Closed-loop load from {results.get('machine', {}).get('generator', '`benchmarks/loadgen.py`')} "
+        f"(HTTP/1.1 keep-alive, on the same machine; its CPU share of one core beside each rate): "
+        f"{settings['seconds']:g} s per point after {settings['warmup_s']:g} s of warm-up; "
         + (
             f"every group ran {settings['repeat']} times, rounds interleaved, and each point is its median "
             "round by requests/s (every round's requests/s is in the JSON, `rounds_rps`); "

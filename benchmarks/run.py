@@ -92,6 +92,22 @@ def describe_machine() -> dict[str, Any]:
     }
 
 
+def generator_description() -> str:
+    """Which load generator the points come from, said plainly (and how to get wrk when missing)."""
+    from benchmarks.measure import WRK_GENERATOR_ENV, load_generator
+
+    if load_generator() == "wrk":
+        shown = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10)
+        version = (shown.stdout or shown.stderr).split("[")[0].strip() or "wrk"
+        return f"{version} (C, one thread: one core at most)"
+    if os.environ.get(WRK_GENERATOR_ENV) == "python":
+        return f"benchmarks/loadgen.py (Python, one process; {WRK_GENERATOR_ENV}=python)"
+    return (
+        "benchmarks/loadgen.py (Python, one process): wrk is not installed "
+        "(apt-get install -y wrk); a Python generator competes with the server for the cores"
+    )
+
+
 def git_description() -> str:
     try:
         commit = subprocess.run(
@@ -296,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     started = time.monotonic()
     machine = describe_machine()
+    machine["generator"] = generator_description()
+    progress(f"load generator: {machine['generator']}")
     progress(f"{settings.mode}: rows {', '.join(settings.rows)} at c={settings.concurrency}; work dir {workdir}")
     plan, model = prepare_plan(settings, workdir)
     rounds: list[list[dict[str, Any]]] = []

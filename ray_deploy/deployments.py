@@ -92,9 +92,12 @@ class RayServeDeploymentClient(BaseDeploymentClient):
         _no_endpoint(endpoint)
         current = self.get_deployment(name)
         config = dict(config or {})
-        if model_uri is None and "variants" not in config:
-            served = [v for v in current["variants"] if not v.get("shadow")]
-            model_uri = max(served, key=lambda v: v["weight"])["model_uri"]
+        if "variants" not in config:
+            if model_uri is None:
+                served = [v for v in current["variants"] if not v.get("shadow")]
+                model_uri = max(served, key=lambda v: v["weight"])["model_uri"]
+            if flavor is None and "predictor" not in config:
+                flavor = current["flavor"]  # an update keeps the flavor it is served in
         return self._deploy(name, model_uri, flavor, config)
 
     def delete_deployment(self, name, config=None, endpoint=None):

@@ -38,7 +38,7 @@ from ray_deploy.control.lock import app_lock
 from ray_deploy.control.phases import ACTIVE, IN_PROGRESS, check_move
 from ray_deploy.control.rollout import Plan
 from ray_deploy.errors import DeployError, LineageError, RayDeployError, RolloutStateError, SpecError
-from ray_deploy.models.artifacts import ModelRef, without_credentials
+from ray_deploy.models.artifacts import ModelRef, fetch_mlflow_model, mlflow_uris, without_credentials
 from ray_deploy.progress import report
 from ray_deploy.registry.history import Action
 from ray_deploy.registry.lineage import LineageSource, Registry, VersionRef, recorded_at, tracking_uri, who
@@ -334,13 +334,21 @@ def _put_back(target: LiveApp, before: LiveApp | None) -> None:
 
 
 def _resolvable(ref: ModelRef) -> ModelRef:
-    """An MLflow reference made to resolve where it was made: against this process's tracking
-    store and registry, not MLflow's default on the replica (an empty store in its directory)."""
-    if ref.kind != "mlflow" or ref.tracking_uri:
+    """An MLflow reference made to resolve where it was made (against this process's tracking
+    store and registry, not MLflow's default on the replica: an empty store in its directory),
+    pinned to a version (``models:/name@alias`` -> ``models:/name/N``: an alias that moves later
+    moves no replica) and to the sha256 of its files, checked wherever it is loaded."""
+    if ref.kind != "mlflow":
         return ref
-    return ModelRef.model_validate(
-        {**ref.model_dump(), "tracking_uri": tracking_uri(), "registry_uri": default_registry_uri()}
-    )
+    update = {} if ref.tracking_uri else {"tracking_uri": tracking_uri(), "registry_uri": default_registry_uri()}
+    pinned = ref.model_copy(update=update)
+    with mlflow_uris(pinned.tracking_uri, pinned.registry_uri):
+        if pinned.uri.startswith("models:/") and "@" in pinned.uri:
+            registry = Registry(pinned.tracking_uri, pinned.registry_uri)
+            pinned = pinned.model_copy(update={"uri": registry.resolve(pinned.uri).uri})
+        if pinned.sha256 is None:
+            pinned = pinned.model_copy(update={"sha256": fetch_mlflow_model(pinned)[1]})
+    return ModelRef.model_validate(pinned.model_dump())
 
 
 def _in_background(work: Callable[[], Any]) -> Future:

@@ -24,6 +24,7 @@ import os
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse, urlunparse
 
@@ -155,8 +156,9 @@ rather than as a pyfunc."""
 
 
 def load_model(ref: ModelRef, flavor: str | None = None) -> Any:
-    """Load the model a reference points at (hash checked first for Metaflow artifacts); an MLflow
-    model as a pyfunc, or in ``flavor`` (one of ``MLFLOW_FLAVORS``) for the predictor of that name."""
+    """Load the model a reference points at, hash checked first: a Metaflow artifact's bytes, or an
+    MLflow model's files (as a pyfunc, or in ``flavor``, one of ``MLFLOW_FLAVORS``, for the
+    predictor of that name)."""
     if ref.kind == "mlflow":
         try:
             import mlflow.pyfunc
@@ -164,13 +166,19 @@ def load_model(ref: ModelRef, flavor: str | None = None) -> Any:
             raise ArtifactError(f"{ref.uri}: loading MLflow models needs mlflow: pip install mlflow") from None
         # Resolved against the registry the reference was made with; MLflow's own default would be
         # a new, empty store in the replica's working directory.
-        with _mlflow_uris(ref.tracking_uri, ref.registry_uri):
+        with mlflow_uris(ref.tracking_uri, ref.registry_uri):
+            local, actual = fetch_mlflow_model(ref)
+            if ref.sha256 is not None and actual != ref.sha256:
+                raise ArtifactError(
+                    f"{ref.uri}: sha256 mismatch, recorded {ref.sha256} at deploy but its files hash to {actual}; "
+                    "the model's files changed since it was deployed"
+                )
             if flavor not in MLFLOW_FLAVORS:
-                return mlflow.pyfunc.load_model(ref.uri)
+                return mlflow.pyfunc.load_model(str(local))
             import importlib
 
             try:
-                return importlib.import_module(f"mlflow.{flavor}").load_model(ref.uri)
+                return importlib.import_module(f"mlflow.{flavor}").load_model(str(local))
             except Exception as exc:
                 raise ArtifactError(
                     f"{ref.uri}: cannot load it in the {flavor!r} flavor ({type(exc).__name__}: {exc}); "
@@ -187,6 +195,47 @@ def load_model(ref: ModelRef, flavor: str | None = None) -> Any:
         ) from exc
 
 
+MLFLOW_MODEL_CACHE = "ray-deploy-mlflow-models"
+"""Directory under the temp dir holding fetched MLflow models, one per content hash."""
+
+
+def fetch_mlflow_model(ref: ModelRef) -> tuple[Path, str]:
+    """The MLflow model's files on this machine and their sha256 (see ``directory_sha256``), fetched
+    once per content: ``<tmp>/ray-deploy-mlflow-models/<sha256>`` (MLflow's URIs must be set)."""
+    import shutil
+    import tempfile
+
+    import mlflow.artifacts
+
+    cache = Path(tempfile.gettempdir()) / MLFLOW_MODEL_CACHE
+    if ref.sha256 and (cache / ref.sha256).is_dir() and directory_sha256(cache / ref.sha256) == ref.sha256:
+        return cache / ref.sha256, ref.sha256
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="fetch-", dir=cache))
+    try:
+        fetched = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.uri, dst_path=str(staging)))
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ArtifactError(f"{ref.uri}: cannot fetch the model's files ({type(exc).__name__}: {exc})") from exc
+    sha256 = directory_sha256(fetched)
+    final = cache / sha256
+    try:
+        fetched.rename(final)
+    except OSError:  # another process put the same files there first
+        pass
+    shutil.rmtree(staging, ignore_errors=True)
+    return final, sha256
+
+
+def directory_sha256(directory: Path) -> str:
+    """sha256 over every file under ``directory``: its path relative to it, then its bytes, in path order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(directory).as_posix().encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _read_blob(store: Any, key: str, where: str) -> bytes:
     try:
         for _, blob in store.load_blobs([key]):
@@ -197,7 +246,7 @@ def _read_blob(store: Any, key: str, where: str) -> bytes:
 
 
 @contextmanager
-def _mlflow_uris(tracking: str | None, registry: str | None) -> Iterator[None]:
+def mlflow_uris(tracking: str | None, registry: str | None) -> Iterator[None]:
     """MLflow's process-wide URIs set for a load, then put back as they were (MLflow resolves
     ``models:/`` with its global registry URI whatever URIs are passed to it, and mirrors its
     globals into the environment, which ray-deploy reads)."""

@@ -271,6 +271,7 @@ class Registry:
         client = self.client
         tags = {
             "mlflow.source_uri": ref.uri,
+            "ray_deploy.model_sha256": ref.sha256 or "",
             "ray.variant": variant,
             "ray_deploy.predictor": predictor,
             "ray_deploy.status": "registered",

@@ -114,7 +114,8 @@ def _version_hops(registry: Registry, version: VersionRef, expected: ModelRef | 
     tags = _tags(registry, version)
     if tags is None:
         return [Hop("model_version", str(version), False, f"not found in {registry.registry_uri}")]
-    recorded_sha = tags.get("metaflow.artifact_sha256", "")
+    # An MLflow model deployed by the MLflow deployments target records the sha256 of its files.
+    recorded_sha = tags.get("ray_deploy.model_sha256") or tags.get("metaflow.artifact_sha256", "")
     problems = []
     if expected is not None and expected.sha256 and recorded_sha != expected.sha256:
         problems.append(f"records sha256 {recorded_sha[:12]} but the app serves {expected.sha256[:12]}")

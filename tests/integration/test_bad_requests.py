@@ -19,7 +19,9 @@ BAD_REQUESTS = [
     ("NaN literal", {"content": b'{"instances": [[NaN]]}'}, 400, "contains NaN"),
     ("unknown key", {"json": {"rows": [ROW]}}, 400, "unknown top-level key"),
     ("flat row", {"json": {"instances": ROW}}, 400, "wrap a single row"),
-    ("wrong content type", {"content": b"a,b", "headers": {"Content-Type": "text/csv"}}, 415, "text/csv"),
+    ("wrong content type", {"content": b"<a/>", "headers": {"Content-Type": "application/xml"}}, 415, "text/csv"),
+    ("CSV with no rows", {"content": b"a,b", "headers": {"Content-Type": "text/csv"}}, 400, "no rows"),
+    ("CSV in latin-1", {"content": b"a\n1", "headers": {"Content-Type": "text/csv; charset=latin-1"}}, 415, "UTF-8"),
     ("oversized body", {"content": b'{"instances": [' + b"[1.0]," * 2_000_000 + b"[1.0]]}"}, 413, "max_request_bytes"),
     (
         "deeply nested",

@@ -9,6 +9,7 @@ conftest puts its own ports into this process's environment).
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,9 @@ def test_smoke_run_measures_every_row_and_writes_reports(tmp_path):
         assert row["points"], row["id"]
         for point in row["points"]:
             assert point["ok"] > 0 and point["failed"] == 0, (row["id"], point)
+            if row["id"] != "inprocess":  # HTTP points say which generator measured them, and its CPU
+                assert point["generator"] == ("wrk" if shutil.which("wrk") else "python"), point
+                assert 0 < point["generator_cpu"] <= 1.5, point
     assert [point["concurrency"] for point in rows["ours"]["points"]] == [1]
     assert rows["ours"]["url"].startswith("http://127.0.0.1:8089/")
     assert rows["ours"]["answers"]["variants"] == {"default": rows["ours"]["answers"]["variants"]["default"]}
@@ -61,6 +65,7 @@ def test_smoke_run_measures_every_row_and_writes_reports(tmp_path):
 
     report = markdown.read_text()
     assert "| ours, 1 variant |" in report and "## Machine" in report
+    assert "- load generator: " in report and "gen. CPU" in report
     if importlib.util.find_spec("matplotlib") is not None:
         assert plot.is_file() and plot.read_bytes().startswith(b"\x89PNG")
         assert "](bench.png)" in report

@@ -71,8 +71,8 @@ def test_mlflow_deployments_create_predict_update_and_delete(xgboost_versions, t
         "-C", "num_replicas=2", "-C", "num_cpus=0.25", env=env,
     )  # fmt: skip
     assert created.returncode == 0, (created.stdout + created.stderr)[-4000:]
-    again = mlflow_cli("create", "-t", "ray-serve", "--name", APP, "-m", f"models:/{name}/1", env=env)
-    assert again.returncode != 0 and "already exists" in again.stderr, again.stderr[-2000:]
+    with pytest.raises(MlflowException, match="already exists"):
+        client.create_deployment(APP, f"models:/{name}/1")
 
     deployment = client.get_deployment(APP)
     (variant,) = deployment["variants"]
@@ -105,12 +105,10 @@ def test_mlflow_deployments_create_predict_update_and_delete(xgboost_versions, t
 
     # update: version 2 as a canary, promoted by its gates; then an A/B split of both versions.
     rollout = json.dumps({"strategy": "canary", "steps": [50, 100], "interval_s": 1})
-    updated = client.update_deployment(
-        APP, model_uri=f"models:/{name}/2", flavor="xgboost", config={"rollout": rollout}
-    )
+    updated = client.update_deployment(APP, model_uri=f"models:/{name}/2", config={"rollout": rollout})
     assert updated["rollout"]["state"] == "promoted", updated["rollout"]
     (variant,) = client.get_deployment(APP)["variants"]
-    assert variant["model_uri"] == f"models:/{name}/2"
+    assert (variant["model_uri"], variant["predictor"]) == (f"models:/{name}/2", "xgboost")  # the flavor kept
     assert client.predict(APP, rows)["predictions"] == expected[2]
     split = {
         "v1": {"model": f"models:/{name}/1", "predictor": "xgboost", "weight": 50},
@@ -146,8 +144,9 @@ def test_mlflow_deployments_create_predict_update_and_delete(xgboost_versions, t
 
     local = mlflow_cli("run-local", "-t", "ray-serve", "--name", f"{APP}-local", "-m", f"models:/{name}/1", env=env)
     assert local.returncode == 0 and f"/{APP}-local" in local.stdout, local.stdout + local.stderr
-    for gone in (APP, f"{APP}-local"):
-        deleted = mlflow_cli("delete", "-t", "ray-serve", "--name", gone, env=env)
-        assert deleted.returncode == 0, deleted.stderr[-2000:]
+    deleted = mlflow_cli("delete", "-t", "ray-serve", "--name", APP, env=env)
+    assert deleted.returncode == 0, deleted.stderr[-2000:]
+    client.delete_deployment(f"{APP}-local")
+    assert not {APP, f"{APP}-local"} & {d["name"] for d in client.list_deployments()}
     with pytest.raises(MlflowException, match=f"no deployment '{APP}'"):
         client.get_deployment(APP)
