@@ -37,6 +37,8 @@ lint: install
 # workers, each with a Ray head of its own (tests/conftest.py).
 TEST_WORKERS ?= 0
 test: lint
+	@# KServe's REST client runs from a venv of its own (its pins do not fit ours): built once, cached.
+	$(PY) tests/integration/kserve_venv.py
 	$(VENV)/bin/pytest tests --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 unit: install

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from benchmarks.measure import REPO, measure_http, measure_inprocess, wait_until_answers
 from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, Plan, RowSpec
@@ -136,15 +137,21 @@ OUR_APPS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     ),
     "ours_batched": ({"predictor": "onnx", "max_batch_size": None, "batch_wait_timeout_s": None}, {"default": "onnx"}),
     "ours_mlflow": ({"predictor": "onnx"}, {"default": "onnx"}),
+    "ours_oip": ({"predictor": "onnx"}, {"default": "onnx"}),
 }
 
 
 def our_request(spec: RowSpec, url: str, body: str) -> tuple[str, str]:
     """Where a row of ours sends its requests, and what: the plan's JSON body at the app's URL, or
-    (``ours_mlflow``) the same row as MLflow's clients send it, to ``/invocations``."""
-    if spec.id != "ours_mlflow":
+    the same row as MLflow's clients send it, to ``/invocations`` (``ours_mlflow``), or as an Open
+    Inference Protocol client sends it, to ``/v2/models/<app>/infer`` at the server's root (``ours_oip``)."""
+    if spec.id not in ("ours_mlflow", "ours_oip"):
         return url, body
     (row,) = json.loads(body)["instances"]
+    if spec.id == "ours_oip":
+        root = url[: -len(urlsplit(url).path)] if urlsplit(url).path else url
+        tensor = {"name": "input", "shape": [1, len(row)], "datatype": "FP32", "data": row}
+        return f"{root}/v2/models/{app_name(spec)}/infer", json.dumps({"inputs": [tensor]})
     columns = [f"f{index}" for index in range(len(row))]
     return f"{url}/invocations", json.dumps({"dataframe_split": {"columns": columns, "data": [row]}})
 
@@ -206,7 +213,8 @@ def sample_answers(url: str, body: str, count: int = VARIANT_SAMPLE_REQUESTS) ->
             answer = client.post(url, content=body, headers={"Content-Type": "application/json"})
             data = answer.json()
             example = example or data
-            variants[str(data.get("variant"))] += 1
+            # An Open Inference Protocol answer names its variant in a header only.
+            variants[str(data.get("variant") or answer.headers.get("x-ray-deploy-variant"))] += 1
     return {"variants": dict(variants), "example": example}
 
 

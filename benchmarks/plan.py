@@ -111,6 +111,14 @@ ROWS = (
         'as {"dataframe_split": {"columns": [...], "data": [[...]]}} (named columns).',
     ),
     RowSpec(
+        "ours_oip",
+        "ours, Open Inference Protocol",
+        "default",
+        "the 'ours' app asked as KServe and Triton clients ask it: POST /v2/models/<app>/infer at the server's "
+        'root (the front rewrites it to the app) with the same row as {"inputs": [{"name": "input", "shape": '
+        '[1, 20], "datatype": "FP32", "data": [...]}]} (JSON tensors); the answer is a typed output tensor.',
+    ),
+    RowSpec(
         "ours_batched",
         "ours, batching on",
         "default",

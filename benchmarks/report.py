@@ -79,6 +79,9 @@ RATIOS = (
     Ratio(
         "mlflow_path_vs_json", "MLflow /invocations (dataframe_split) / ours JSON", "ours_mlflow", "ours", target=0.9
     ),
+    Ratio(
+        "oip_path_vs_json", "Open Inference Protocol infer (JSON tensors) / ours JSON", "ours_oip", "ours", target=0.9
+    ),
     Ratio("ab_xgb_vs_ours", "A/B XGBoost vs ONNX / ours one variant", "ours_ab_xgb", "ours"),
     Ratio("ours_vs_handwritten_direct", "ours / hand-written, both on our data path", "ours", "handwritten_direct"),
     Ratio("ours_vs_ours_proxy", "ours / ours on Serve's default path", "ours", "ours_proxy"),

@@ -58,7 +58,9 @@ class OperatorMove(Exception):
 class RolloutController:
     """The actor. Driving happens on a thread, so ``progress`` and ``request`` answer meanwhile."""
 
-    def __init__(self, app: str):
+    def __init__(self, app: str, warm: bool = False):
+        import ray
+
         self.app = app
         self.lines: list[str] = []
         self.outcome: dict[str, Any] | None = None
@@ -67,7 +69,12 @@ class RolloutController:
         self.thread: threading.Thread | None = None
         self.runs = 0
         # A restarted controller (its process died) picks the rollout up from the persisted phase.
-        self.resume()
+        # One started ahead of its rollout (``warm_controller``) waits to be told, and leaves if
+        # nobody tells it (the deploy failed before handing over).
+        if not warm or ray.get_runtime_context().was_current_actor_reconstructed:
+            self.resume()
+        else:
+            threading.Timer(LINGER_S, self._exit_if_idle, args=(0,)).start()
 
     def resume(self) -> int:
         """Drive the app's rollout if nobody does; returns the number of the drive now under way."""
@@ -339,11 +346,10 @@ def reconcile(live: LiveApp) -> None:
 # The client side: start, find, wait.
 
 
-def start_controller(app: str) -> Any:
-    """The app's controller (created, detached, if there is none) set to drive its rollout."""
+def _controller_actor(app: str) -> Any:
     import ray
 
-    actor = ray.remote(RolloutController).options(
+    return ray.remote(RolloutController).options(
         name=controller_name(app),
         namespace=CONTROLLER_NAMESPACE,
         lifetime="detached",
@@ -353,6 +359,20 @@ def start_controller(app: str) -> Any:
         max_concurrency=8,
         num_cpus=0,
     )
+
+
+def warm_controller(app: str) -> None:
+    """Start the app's controller process now, idle, without waiting: its seconds of start-up
+    overlap the deploy's preflight and staging instead of following them. A controller that is
+    already there is left as it is; a warm one nobody hands a rollout to leaves after ``LINGER_S``."""
+    _controller_actor(app).remote(app, warm=True)
+
+
+def start_controller(app: str) -> Any:
+    """The app's controller (created, detached, if there is none) set to drive its rollout."""
+    import ray
+
+    actor = _controller_actor(app)
     for attempt in range(10):
         handle = actor.remote(app)
         try:

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ray_deploy.cluster import ClusterInfo, connect
-from ray_deploy.control.apply import schedule_stall_s
-from ray_deploy.control.controller import controller_name, start_controller, wait_for_outcome
+from ray_deploy.control.apply import schedule_stall_s, serve_details
+from ray_deploy.control.controller import controller_name, start_controller, wait_for_outcome, warm_controller
 from ray_deploy.control.live import LiveApp, overlapping_app, plain
 from ray_deploy.control.lock import app_lock
 from ray_deploy.control.phases import ACTIVE, IN_PROGRESS, check_move
@@ -211,6 +211,8 @@ def deploy(
                     f"{cluster.address} (one route inside the other would take the other app's requests); "
                     "choose a route beside it, e.g. route_prefix='/<name>'"
                 )
+            if spec.app in (serve_details().get("applications") or {}):
+                warm_controller(spec.app)  # a release on a live app is handed to it below
             report(f"checking {len(config.variants)} model(s) on the cluster before deploying {spec.app!r} ...")
             checked = preflight(config, timeout_s=spec.deploy_timeout_s)
             versions: dict[str, VersionRef] = {}

@@ -78,6 +78,11 @@ class VariantConfig(BaseModel):
         return f"{self.name}@{self.release}" if self.release else self.name
 
     @property
+    def version_number(self) -> str | None:
+        """The registered model version's number (``cancer/3`` -> ``3``); None when unregistered."""
+        return self.model_version.rsplit("/", 1)[-1] if self.model_version else None
+
+    @property
     def identity(self) -> tuple[str, str, str, str]:
         """What must match for two entries to be the same loaded model (weights aside)."""
         import json

@@ -17,6 +17,12 @@ replicas on loopback and runs its own HAProxy on the Serve HTTP port:
   answer) is retried on another replica: callers see no error when a replica is killed;
 - when no replica of an app is up, or for paths no app claims, Serve's own proxy (moved to an
   internal port) answers, so nothing Serve does is lost;
+- the Open Inference Protocol at the server's root, where its clients call it: HAProxy answers
+  ``GET /v2/health/live``, ``/v2/health/ready`` (200 while every app has a replica that passes
+  HAProxy's check, else 503 naming an app that has none) and ``/v2`` (server metadata) itself,
+  and sends ``/v2/models/<app>[/...]`` to that app's replicas as ``<route prefix>/v2/models/<app>[/...]``
+  (the replica answers every OIP route under its app's prefix); any other ``/v2/...`` path gets a
+  404 naming the models there;
 - the front is supervised: a watchdog thread restarts a dead HAProxy with the current layout
   within a few tenths of a second, and Ray restarts a dead ``Front`` actor, which takes the
   running HAProxy's sockets over (a killed actor costs no request). ``front_problem`` says, in
@@ -41,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +102,12 @@ def head_environment(data_path: str, http_host: str) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Route:
-    """One app's route and the loopback ports that answer it."""
+    """One app's route, the loopback ports that answer it, and the app's name (the model the Open
+    Inference Protocol names at the root; empty: the app is reached under its prefix only)."""
 
     prefix: str
     ports: tuple[int, ...]
+    app: str = ""
 
 
 SLOT_BLOCK = 8
@@ -109,6 +117,18 @@ PARKED = "127.0.0.1:1"
 def backend_name(prefix: str) -> str:
     """A stable name per route, so that routes can come and go without renaming the others."""
     return "app_" + hashlib.sha1(prefix.encode()).hexdigest()[:12]
+
+
+def tracker_name(prefix: str) -> str:
+    """The backend whose servers track a route's replica slots (never sent traffic): its server
+    count, ``nbsrv``, is how many of the route's replicas pass HAProxy's check, without the Serve
+    proxy that backs each route up."""
+    return "ready_" + backend_name(prefix).removeprefix("app_")
+
+
+OIP_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""App names the front routes at ``/v2/models/<name>`` (Serve's names may hold anything; these
+are safe in a path and in HAProxy's configuration). Others are reached under their route prefix."""
 
 
 def slot_count(ports: int) -> int:
@@ -125,6 +145,7 @@ class Layout:
     """
 
     slots: dict[str, list[int | None]]
+    apps: dict[str, str] = field(default_factory=dict)  # prefix -> app name
 
     @classmethod
     def fresh(cls, routes: list[Route]) -> Layout:
@@ -132,19 +153,21 @@ class Layout:
         for route in routes:
             ports: list[int | None] = list(route.ports)
             layout[route.prefix] = ports + [None] * (slot_count(len(ports)) - len(ports))
-        return cls(layout)
+        return cls(layout, {route.prefix: route.app for route in routes})
 
     def routes(self) -> list[Route]:
         """The routes this layout serves, as ``routes_from_target_groups`` lists them."""
         return [
-            Route(prefix, tuple(sorted(port for port in slots if port is not None)))
+            Route(prefix, tuple(sorted(port for port in slots if port is not None)), self.apps.get(prefix, ""))
             for prefix, slots in sorted(self.slots.items())
         ]
 
     def fits(self, routes: list[Route]) -> bool:
-        return set(self.slots) == {route.prefix for route in routes} and all(
-            len(route.ports) <= len(self.slots[route.prefix]) for route in routes
-        )
+        """Whether replica moves alone turn this layout into ``routes``: the same routes, of the
+        same apps (names are in the configuration), each with slots enough."""
+        return {prefix: self.apps.get(prefix, "") for prefix in self.slots} == {
+            route.prefix: route.app for route in routes
+        } and all(len(route.ports) <= len(self.slots[route.prefix]) for route in routes)
 
     def moves(self, routes: list[Route]) -> list[str]:
         """Runtime API commands that turn this layout into ``routes`` (and update the layout)."""
@@ -167,11 +190,13 @@ class Layout:
         return enable + disable
 
 
-def render_config(layout: Layout, host: str, port: int, fallback_port: int, workdir: str) -> str:
+def render_config(layout: Layout, host: str, port: int, fallback_port: int, workdir: str, version: str = "") -> str:
     """HAProxy configuration: ``host:port`` in front; each route's replicas, Serve's proxy behind.
 
     Longer prefixes are matched first, as Serve does. Every replica is TCP-checked twice a
     second; when none of an app's replicas is up, Serve's proxy (a backup server) answers.
+    The Open Inference Protocol's root routes come first (``oip_rules``); ``version`` is the
+    server version ``GET /v2`` answers (by default this package's).
     """
     lines = [
         "global",
@@ -204,6 +229,12 @@ def render_config(layout: Layout, host: str, port: int, fallback_port: int, work
     for status in sorted(_ERRORS):
         lines.append(f"    errorfile {status} {workdir}/errors/{status}.http")
     lines += ["frontend serve", f"    bind {host}:{port}"]
+    # A replica refuses an oversized body (413) without reading it and closes its connection;
+    # HAProxy drops that header, keeps the client's connection open, and 1 in 30 to 150 such
+    # clients' next request on it hung until their timeout (measured, HAProxy 2.8 before
+    # uvicorn). Passed on, the client opens a new connection: 1,200 in a row answered.
+    lines.append("    http-response set-header connection close if { status 413 }")
+    lines += oip_rules(layout, version)
     ordered = sorted(layout.slots, key=lambda prefix: (-len(prefix.rstrip("/")), prefix))
     for prefix in ordered:
         backend, bare = backend_name(prefix), prefix.rstrip("/")
@@ -222,7 +253,87 @@ def render_config(layout: Layout, host: str, port: int, fallback_port: int, work
             else:
                 lines.append(f"    server r{index} 127.0.0.1:{slot} check")
         lines.append(f"    server proxy 127.0.0.1:{fallback_port} backup")
+    for prefix in ordered:  # moved in and out of maintenance with the slots they track
+        lines.append(f"backend {tracker_name(prefix)}")
+        backend = backend_name(prefix)
+        lines += [
+            f"    server r{index} {PARKED} track {backend}/r{index}" for index in range(len(layout.slots[prefix]))
+        ]
     return "\n".join(lines) + "\n"
+
+
+def oip_rules(layout: Layout, version: str = "") -> list[str]:
+    """The frontend's rules for the Open Inference Protocol at the root (see the module docstring).
+
+    Server readiness: every route has a replica that passes HAProxy's check (its tracker backend
+    counts them), so a server with no apps is ready, and one app with no replica up makes it
+    503. HAProxy answers these itself; an app's own readiness, its isolated variants included, is
+    ``/v2/models/<app>/ready``, answered by its replicas.
+    """
+    from ray_deploy.serving.oip import server_metadata
+
+    if not version:
+        from ray_deploy import __version__ as version
+    metadata = server_metadata(version)
+    models = {prefix: app for prefix, app in sorted(layout.apps.items()) if OIP_MODEL_NAME.fullmatch(app or "")}
+    listed = ", ".join(sorted(models.values())) or "none"
+    lines = [
+        "    acl oip_server path /v2 /v2/",
+        "    acl oip_health path /v2/health/live /v2/health/ready",
+        "    http-request return status 405 content-type application/json string "
+        + _config_string(json.dumps({"error": "method not allowed; use GET"}))
+        + " if oip_server !METH_GET || oip_health !METH_GET",
+        "    http-request return status 200 content-type application/json string "
+        + _config_string(json.dumps({"live": True}))
+        + " if { path /v2/health/live }",
+    ]
+    for prefix in sorted(layout.slots):
+        name = layout.apps.get(prefix) or prefix
+        message = json.dumps({"error": f"not ready: app {name} (route {prefix}) has no replica up"})
+        lines.append(
+            f"    http-request return status 503 content-type application/json string {_config_string(message)}"
+            f" if {{ path /v2/health/ready }} {{ nbsrv({tracker_name(prefix)}) lt 1 }}"
+        )
+    lines += [
+        "    http-request return status 200 content-type application/json string "
+        + _config_string(json.dumps({"ready": True}))
+        + " if { path /v2/health/ready }",
+        "    http-request return status 200 content-type application/json string "
+        + _config_string(json.dumps(metadata))
+        + " if oip_server",
+    ]
+    root_model = None
+    for prefix, app in models.items():
+        acl = f"oip_{backend_name(prefix)}"
+        lines.append(f"    acl {acl} path /v2/models/{app}")
+        lines.append(f"    acl {acl} path_beg /v2/models/{app}/")
+        if prefix.rstrip("/"):
+            lines.append(f"    http-request set-path {prefix.rstrip('/')}%[path] if {acl}")
+        else:  # the root app: its paths stay as they are
+            root_model = acl
+    unclaimed = f" !{root_model}" if root_model else ""
+    no_model = (
+        '{"error": "no model \'%[path,field(4,/),json(utf8s)]\' on this server; '
+        f'its models: {listed} (GET /v2/models/<name> for one)"}}'
+    )
+    no_route = (
+        '{"error": "no Open Inference Protocol route %[path,json(utf8s)]; routes are GET /v2, '
+        '/v2/health/live, /v2/health/ready, /v2/models/<name>[/versions/<v>][/ready], POST .../infer"}'
+    )
+    lines += [
+        "    http-request return status 404 content-type application/json lf-string "
+        + _config_string(no_model)
+        + f" if {{ path_beg /v2/models/ }}{unclaimed}",
+        "    http-request return status 404 content-type application/json lf-string "
+        + _config_string(no_route)
+        + f" if {{ path_beg /v2/ }}{unclaimed}",
+    ]
+    return lines
+
+
+def _config_string(text: str) -> str:
+    """``text`` as one double-quoted word of HAProxy's configuration."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def write_error_files(error_dir: Path) -> None:
@@ -239,13 +350,15 @@ def write_error_files(error_dir: Path) -> None:
 def routes_from_target_groups(groups: list[Any], fallback_port: int) -> list[Route]:
     """Serve's HTTP target groups (``controller.get_target_groups``) as routes to loopback ports."""
     routes: dict[str, set[int]] = {}
+    apps: dict[str, str] = {}
     for group in groups:
         protocol = getattr(group.protocol, "value", group.protocol)
         if str(protocol).upper() != "HTTP" or not group.app_name or not group.route_prefix:
             continue
         ports = routes.setdefault(group.route_prefix, set())
         ports.update(target.port for target in group.targets if target.port != fallback_port)
-    return [Route(prefix, tuple(sorted(ports))) for prefix, ports in sorted(routes.items())]
+        apps[group.route_prefix] = group.app_name
+    return [Route(prefix, tuple(sorted(ports)), apps[prefix]) for prefix, ports in sorted(routes.items())]
 
 
 class FrontState(enum.StrEnum):
@@ -493,7 +606,12 @@ class HAProxyProcess:
 def save_state(path: Path, layout: Layout, haproxy_pid: int | None) -> None:
     """What a restarted front needs: the layout HAProxy runs with, and that HAProxy (to take it over)."""
     identity = process_identity(haproxy_pid) if haproxy_pid else None
-    state = {"slots": layout.slots, "haproxy_pid": haproxy_pid, "haproxy_started": identity and identity[0]}
+    state = {
+        "slots": layout.slots,
+        "apps": layout.apps,
+        "haproxy_pid": haproxy_pid,
+        "haproxy_started": identity and identity[0],
+    }
     path.with_suffix(".tmp").write_text(json.dumps(state))
     os.replace(path.with_suffix(".tmp"), path)
 
@@ -503,7 +621,9 @@ def load_state(path: Path) -> tuple[Layout, int | None]:
     (same start time, and its command line names the configuration beside ``path``)."""
     try:
         state = json.loads(path.read_text())
-        layout = Layout({prefix: list(slots) for prefix, slots in state["slots"].items()})
+        layout = Layout(
+            {prefix: list(slots) for prefix, slots in state["slots"].items()}, dict(state.get("apps") or {})
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return Layout.fresh([]), None
     pid = state.get("haproxy_pid")

@@ -5,12 +5,23 @@ Routes, relative to the app's route prefix:
 * ``POST /`` or ``POST /invocations``: score; body and answer follow ``mlflow models serve``.
 * ``GET /``: what this app serves (variants, weights, model references, predictors).
 * ``GET /-/healthz``: 200 once the models are loaded.
+* ``GET /ping``, ``/health`` (200 once every variant is loaded) and ``/version``, as ``mlflow models serve``.
+* The Open Inference Protocol v2 (``serving.oip``), the model named after the app:
+  ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{app}[/versions/{v}][/ready]``
+  and ``POST /v2/models/{app}[/versions/{v}]/infer``, JSON tensors or the binary tensor extension.
+  A version in the path pins the request to the loaded release with that registered model version
+  number (``cancer/3`` is version ``3``) or variant label (``xgb@v3``, or ``xgb`` while one release
+  of it is loaded); unpinned, an infer request is routed like any other.
+
+Both protocols score through one path (``_score``): the variant chosen by weight (sticky with
+``X-Request-Key``) unless pinned, quick array models predicted inline, batching, shadows and the
+per-variant stats the rollout gates read.
 
 A client mistake is answered with a 4xx and ``{"error": "..."}``; the replica keeps serving.
 When a variant fails on the server side while another variant serves the same app (a canary
 beside the stable release, or an A/B split), the request is answered by the stable one (the
 largest share) and the failure is counted against the variant that failed: rollout gates see
-it, callers do not.
+it, callers do not. A request pinned to a version is answered by that version or fails.
 """
 
 from __future__ import annotations
@@ -38,6 +49,21 @@ from ray_deploy.errors import RayDeployError
 from ray_deploy.models.predictors.base import RequestError
 from ray_deploy.serving.config import ServingConfig, VariantConfig, gc_threshold_setting, variant_app_name
 from ray_deploy.serving.metrics import PUSH_INTERVAL_S, PrometheusExport, VariantStats, get_collector, report_devices
+from ray_deploy.serving.oip import (
+    PLATFORMS,
+    PREDICTIONS,
+    InferRows,
+    TensorSpec,
+    encode_infer_response,
+    mlflow_schema_specs,
+    model_metadata,
+    onnx_tensor_specs,
+    output_specs,
+    parse_infer_request,
+    parse_route,
+    row_input_specs,
+    server_metadata,
+)
 from ray_deploy.serving.payload import ModelInput, parse_body, parse_csv, parse_model_input
 from ray_deploy.serving.variant import (
     LoadedVariant,
@@ -67,6 +93,13 @@ HEALTH_TIMEOUT_S = 2.0
 """Longest ``/health`` waits for an isolated variant's app to answer."""
 
 
+def package_version() -> str:
+    """This package's version: what ``GET /v2`` answers as the server's version."""
+    from ray_deploy import __version__
+
+    return __version__
+
+
 def scoring_server_version() -> str:
     """What ``GET /version`` answers: the MLflow version of the replica's environment, as
     ``mlflow models serve`` does (MLflow clients compare it), else this package's."""
@@ -75,9 +108,7 @@ def scoring_server_version() -> str:
     try:
         return version("mlflow")
     except PackageNotFoundError:
-        from ray_deploy import __version__
-
-        return __version__
+        return package_version()
 
 
 @dataclass
@@ -206,12 +237,42 @@ class JSONAnswer(Response):
         await send({"type": "http.response.body", "body": self.body})
 
 
+class InferAnswer(JSONAnswer):
+    """An Open Inference Protocol answer: the codec's headers (its content type and, in binary, the
+    JSON header's length) instead of JSONAnswer's content type, then the variant's."""
+
+    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.body = body
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-length", str(len(body)).encode()), *headers]
+
+
 def json_answer(content: Any, status_code: int = 200) -> JSONAnswer:
     return JSONAnswer(json_bytes(content), status_code)
 
 
 def error_response(status: int, message: str) -> JSONAnswer:
-    return json_answer({"error": message}, status)
+    answer = json_answer({"error": message}, status)
+    if status == 413:  # the body was not read to its end: the connection cannot carry another request
+        answer.raw_headers.append((b"connection", b"close"))
+    return answer
+
+
+def failure_response(exc: Exception) -> JSONAnswer:
+    """The answer to a request that raised: its 4xx for a client mistake, else a 500 (logged)."""
+    if isinstance(exc, RequestError):
+        return error_response(exc.status, exc.message)
+    logger.exception("ray-deploy: prediction failed")
+    if isinstance(exc, RayDeployError):
+        return error_response(500, str(exc))
+    return error_response(500, f"prediction failed: {type(exc).__name__}: {exc}")
+
+
+def oip_version(config: VariantConfig) -> str:
+    """How the Open Inference Protocol names a variant's release: its registered model version
+    number, else its label."""
+    return config.version_number or config.label
 
 
 @serve.deployment
@@ -234,6 +295,8 @@ class ModelServer:
         self._replica = serve.get_replica_context().replica_id.unique_id
         self._prometheus = PrometheusExport()
         self._gc_threshold = tune_gc()
+        self._tensor_specs: dict[tuple, tuple[list[TensorSpec], list[TensorSpec]]] = {}
+        self._infer_path: str | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load what is new off the event loop, then switch in one step; requests keep flowing."""
@@ -246,6 +309,7 @@ class ModelServer:
         self.fallback = max(self.served, key=lambda v: v.config.weight) if len(self.served) > 1 else None
         self.shadows = [v for v in variants if v.config.shadow]
         self.config = config
+        self._infer_path = f"/v2/models/{config.app}/infer"
         local = {v.label: v.describe()["device"] for v in variants if not isinstance(v.predictor, RemoteVariant)}
         report_devices(config.app, self._replica, local, replica_placement())
         self._predict_batched.set_max_batch_size(config.max_batch_size)
@@ -261,14 +325,18 @@ class ModelServer:
         if method == "POST" and path in _SCORE_PATHS:
             try:
                 return await self._score(scope, request.receive)
-            except RequestError as exc:
-                return error_response(exc.status, exc.message)
-            except RayDeployError as exc:
-                logger.exception("ray-deploy: prediction failed")
-                return error_response(500, str(exc))
             except Exception as exc:
-                logger.exception("ray-deploy: prediction failed")
-                return error_response(500, f"prediction failed: {type(exc).__name__}: {exc}")
+                return failure_response(exc)
+        if path == self._infer_path and method == "POST":  # the common OIP request, without parsing its route
+            try:
+                return await self._score(scope, request.receive, oip=True)
+            except Exception as exc:
+                return failure_response(exc)
+        if path == "/v2" or path.startswith("/v2/"):
+            try:
+                return await self._open_inference(method, path, scope, request.receive)
+            except Exception as exc:
+                return failure_response(exc)
         if method == "GET":
             if path == "/-/healthz":
                 return json_answer({"status": "ok"})
@@ -286,16 +354,122 @@ class ModelServer:
     async def _health(self) -> JSONAnswer:
         """``/ping`` and ``/health``, as ``mlflow models serve`` answers them: 200 once every variant
         is loaded (an isolated variant: once its own app answers), else 503 naming what is not."""
+        waiting = await self._not_loaded(self.variants)
+        if waiting:
+            return error_response(503, f"not ready: {', '.join(waiting)} not loaded")
+        return json_answer({"status": "ok", "variants": [v.label for v in self.variants]})
+
+    async def _not_loaded(self, variants: list[LoadedVariant]) -> list[str]:
+        """What of ``variants`` does not answer yet (isolated variants are asked), named."""
         waiting = [] if self.config is not None else ["the app's config"]
-        for variant in self.variants:
+        for variant in variants:
             if isinstance(variant.predictor, RemoteVariant):
                 try:
                     await asyncio.wait_for(variant.predictor.handle.describe.remote(), HEALTH_TIMEOUT_S)
                 except Exception as exc:
                     waiting.append(f"{variant.label} ({variant.predictor.app_name}: {type(exc).__name__})")
+        return waiting
+
+    async def _open_inference(self, method: str, path: str, scope: dict[str, Any], receive: Any) -> Response:
+        """A request under ``/v2``: the Open Inference Protocol, the model named after the app."""
+        route = parse_route(path)
+        if method != route.method:
+            raise RequestError(f"method {method} not allowed on {path}; use {route.method}", 405)
+        if route.kind == "live":
+            return json_answer({"live": True})
+        if route.kind == "server":
+            return json_answer(server_metadata(package_version()))
+        app = self.config.app if self.config is not None else None
+        if route.model is not None and route.model != app:
+            raise RequestError(f"no model {route.model!r} here; this app serves model {app!r}", 404)
+        pinned = self._pinned(route.version) if route.version is not None else None
+        if route.kind == "infer":
+            return await self._score(scope, receive, oip=True, pinned=pinned)
+        if route.kind == "model":
+            return json_answer(await self._model_metadata(pinned))
+        waiting = await self._not_loaded(self.variants if pinned is None else [pinned])
         if waiting:
             return error_response(503, f"not ready: {', '.join(waiting)} not loaded")
-        return json_answer({"status": "ok", "variants": [v.label for v in self.variants]})
+        if route.kind == "ready":
+            return json_answer({"ready": True})
+        return json_answer({"name": app, "ready": True})
+
+    def _pinned(self, version: str) -> LoadedVariant:
+        """The loaded variant a path's version names: by registered model version number, else by
+        label, else by variant name when one release of it is loaded; 404 naming the loaded ones."""
+        variants = self.variants
+        for matches in (
+            [v for v in variants if v.config.version_number == version],
+            [v for v in variants if v.label == version],
+            [v for v in variants if v.config.name == version],
+        ):
+            if len(matches) == 1:
+                return matches[0]
+            if matches:
+                raise RequestError(
+                    f"version {version!r} names {len(matches)} loaded releases "
+                    f"({', '.join(v.label for v in matches)}); use one of their labels",
+                    404,
+                )
+        loaded = ", ".join(f"{oip_version(v.config)} ({v.label})" for v in variants) or "none"
+        raise RequestError(f"version {version!r} of model {self.config.app!r} is not loaded; loaded: {loaded}", 404)
+
+    async def _model_metadata(self, pinned: LoadedVariant | None) -> dict[str, Any]:
+        """Model metadata: every loaded version, and the platform, inputs and outputs of the pinned
+        variant (unpinned: of the one with the largest share of traffic)."""
+        assert self.config is not None
+        variant = pinned or max(self.served or self.variants, key=lambda v: v.config.weight)
+        predictor = variant.config.predictor
+        inputs, outputs = await self._specs_of(variant)
+        return model_metadata(
+            self.config.app,
+            versions=[oip_version(v.config) for v in self.variants],
+            platform=PLATFORMS.get(predictor, "python"),
+            inputs=inputs,
+            outputs=outputs,
+        )
+
+    async def _specs_of(self, variant: LoadedVariant) -> tuple[list[TensorSpec], list[TensorSpec]]:
+        """A variant's inputs and outputs, read from the model once per loaded model.
+
+        ONNX: the graph input the predictor feeds and the output it serves, as the session types
+        them (named ``predictions``, as answers name a single array). An MLflow model: its signature.
+        Models that take rows of known width: ``input`` [-1, n_features], and the outputs of one
+        prediction of a row of zeros (none, if that prediction fails)."""
+        key = variant.config.identity
+        if key in self._tensor_specs:
+            return self._tensor_specs[key]
+        predictor = variant.predictor
+        if variant.config.predictor == "onnx" and not isinstance(predictor, RemoteVariant):
+            session = predictor.session
+            (served,) = [node for node in session.get_outputs() if node.name == predictor.output_name]
+            (output,) = onnx_tensor_specs([served])
+            specs = (
+                onnx_tensor_specs(session.get_inputs()[:1]),
+                [TensorSpec(PREDICTIONS, output.datatype, output.shape)],
+            )
+        elif variant.config.predictor == "mlflow" and not isinstance(predictor, RemoteVariant):
+            signature = getattr(predictor.model.metadata, "signature", None)
+            specs = (
+                mlflow_schema_specs(signature and signature.inputs),
+                mlflow_schema_specs(signature and signature.outputs),
+            )
+        else:
+            n_features = variant.n_features
+            if isinstance(predictor, RemoteVariant):
+                described = await asyncio.wait_for(predictor.handle.describe.remote(), HEALTH_TIMEOUT_S)
+                n_features = described.get("n_features")
+            outputs = []
+            if n_features and variant.payload_format == "array":
+                zeros = [[0.0] * n_features]
+                try:
+                    probe = ModelInput(rows=zeros, columns=None, body={"instances": zeros})
+                    outputs = output_specs(await self._predict(variant, probe))
+                except Exception:
+                    logger.warning("ray-deploy: variant %s: no outputs for its metadata", variant.label, exc_info=True)
+            specs = row_input_specs(n_features), outputs
+        self._tensor_specs[key] = specs
+        return specs
 
     def describe(self) -> dict[str, Any]:
         assert self.config is not None
@@ -309,9 +483,16 @@ class ModelServer:
             "gc_threshold": self._gc_threshold,
         }
 
-    async def _score(self, scope: dict[str, Any], receive: Any) -> Response:
+    async def _score(
+        self, scope: dict[str, Any], receive: Any, *, oip: bool = False, pinned: LoadedVariant | None = None
+    ) -> Response:
+        """Score one request, in MLflow's protocol or (``oip``) the Open Inference Protocol's: the
+        variant chosen by weight (sticky with ``X-Request-Key``) unless ``pinned``, the body read
+        and parsed, predicted (inline for quick array models), answered, copied to the shadows and
+        counted against the variant; a server-side failure of an unpinned request is answered by
+        the fallback variant. The two protocols differ only in parsing and answering."""
         assert self.config is not None
-        content_type = declared = request_key = None
+        content_type = declared = request_key = header_length = encoding = None
         for name, value in scope["headers"]:  # ASGI header names are lower case
             if name == b"content-type":
                 content_type = value
@@ -319,14 +500,22 @@ class ModelServer:
                 declared = value
             elif name == b"x-request-key":
                 request_key = value.decode("latin-1")
-        served = self.served
-        variant = served[0] if len(served) == 1 else choose_variant(served, request_key)
+            elif name == b"inference-header-content-length":
+                header_length = value
+            elif name == b"content-encoding":
+                encoding = value
+        if pinned is None:
+            served = self.served
+            variant = served[0] if len(served) == 1 else choose_variant(served, request_key)
+        else:
+            variant = pinned
         started = time.perf_counter()
         # One coroutine for the common request: the body is read, checked and scored inline;
         # only a failure on the server side goes on to the fallback variant.
         status, predictions, body = 500, None, _NO_BODY
         try:
-            csv_body = self._check_headers(content_type, declared)
+            # The Open Inference Protocol reads the body by its header length, whatever its type says.
+            csv_body = self._check_headers(None if oip else content_type, declared, encoding)
             message = await receive()
             chunk = message.get("body", b"")
             if (
@@ -335,7 +524,9 @@ class ModelServer:
                 or len(chunk) > self.config.max_request_bytes
             ):
                 chunk = await _receive_rest(receive, message, self.config.max_request_bytes)  # refuses what is wrong
-            if csv_body:
+            if oip:
+                body = model_input = InferRows(parse_infer_request(chunk, header_length))
+            elif csv_body:
                 model_input = parse_csv(chunk)
                 body = model_input.body
             else:
@@ -351,7 +542,7 @@ class ModelServer:
             else:
                 raw = await self._predict(variant, model_input)
             answered = to_jsonable(raw)
-            response = self._answer(variant, model_input, answered)
+            response = self._answer(variant, model_input, answered, raw)
             status, predictions = 200, answered
             return response
         except RequestError as exc:
@@ -359,7 +550,7 @@ class ModelServer:
             raise
         except Exception:
             fallback = self.fallback
-            if fallback is None or fallback is variant or body is _NO_BODY:
+            if fallback is None or fallback is variant or body is _NO_BODY or pinned is not None:
                 raise
             logger.exception("ray-deploy: variant %s failed; answering with %s", variant.label, fallback.label)
         finally:
@@ -372,9 +563,10 @@ class ModelServer:
         """Score an already decoded body with one variant, counting the outcome against it."""
         status, predictions = 500, None
         try:
-            model_input = parse_model_input(body)
-            answered = to_jsonable(await self._predict(variant, model_input))
-            response = self._answer(variant, model_input, answered)
+            model_input = body if type(body) is InferRows else parse_model_input(body)
+            raw = await self._predict(variant, model_input)
+            answered = to_jsonable(raw)
+            response = self._answer(variant, model_input, answered, raw)
             status, predictions = 200, answered
             return response
         except RequestError as exc:
@@ -414,10 +606,14 @@ class ModelServer:
             except Exception:  # metrics must never break serving
                 logger.exception("ray-deploy: could not push stats")
 
-    def _check_headers(self, content_type: bytes | None, declared: bytes | None) -> bool:
-        """Refuse, before reading it, a body that is neither JSON nor CSV (in UTF-8) or is declared
-        too large; True for a CSV body."""
+    def _check_headers(self, content_type: bytes | None, declared: bytes | None, encoding: bytes | None) -> bool:
+        """Refuse, before reading it, a body that is neither JSON nor CSV (in UTF-8), is compressed
+        or is declared too large; True for a CSV body."""
         assert self.config is not None
+        if encoding is not None and encoding.strip().lower() != b"identity":
+            raise RequestError(
+                f"Content-Encoding {encoding.decode('latin-1')!r} is not supported; send the body uncompressed", 415
+            )
         csv_body = False
         if content_type is not None and content_type != b"application/json":
             kind, *parameters = (part.strip().lower() for part in content_type.decode("latin-1").split(";"))
@@ -448,18 +644,30 @@ class ModelServer:
             return self._predict_batched((variant, payload))
         return variant.predict(payload)
 
-    def _answer(self, variant: LoadedVariant, model_input: ModelInput, predictions: Any) -> JSONAnswer:
-        """The answer to a scored request (and its copy to the shadows, if any)."""
-        if self.shadows and model_input.params is None:  # a shadow would score without the params
+    def _answer(
+        self, variant: LoadedVariant, model_input: ModelInput | InferRows, predictions: Any, raw: Any
+    ) -> JSONAnswer:
+        """The answer to a scored request (and its copy to the shadows, if any): ``predictions`` as
+        JSON values for MLflow's protocol, ``raw`` (as the predictor returned them, typed) for the
+        Open Inference Protocol's."""
+        if type(model_input) is InferRows:
+            body, headers = encode_infer_response(
+                self.config.app, oip_version(variant.config), model_input.request, raw
+            )
+            response = InferAnswer(body, [*headers, *variant.answer_headers])
+        else:
+            # MLflow scoring clients read "predictions" and ignore the rest; "variant" and "model_version"
+            # say which model answered (also in headers, for clients that only look at those).
+            answer = b'{"predictions":' + json_bytes(predictions) + variant.answer_tail
+            response = JSONAnswer(answer, 200, variant.answer_headers)
+        # A shadow would score without the params; a request pinned to a shadow is not served traffic.
+        if self.shadows and model_input.params is None and not variant.config.shadow:
             # The rows were checked as numbers of this width if the served variant took an array.
             checked = variant.payload_format == "array" and not isinstance(variant.predictor, RemoteVariant)
             self._queue_shadow(model_input, predictions, len(model_input.rows[0]) if checked else None)
-        # MLflow scoring clients read "predictions" and ignore the rest; "variant" and "model_version"
-        # say which model answered (also in headers, for clients that only look at those).
-        answer = b'{"predictions":' + json_bytes(predictions) + variant.answer_tail
-        return JSONAnswer(answer, 200, variant.answer_headers)
+        return response
 
-    def _queue_shadow(self, model_input: ModelInput, served: Any, checked_width: int | None) -> None:
+    def _queue_shadow(self, model_input: ModelInput | InferRows, served: Any, checked_width: int | None) -> None:
         """Shadows score off the request path, in batches: the caller never waits for (or sees)
         a shadow, and a request costs the router one list append. Best effort: beyond
         ``SHADOW_QUEUE_LIMIT`` waiting requests, shadows skip requests (counted)."""
@@ -629,6 +837,7 @@ REPLICA_CODE = (
     "serving/server.py",
     "serving/config.py",
     "serving/payload.py",
+    "serving/oip.py",
     "serving/variant.py",
     "serving/metrics.py",
     "models",

@@ -1,6 +1,7 @@
 """Bad requests get a 4xx JSON error naming the problem, and the same replica keeps serving."""
 
 import json
+import struct
 
 import pytest
 
@@ -112,6 +113,95 @@ def test_replica_runs_with_the_serving_gc_threshold(cancer_url, http):
     from ray_deploy.serving.config import GC_THRESHOLD
 
     assert http.get(cancer_url).json()["gc_threshold"] == GC_THRESHOLD
+
+
+# --- the Open Inference Protocol, at the server's root as its clients call it (through the front)
+
+
+def tensor(shape=(1, 30), datatype="FP32", **fields):
+    return {"name": "input", "shape": list(shape), "datatype": datatype, **fields}
+
+
+def oip_json(*inputs, **top):
+    return {"content": json.dumps({"inputs": list(inputs), **top}).encode()}
+
+
+def oip_binary(inputs, data, header_length=None):
+    """A body in the binary tensor extension: JSON header, then ``data``."""
+    header = json.dumps({"inputs": inputs}).encode()
+    length = str(len(header) if header_length is None else header_length)
+    return {"content": header + data, "headers": {"Inference-Header-Content-Length": length}}
+
+
+FP32_ROW = struct.pack("<30f", *ROW)
+OIP_BAD_REQUESTS = [
+    # (case, path after /v2/models/, request, status, expected text in the error)
+    ("malformed JSON", "cancer/infer", {"content": b'{"inputs": [{"name"'}, 400, "not valid JSON"),
+    ("empty body", "cancer/infer", {"content": b""}, 400, "empty inference request"),
+    ("no inputs", "cancer/infer", {"content": b'{"outputs": []}'}, 400, 'non-empty "inputs" list'),
+    ("unknown key", "cancer/infer", oip_json(tensor(data=ROW), input=1), 400, "the request has unknown key(s) 'input'"),
+    ("shape and data disagree", "cancer/infer", oip_json(tensor(data=ROW[:29])), 400,
+     "inputs[0].shape [1, 30] has 30 elements, data has 29"),
+    ("wrong width", "cancer/infer", oip_json(tensor((1, 3), data=[1, 2, 3])), 400, "each row needs 30 features, got 3"),
+    ("not rows", "cancer/infer", oip_json(tensor((1, 2, 15), data=ROW)), 400, "inputs[0] ('input') has shape [1, 2, 15]"),
+    ("unknown datatype", "cancer/infer", oip_json(tensor(datatype="FP99", data=ROW)), 400,
+     "inputs[0].datatype 'FP99' is not one of BOOL"),
+    ("text for FP32", "cancer/infer", oip_json(tensor(data=["x"] + ROW[1:])), 400,
+     "inputs[0].data element 0: expected a number for FP32"),
+    ("BYTES to a numeric model", "cancer/infer", oip_json(tensor(datatype="BYTES", data=["1"] * 30)), 400,
+     "inputs[0] ('input') is BYTES; this model takes numbers"),
+    ("negative shape", "cancer/infer", oip_json(tensor((1, -30), data=ROW)), 400,
+     "inputs[0].shape must be a list of non-negative integers"),
+    ("binary size mismatch", "cancer/infer",
+     oip_binary([tensor(parameters={"binary_data_size": 100})], FP32_ROW[:100]), 400,
+     "binary_data_size of inputs[0] is 100 but FP32 [1, 30] needs 120"),
+    ("binary past the body", "cancer/infer", oip_binary([tensor(parameters={"binary_data_size": 120})], FP32_ROW[:60]),
+     400, "binary_data_size of inputs[0] is 120 but only 60 bytes are left"),
+    ("binary without header length", "cancer/infer",
+     {"content": json.dumps({"inputs": [tensor(parameters={"binary_data_size": 120})]}).encode() + FP32_ROW}, 400,
+     "binary tensor data needs the inference-header-content-length header"),
+    ("header length past the body", "cancer/infer", oip_binary([tensor(data=ROW)], b"", header_length=99999), 400,
+     "inference-header-content-length must be the JSON's length in bytes"),
+    ("NaN in binary", "cancer/infer",
+     oip_binary([tensor(parameters={"binary_data_size": 120})], struct.pack("<30f", *ROW[:29], float("nan"))), 400,
+     "row 0, column 29: expected a finite number, got nan"),
+    ("unknown outputs", "cancer/infer", oip_json(tensor(data=ROW), outputs=[{"name": "a"}, {"name": "b"}]), 400,
+     "outputs: model 'cancer' has no output 'a', 'b'; its outputs are 'predictions'"),
+    ("shared memory", "cancer/infer", oip_json(tensor(data=ROW, parameters={"shared_memory_region": "r"})), 400,
+     "the shared-memory extension is not supported"),
+    ("compressed body", "cancer/infer", {"content": b"x", "headers": {"Content-Encoding": "gzip"}}, 415,
+     "Content-Encoding 'gzip' is not supported"),
+    ("oversized body", "cancer/infer", {"content": b'{"inputs": [' + b" " * 9_000_000 + b"]}"}, 413, "max_request_bytes"),
+    ("unknown model", "nowhere/infer", oip_json(tensor(data=ROW)), 404, "no model 'nowhere' on this server"),
+    ("unknown version", "cancer/versions/999/infer", oip_json(tensor(data=ROW)), 404,
+     "version '999' of model 'cancer' is not loaded; loaded: "),
+    ("unknown route", "cancer/stats", {"content": b"{}"}, 404, "no Open Inference Protocol route"),
+]  # fmt: skip
+
+
+def oip_request(http, base: str, path: str, request: dict):
+    kwargs = dict(request)
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return http.post(f"{base}/v2/models/{path}", headers=headers, **kwargs)
+
+
+@pytest.mark.parametrize(("case", "path", "request_kwargs", "status", "expected"), OIP_BAD_REQUESTS,
+                         ids=[b[0] for b in OIP_BAD_REQUESTS])  # fmt: skip
+def test_bad_oip_request_gets_4xx_json_naming_the_field(ray_head, http, case, path, request_kwargs, status, expected):
+    answer = oip_request(http, ray_head.http_url, path, request_kwargs)
+    assert answer.status_code == status, answer.text[:300]
+    assert answer.headers["content-type"].startswith("application/json")
+    assert expected in answer.json()["error"], answer.json()["error"]
+
+
+def test_replica_survives_bad_oip_requests(cancer_url, ray_head, http):
+    before = replica_of(http, cancer_url)
+    for _, path, request_kwargs, _, _ in OIP_BAD_REQUESTS:
+        assert oip_request(http, ray_head.http_url, path, request_kwargs).status_code < 500
+    assert http.get(f"{ray_head.http_url}/v2/models/cancer/infer").status_code == 405
+    assert replica_of(http, cancer_url) == before
+    answer = oip_request(http, ray_head.http_url, "cancer/infer", oip_json(tensor(data=ROW)))
+    assert answer.status_code == 200 and answer.json()["outputs"][0]["shape"] == [1]
 
 
 def test_fuzzed_payloads_never_get_a_5xx(cancer_url, http):

