@@ -136,22 +136,26 @@ OUR_APPS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
         {"served": "onnx", "shadow": "onnx"},
     ),
     "ours_batched": ({"predictor": "onnx", "max_batch_size": None, "batch_wait_timeout_s": None}, {"default": "onnx"}),
-    "ours_mlflow": ({"predictor": "onnx"}, {"default": "onnx"}),
-    "ours_oip": ({"predictor": "onnx"}, {"default": "onnx"}),
 }
+PROTOCOL_ROWS = ("ours", "ours_mlflow", "ours_oip")
+"""Rows that ask one app, ``ours``, each in its own protocol: measured together, their points
+interleaved level by level (at c=1 each protocol in turn, then at the next level, the order turned
+by one each level), so that a drift of the machine meets all of them alike and their ratios compare
+protocols rather than moments."""
 
 
-def our_request(spec: RowSpec, url: str, body: str) -> tuple[str, str]:
-    """Where a row of ours sends its requests, and what: the plan's JSON body at the app's URL, or
-    the same row as MLflow's clients send it, to ``/invocations`` (``ours_mlflow``), or as an Open
-    Inference Protocol client sends it, to ``/v2/models/<app>/infer`` at the server's root (``ours_oip``)."""
+def our_request(spec: RowSpec, url: str, body: str, app: str) -> tuple[str, str]:
+    """Where a row of ours sends its requests to ``app`` (at ``url``), and what: the plan's JSON
+    body at the app's URL, or the same row as MLflow's clients send it, to ``/invocations``
+    (``ours_mlflow``), or as an Open Inference Protocol client sends it, to
+    ``/v2/models/<app>/infer`` at the server's root (``ours_oip``)."""
     if spec.id not in ("ours_mlflow", "ours_oip"):
         return url, body
     (row,) = json.loads(body)["instances"]
     if spec.id == "ours_oip":
         root = url[: -len(urlsplit(url).path)] if urlsplit(url).path else url
         tensor = {"name": "input", "shape": [1, len(row)], "datatype": "FP32", "data": row}
-        return f"{root}/v2/models/{app_name(spec)}/infer", json.dumps({"inputs": [tensor]})
+        return f"{root}/v2/models/{app}/infer", json.dumps({"inputs": [tensor]})
     columns = [f"f{index}" for index in range(len(row))]
     return f"{url}/invocations", json.dumps({"dataframe_split": {"columns": columns, "data": [row]}})
 
@@ -183,7 +187,7 @@ def measure_our_row(spec: RowSpec, plan: Plan, *, keep: bool) -> dict[str, Any]:
     started = time.monotonic()
     result = deploy(deployment, refs)
     deploy_s = time.monotonic() - started
-    url, body = our_request(spec, result.url, plan.body)
+    url, body = our_request(spec, result.url, plan.body, deployment.app)
     wait_s = wait_until_answers(url, body)
     try:
         answered = sample_answers(url, body)
@@ -200,6 +204,71 @@ def measure_our_row(spec: RowSpec, plan: Plan, *, keep: bool) -> dict[str, Any]:
         "answers": answered,
         "points": points,
     }
+
+
+def measure_protocol_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) -> list[dict[str, Any]]:
+    """The ``PROTOCOL_ROWS`` of the plan, on one ``ours`` app deployed once: each row's points,
+    interleaved level by level. A row that fails is recorded with its error; the others go on."""
+    from ray_deploy import DeploymentSpec, ModelRef, delete_app, deploy
+
+    (base,) = [spec for spec in specs if spec.id == "ours"] or [RowSpec("ours", "ours", "default", "")]
+    options = our_spec_options(base, plan)
+    deployment = DeploymentSpec.from_options(options)
+    refs = {v: ModelRef.model_validate(plan.model_refs[stored]) for v, stored in OUR_APPS["ours"][1].items()}
+    results = {spec.id: row_result(spec) for spec in specs}
+    print(f"[bench] {', '.join(results)} (one app, interleaved) ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    try:
+        result = deploy(deployment, refs)
+    except Exception as exc:
+        for row in results.values():
+            row.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-3)[-3000:])
+        return list(results.values())
+    deploy_s = time.monotonic() - started
+    requests = {spec.id: our_request(spec, result.url, plan.body, deployment.app) for spec in specs}
+    live: list[RowSpec] = []
+    for spec in specs:
+        url, body = requests[spec.id]
+        try:
+            wait_s = wait_until_answers(url, body)
+            answered = sample_answers(url, body)
+        except Exception as exc:
+            results[spec.id].update(
+                error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-3)[-3000:]
+            )
+            continue
+        first_answer_s = round(deploy_s + wait_s, 3)
+        results[spec.id].update(
+            url=url,
+            app=deployment.app,
+            options={k: v for k, v in options.items() if k != "app"},
+            deploy={"deploy_s": round(deploy_s, 3), "first_answer_s": first_answer_s},
+            answers=answered,
+        )
+        live.append(spec)
+    s = plan.settings
+    try:
+        for level_index, level in enumerate(s.concurrency):
+            turn = level_index % max(1, len(live))
+            for spec in live[turn:] + live[:turn]:
+                if results[spec.id].get("error"):
+                    continue
+                url, body = requests[spec.id]
+                try:
+                    (point,) = measure_http(url, body, concurrency=(level,), seconds=s.seconds, warmup_s=s.warmup_s)
+                except Exception as exc:
+                    results[spec.id].update(
+                        error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-3)[-3000:]
+                    )
+                    continue
+                results[spec.id]["points"].append(point)
+    finally:
+        if not keep:
+            delete_app(deployment.app)
+    seconds = round(time.monotonic() - started, 2)
+    for row in results.values():
+        row["row_seconds"] = seconds
+    return list(results.values())
 
 
 def sample_answers(url: str, body: str, count: int = VARIANT_SAMPLE_REQUESTS) -> dict[str, Any]:
@@ -281,8 +350,13 @@ def run_head_group(group: str, plan: Plan) -> dict[str, Any]:
         head["state"] = head_state()
         with connect() as info:
             head["http_url"] = info.http_url
+            protocols = [spec for spec in specs if spec.id in PROTOCOL_ROWS]
             for index, spec in enumerate(specs):
                 keep = index == len(specs) - 1
+                if spec.id in PROTOCOL_ROWS:
+                    if spec is protocols[0]:  # the others are measured with it
+                        rows += measure_protocol_rows(protocols, plan, keep=specs[-1].id in PROTOCOL_ROWS)
+                    continue
                 if spec.id.startswith("handwritten"):
                     measure = partial(measure_handwritten_row, plan, info.http_url, keep=keep)
                 else:

@@ -292,7 +292,10 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
             else ""
         )
         + "c = connections, each with one request in flight. Every HTTP row sends the same "
-        f'`{{"instances": [[...{model.get("features", 20)} floats...]]}}` and gets the ONNX model\'s label back.',
+        f'`{{"instances": [[...{model.get("features", 20)} floats...]]}}` and gets the ONNX model\'s label back, '
+        "except the protocol rows (MLflow `/invocations`, Open Inference Protocol), which send that row in "
+        "their protocol to the same app as `ours, 1 variant`, their points taken in turn with its points at "
+        "each level.",
         "",
         *results_table(rows, concurrency),
         "",

@@ -251,8 +251,13 @@ def mlflow_uris(tracking: str | None, registry: str | None) -> Iterator[None]:
     ``models:/`` with its global registry URI whatever URIs are passed to it, and mirrors its
     globals into the environment, which ray-deploy reads)."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_globals
+    from mlflow.tracking._tracking_service import utils as tracking_globals
 
     before = {name: os.environ.get(name) for name in _MLFLOW_URI_ENV}
+    # MLflow's own globals as they are (None: not set, the environment decides), put back as they
+    # were: set from the environment instead, they would outlive it (a caller's temporary settings).
+    globals_before = (tracking_globals._tracking_uri, registry_globals._registry_uri)
     if tracking:
         mlflow.set_tracking_uri(tracking)
     if registry:
@@ -260,8 +265,8 @@ def mlflow_uris(tracking: str | None, registry: str | None) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        mlflow.set_tracking_uri(globals_before[0])
+        registry_globals._registry_uri = globals_before[1]
         for name, value in before.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -84,8 +84,8 @@ def test_a_route_inside_another_apps_is_refused_before_anything_changes(model_re
 
 def test_unschedulable_replicas_time_out_and_previous_comes_back(model_ref, serving, http):
     url, before = serving
-    spec = DeploymentSpec.from_options({"app": APP, "num_cpus": 64, "deploy_timeout_s": 15})
-    with pytest.raises(DeployError, match="did not become healthy within 15s") as raised:
+    spec = DeploymentSpec.from_options({"app": APP, "num_cpus": 64, "deploy_timeout_s": 8})
+    with pytest.raises(DeployError, match="did not become healthy within 8s") as raised:
         deploy(spec, {"default": model_ref}, {"default": "xgboost"})
     assert "num_cpus" in str(raised.value)
     assert served_model(http, url) == before
@@ -99,13 +99,13 @@ def test_gpu_app_fails_in_bounded_time_without_a_gpu_and_deploys_with_one(model_
     suite's head takes the machine's), the app deploys instead and its replica reports the GPU it
     holds."""
     url, before = serving
-    monkeypatch.setenv("RAY_DEPLOY_SCHEDULE_STALL_S", "8")
+    monkeypatch.setenv("RAY_DEPLOY_SCHEDULE_STALL_S", "5")
     spec = DeploymentSpec.from_options({"app": APP, "num_cpus": 0.5, "num_gpus": 1, "deploy_timeout_s": 600})
     gpus = cluster_status()["resources"].get("GPU", 0)
     if gpus < 1:
         started = time.monotonic()
         with pytest.raises(
-            DeployError, match=r"cannot be scheduled and no node is being added for them \(for 8s\)"
+            DeployError, match=r"cannot be scheduled and no node is being added for them \(for 5s\)"
         ) as raised:
             deploy(spec, {"default": model_ref}, {"default": "xgboost"})
         assert time.monotonic() - started < 300, "the deploy waited as if the replicas could still start"

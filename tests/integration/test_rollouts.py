@@ -173,8 +173,9 @@ def test_a_holding_canary_is_the_operators_and_a_second_deployer_is_turned_away(
         write_flow, tmp_path / "flow", app=app, rollout='{"strategy": "canary", "steps": [30], "interval_s": 1}'
     )
     url = f"{ray_head.http_url}/{app}"
-    assert run_flow(flow, "--release", "1", "--run-id-file", str(tmp_path / "first_run_id")).returncode == 0
-    assert run_flow(flow, "--release", "2").returncode == 0
+    for args in (("--release", "1", "--run-id-file", str(tmp_path / "first_run_id")), ("--release", "2")):
+        done = run_flow(flow, *args)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     (status,) = json.loads(ray_deploy("status", app, "--json").stdout)
     assert status["rollout"]["percent"] == 30 and status["rollout"]["strategy"] == "canary"
     (old,), (new,) = status["rollout"]["old"], status["rollout"]["new"]
@@ -236,7 +237,8 @@ def test_isolated_releases_show_side_by_side_in_the_dashboard(tmp_path, write_fl
         variants='{"default": {"model": "model", "predictor": "python", "isolate": True, "num_cpus": 0.25}}',
     )
     url = f"{ray_head.http_url}/{app}"
-    assert run_flow(flow, "--release", "1").returncode == 0
+    first = run_flow(flow, "--release", "1")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
     second = run_flow(flow, "--release", "2")
     assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
     (status,) = json.loads(ray_deploy("status", app, "--json").stdout)
@@ -254,6 +256,14 @@ def test_isolated_releases_show_side_by_side_in_the_dashboard(tmp_path, write_fl
     assert versions == {f"{app}/{old.split('@v')[1]}", f"{app}/{new.split('@v')[1]}"}
     bad = http.post(url, json={"instances": [[1.0]]})
     assert bad.status_code == 400 and "error" in bad.json()
+    # The Open Inference Protocol reaches isolated releases too: at the server's root, each pinned by
+    # its version number, answered by its own app.
+    tensor = {"name": "input", "shape": [1, 4], "datatype": "FP64", "data": ROW}
+    for label in (old, new):
+        number = label.split("@v")[1]
+        pinned = http.post(f"{ray_head.http_url}/v2/models/{app}/versions/{number}/infer", json={"inputs": [tensor]})
+        assert pinned.status_code == 200, pinned.text
+        assert pinned.json()["model_version"] == number and pinned.json()["outputs"][0]["data"] == [int(number) % 3]
 
     assert ray_deploy("promote", app).returncode == 0
     deadline = time.monotonic() + 60

@@ -62,3 +62,22 @@ def test_the_deploy_pins_the_version_and_the_files_and_a_replica_refuses_other_f
     # On the deploying machine the verified copy is still there, and still loads.
     monkeypatch.setattr(tempfile, "tempdir", str(root / "deployer-tmp"))
     assert load_model(pinned).predict(pd.DataFrame({"a": [1.0], "b": [1.0]})).tolist() == [4.0]
+
+
+def test_a_load_leaves_mlflow_following_the_environment(tmp_path, monkeypatch):
+    """A load sets MLflow's process-wide URIs for its duration only: afterwards MLflow follows the
+    environment again (a process that changes it later, like a test or a CLI run in-process, is
+    not held to the URIs it had during the load)."""
+    import mlflow
+
+    from ray_deploy.models.artifacts import mlflow_uris
+
+    first, loaded, later = (f"sqlite:///{tmp_path / name}.db" for name in ("first", "loaded", "later"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", first)
+    with mlflow_uris(loaded, loaded):
+        assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (loaded, loaded)
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (first, first)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", later)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", later)
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (later, later)
