@@ -4,8 +4,10 @@
 
 The process's environment selects the head (``benchmarks.heads.head_environment``). A head
 group starts its Ray head, deploys and measures each row in turn (deleting each app after its
-row; the last one goes with the head), and stops the head at the end, whatever happened. A row that fails is recorded with its
-error and the next row runs. The result (head, rows, deploy cost) is written to OUT.json.
+row; the last one goes with the head), and stops the head at the end, whatever happened. The rows
+that ratios compare with ``ours`` (``INTERLEAVED_ROWS``) are measured together, their points
+interleaved. A row that fails is recorded with its error and the next row runs. The result (head,
+rows, deploy cost) is written to OUT.json.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import sys
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from benchmarks.measure import REPO, measure_http, measure_inprocess, wait_until_answers
-from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, Plan, RowSpec
+from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, ROWS_BY_ID, Plan, RowSpec
 
 TRAIN_FLOW = REPO / "flows" / "train_flow.py"
 FLOW_TIMEOUT_S = 900.0
@@ -136,12 +138,43 @@ OUR_APPS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
         {"served": "onnx", "shadow": "onnx"},
     ),
     "ours_batched": ({"predictor": "onnx", "max_batch_size": None, "batch_wait_timeout_s": None}, {"default": "onnx"}),
+    # The ``ours`` app's settings plus capture; its path is set under the work dir (our_spec_options).
+    "ours_capture10": ({"predictor": "onnx", "capture": {"sample": 0.1}}, {"default": "onnx"}),
+    "ours_capture100": ({"predictor": "onnx", "capture": {"sample": 1.0}}, {"default": "onnx"}),
 }
-PROTOCOL_ROWS = ("ours", "ours_mlflow", "ours_oip")
-"""Rows that ask one app, ``ours``, each in its own protocol: measured together, their points
-interleaved level by level (at c=1 each protocol in turn, then at the next level, the order turned
-by one each level), so that a drift of the machine meets all of them alike and their ratios compare
-protocols rather than moments."""
+SHARED_APP = {"ours_mlflow": "ours", "ours_oip": "ours"}
+"""Rows that deploy no app of their own: they ask the ``ours`` app, each in its own protocol (``our_request``)."""
+INTERLEAVED_ROWS = ("ours", "ours_mlflow", "ours_oip", "ours_capture10", "ours_capture100")
+"""Rows that ratios compare with ``ours``: measured together, their points interleaved level by
+level (``interleaved``: at c=1 each row in turn, then at the next level, the order turned by one
+each level), so that a drift of the machine meets all of them alike and their ratios compare rows
+rather than moments. The protocol rows ask the ``ours`` app itself (``SHARED_APP``); the capture
+rows are apps of their own, on the same head, with its settings plus ``capture``."""
+CAPTURES_DIR = "captures"
+"""Where the capture rows' apps write their captures: this folder of the run's work dir."""
+CAPTURE_SETTLE_MARGIN_S = 1.0
+"""After each point of a capturing app, the harness waits the app's ``flush_s`` plus this: its writer
+wakes every ``flush_s`` and writes what the point captured before the next row's point starts, so
+that no other row pays for it."""
+STATS_PUSH_WAIT_S = 2.5
+"""Replicas push their stats (requests, captured, dropped) every 2 s: a wait before reading them."""
+_T = TypeVar("_T")
+
+
+def app_owner(row_id: str) -> str:
+    """The row whose app a row of ours asks (itself, but for the protocol rows)."""
+    return SHARED_APP.get(row_id, row_id)
+
+
+def interleaved(rows: Sequence[_T], levels: Sequence[int]) -> list[tuple[int, _T]]:
+    """The order of an interleaved measurement, as (level, row): at each level every row once, the
+    order turned by one more row each level (a, b, c at the first level, then b, c, a, then c, a, b)."""
+    rows = list(rows)
+    schedule: list[tuple[int, _T]] = []
+    for index, level in enumerate(levels):
+        turn = index % max(1, len(rows))
+        schedule += [(level, row) for row in rows[turn:] + rows[:turn]]
+    return schedule
 
 
 def our_request(spec: RowSpec, url: str, body: str, app: str) -> tuple[str, str]:
@@ -166,6 +199,8 @@ def our_spec_options(spec: RowSpec, plan: Plan) -> dict[str, Any]:
     options = dict(options)
     if spec.id == "ours_batched":
         options.update(max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s)
+    if "capture" in options:
+        options["capture"] = {**options["capture"], "path": str(Path(plan.workdir).resolve() / CAPTURES_DIR)}
     return {
         "app": app_name(spec),
         "num_cpus": s.replica_num_cpus,
@@ -206,69 +241,104 @@ def measure_our_row(spec: RowSpec, plan: Plan, *, keep: bool) -> dict[str, Any]:
     }
 
 
-def measure_protocol_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) -> list[dict[str, Any]]:
-    """The ``PROTOCOL_ROWS`` of the plan, on one ``ours`` app deployed once: each row's points,
-    interleaved level by level. A row that fails is recorded with its error; the others go on."""
+def measure_interleaved_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) -> list[dict[str, Any]]:
+    """The ``INTERLEAVED_ROWS`` of the plan: each app they ask deployed once (the protocol rows ask
+    the ``ours`` app), then every row's points, interleaved level by level (``interleaved``), with a
+    settling wait after each point of a capturing app (``CAPTURE_SETTLE_MARGIN_S``); then what each
+    capturing app captured. A row that fails is recorded with its error; the others go on. The apps
+    are deleted at the end, unless ``keep``."""
     from ray_deploy import DeploymentSpec, ModelRef, delete_app, deploy
 
-    (base,) = [spec for spec in specs if spec.id == "ours"] or [RowSpec("ours", "ours", "default", "")]
-    options = our_spec_options(base, plan)
-    deployment = DeploymentSpec.from_options(options)
-    refs = {v: ModelRef.model_validate(plan.model_refs[stored]) for v, stored in OUR_APPS["ours"][1].items()}
-    results = {spec.id: row_result(spec) for spec in specs}
-    print(f"[bench] {', '.join(results)} (one app, interleaved) ...", file=sys.stderr, flush=True)
-    started = time.monotonic()
-    try:
-        result = deploy(deployment, refs)
-    except Exception as exc:
-        for row in results.values():
-            row.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-3)[-3000:])
-        return list(results.values())
-    deploy_s = time.monotonic() - started
-    requests = {spec.id: our_request(spec, result.url, plan.body, deployment.app) for spec in specs}
-    live: list[RowSpec] = []
-    for spec in specs:
-        url, body = requests[spec.id]
-        try:
-            wait_s = wait_until_answers(url, body)
-            answered = sample_answers(url, body)
-        except Exception as exc:
-            results[spec.id].update(
-                error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-3)[-3000:]
-            )
-            continue
-        first_answer_s = round(deploy_s + wait_s, 3)
-        results[spec.id].update(
-            url=url,
-            app=deployment.app,
-            options={k: v for k, v in options.items() if k != "app"},
-            deploy={"deploy_s": round(deploy_s, 3), "first_answer_s": first_answer_s},
-            answers=answered,
-        )
-        live.append(spec)
     s = plan.settings
+    results = {spec.id: row_result(spec) for spec in specs}
+    print(f"[bench] {', '.join(results)} (interleaved) ...", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    deployed: dict[str, tuple[Any, float]] = {}  # app owner -> (its DeploymentSpec, time.time() at its deploy)
+    requests: dict[str, tuple[str, str]] = {}
+    settle_s: dict[str, float] = {}
     try:
-        for level_index, level in enumerate(s.concurrency):
-            turn = level_index % max(1, len(live))
-            for spec in live[turn:] + live[:turn]:
-                if results[spec.id].get("error"):
-                    continue
-                url, body = requests[spec.id]
+        for owner in dict.fromkeys(app_owner(spec.id) for spec in specs):
+            asking = [spec for spec in specs if app_owner(spec.id) == owner]
+            options = our_spec_options(ROWS_BY_ID[owner], plan)
+            try:
+                deployment = DeploymentSpec.from_options(options)
+                stored = OUR_APPS[owner][1]
+                refs = {v: ModelRef.model_validate(plan.model_refs[name]) for v, name in stored.items()}
+                deploy_started, since = time.monotonic(), time.time()
+                result = deploy(deployment, refs)
+            except Exception as exc:
+                for spec in asking:
+                    record_error(results[spec.id], exc)
+                continue
+            deploy_s = time.monotonic() - deploy_started
+            deployed[owner] = (deployment, since)
+            for spec in asking:
+                url, body = our_request(spec, result.url, plan.body, deployment.app)
                 try:
-                    (point,) = measure_http(url, body, concurrency=(level,), seconds=s.seconds, warmup_s=s.warmup_s)
+                    wait_s = wait_until_answers(url, body)
+                    answered = sample_answers(url, body)
                 except Exception as exc:
-                    results[spec.id].update(
-                        error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-3)[-3000:]
-                    )
+                    record_error(results[spec.id], exc)
                     continue
-                results[spec.id]["points"].append(point)
+                results[spec.id].update(
+                    url=url,
+                    app=deployment.app,
+                    options={k: v for k, v in options.items() if k != "app"},
+                    deploy={"deploy_s": round(deploy_s, 3), "first_answer_s": round(deploy_s + wait_s, 3)},
+                    answers=answered,
+                )
+                requests[spec.id] = (url, body)
+                if deployment.capture is not None:
+                    settle_s[spec.id] = deployment.capture.flush_s + CAPTURE_SETTLE_MARGIN_S
+        for level, row_id in interleaved([spec.id for spec in specs if spec.id in requests], s.concurrency):
+            if results[row_id].get("error"):
+                continue
+            url, body = requests[row_id]
+            try:
+                (point,) = measure_http(url, body, concurrency=(level,), seconds=s.seconds, warmup_s=s.warmup_s)
+                results[row_id]["points"].append(point)
+            except Exception as exc:
+                record_error(results[row_id], exc)
+            time.sleep(settle_s.get(row_id, 0.0))
+        capturing = {owner: app for owner, app in deployed.items() if app[0].capture is not None}
+        if capturing:
+            time.sleep(STATS_PUSH_WAIT_S)
+        for owner, (deployment, since) in capturing.items():
+            counts = capture_counts(deployment.app, deployment.capture, since)
+            for spec in specs:
+                if app_owner(spec.id) == owner and not results[spec.id].get("error"):
+                    results[spec.id]["capture"] = counts
     finally:
         if not keep:
-            delete_app(deployment.app)
+            for deployment, _ in deployed.values():
+                delete_app(deployment.app)
     seconds = round(time.monotonic() - started, 2)
     for row in results.values():
         row["row_seconds"] = seconds
     return list(results.values())
+
+
+def record_error(row: dict[str, Any], exc: BaseException) -> None:
+    """Record the exception being handled on a row (type, message, where)."""
+    row.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-3)[-3000:])
+
+
+def capture_counts(app: str, capture: Any, since: float) -> dict[str, Any]:
+    """What a capturing app did: the requests its replicas answered, captured and dropped (their
+    stats, summed over variants), and the rows of its Parquet files written since ``since``
+    (``time.time()``; earlier rounds of the run wrote to the same root). Errors are recorded."""
+    from ray_deploy import app_status, read_captures
+
+    counts: dict[str, Any] = {"root": capture.path, "sample": capture.sample, "flush_s": capture.flush_s}
+    try:
+        (status,) = app_status(app)
+        metrics = (status.get("metrics") or {}).values()
+        for key in ("requests", "captured", "capture_dropped"):
+            counts[key] = sum(variant.get(key) or 0 for variant in metrics)
+        counts["rows_on_disk"] = len(read_captures(capture.path, app, since=since))
+    except Exception as exc:
+        counts["error"] = f"{type(exc).__name__}: {exc}"
+    return counts
 
 
 def sample_answers(url: str, body: str, count: int = VARIANT_SAMPLE_REQUESTS) -> dict[str, Any]:
@@ -350,12 +420,13 @@ def run_head_group(group: str, plan: Plan) -> dict[str, Any]:
         head["state"] = head_state()
         with connect() as info:
             head["http_url"] = info.http_url
-            protocols = [spec for spec in specs if spec.id in PROTOCOL_ROWS]
+            together = [spec for spec in specs if spec.id in INTERLEAVED_ROWS]
             for index, spec in enumerate(specs):
                 keep = index == len(specs) - 1
-                if spec.id in PROTOCOL_ROWS:
-                    if spec is protocols[0]:  # the others are measured with it
-                        rows += measure_protocol_rows(protocols, plan, keep=specs[-1].id in PROTOCOL_ROWS)
+                if spec.id in INTERLEAVED_ROWS:
+                    if spec is together[0]:  # the others are measured with it; kept if no other row follows
+                        last = all(later.id in INTERLEAVED_ROWS for later in specs[index:])
+                        rows += measure_interleaved_rows(together, plan, keep=last)
                     continue
                 if spec.id.startswith("handwritten"):
                     measure = partial(measure_handwritten_row, plan, info.http_url, keep=keep)

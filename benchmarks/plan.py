@@ -7,7 +7,7 @@ data-path settings when a process imports it, so each head gets a fresh driver t
     local    in-process predict, plain FastAPI + uvicorn          no Ray
     proxy    hand-written Serve app, our app (reference)           RAY_DEPLOY_DATA_PATH=proxy
     haproxy  hand-written Serve app                                RAY_DEPLOY_DATA_PATH=haproxy
-    default  our app: one variant, A/B, shadow, batching; deploy cost   the package's default
+    default  our app: one variant, A/B, shadow, capture, batching; deploy cost   the package's default
 """
 
 from __future__ import annotations
@@ -117,6 +117,25 @@ ROWS = (
         "the 'ours' app asked as KServe and Triton clients ask it: POST /v2/models/<app>/infer at the server's "
         'root (the front rewrites it to the app) with the same row as {"inputs": [{"name": "input", "shape": '
         '[1, 20], "datatype": "FP32", "data": [...]}]} (JSON tensors); the answer is a typed output tensor.',
+    ),
+    RowSpec(
+        "ours_capture10",
+        "ours, capture 10%",
+        "default",
+        "the 'ours' app's exact settings, as an app of its own, plus prediction capture of 10% of requests "
+        '(capture={"sample": 0.1}: each replica hands a sampled copy of the request and its answer to a background '
+        "writer thread, which writes Parquet every flush_s, 5 s; here under the harness's work dir). Against "
+        "'ours' it measures what capture costs the request path; its points are taken in turn with ours' at "
+        "each level, and after each of its points the harness waits flush_s + 1 s, so that its writer's last "
+        "batch is written before another row's point starts.",
+    ),
+    RowSpec(
+        "ours_capture100",
+        "ours, capture 100%",
+        "default",
+        'the same with every request captured (capture={"sample": 1.0}): the upper bound of what capture costs, '
+        "writer included (a 2 s point of --quick may or may not contain one of its 5-second writes; --full's "
+        "10 s points contain two).",
     ),
     RowSpec(
         "ours_batched",

@@ -82,6 +82,15 @@ RATIOS = (
     Ratio(
         "oip_path_vs_json", "Open Inference Protocol infer (JSON tensors) / ours JSON", "ours_oip", "ours", target=0.9
     ),
+    Ratio(
+        "capture10_vs_plain",
+        "capture 10% / ours without capture",
+        "ours_capture10",
+        "ours",
+        target=0.95,
+        target_at=(8,),
+    ),
+    Ratio("capture100_vs_plain", "capture 100% / ours without capture", "ours_capture100", "ours"),
     Ratio("ab_xgb_vs_ours", "A/B XGBoost vs ONNX / ours one variant", "ours_ab_xgb", "ours"),
     Ratio("ours_vs_handwritten_direct", "ours / hand-written, both on our data path", "ours", "handwritten_direct"),
     Ratio("ours_vs_ours_proxy", "ours / ours on Serve's default path", "ours", "ours_proxy"),
@@ -248,6 +257,30 @@ def deploy_cost_lines(cost: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def capture_lines(rows: list[dict[str, Any]], repeat: int = 1) -> list[str]:
+    """What the capture rows' apps captured (a check that the rows measured capture at work)."""
+    captured = [row for row in rows if row.get("capture")]
+    if not captured:
+        return []
+    lines = [
+        "Prediction capture"
+        + (" (the first round)" if repeat > 1 else "")
+        + ": requests each capture row's app answered (warm-up and readiness checks included), "
+        "captured and dropped (its replicas' stats), and the rows of its Parquet files read back "
+        "with `ray_deploy.read_captures`.",
+        "",
+        "| row | sample | requests | captured | dropped | rows on disk | root |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in captured:
+        counts = row["capture"]
+        cells = [_number(counts.get(key)) for key in ("requests", "captured", "capture_dropped", "rows_on_disk")]
+        root = f"`{counts.get('root')}`" + (f" (error: `{counts['error'][:300]}`)" if counts.get("error") else "")
+        sample = "–" if counts.get("sample") is None else f"{counts['sample']:g}"
+        lines.append(f"| {row['title']} | {sample} | " + " | ".join(cells) + f" | {root} |")
+    return [*lines, ""]
+
+
 def deploy_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| row | deploy call returned after s | deploy call to first answer s |", "|---|---:|---:|"]
     for row in rows:
@@ -294,8 +327,9 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         + "c = connections, each with one request in flight. Every HTTP row sends the same "
         f'`{{"instances": [[...{model.get("features", 20)} floats...]]}}` and gets the ONNX model\'s label back, '
         "except the protocol rows (MLflow `/invocations`, Open Inference Protocol), which send that row in "
-        "their protocol to the same app as `ours, 1 variant`, their points taken in turn with its points at "
-        "each level.",
+        "their protocol to the same app as `ours, 1 variant`. Those rows and the capture rows (apps of their "
+        "own with its settings plus `capture`) have their points taken in turn with its points at each level, "
+        "the order turned by one row each level.",
         "",
         *results_table(rows, concurrency),
         "",
@@ -307,6 +341,7 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         lines.append("")
     if plot_name:
         lines += [f"![requests per second by row and concurrency, log scale]({plot_name})", ""]
+    lines += capture_lines(rows, settings.get("repeat", 1))
     lines += [
         "## Ratios and the issue's targets",
         "",

@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ray-deploy-bench-"))
+    # Absolute: the group processes run in the checkout, and replicas write captures under it.
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="ray-deploy-bench-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     started = time.monotonic()

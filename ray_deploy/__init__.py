@@ -17,6 +17,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
     "ray_deploy.cli": ("app_lines", "parse_weights", "print_lineage"),
     "ray_deploy.cluster": ("ClusterInfo", "cluster_status", "connect", "start_local_cluster", "stop_local_cluster"),
     "ray_deploy.control.deploy": ("DeployResult", "deploy"),
+    "ray_deploy.control.endpoint": ("Endpoint",),
     "ray_deploy.control.export": ("kuberay_manifest", "serve_config"),
     "ray_deploy.control.operate": ("promote", "rollback", "set_traffic"),
     "ray_deploy.control.restore": ("restore",),
@@ -57,7 +58,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {
         "flatten_metrics",
         "origin_of",
     ),
-    "ray_deploy.spec": ("DeploymentSpec", "VariantSpec", "option_defaults"),
+    "ray_deploy.serving.capture": ("read_captures", "read_labels"),
+    "ray_deploy.spec": ("CaptureSpec", "DeploymentSpec", "VariantSpec", "option_defaults"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 

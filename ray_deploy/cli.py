@@ -59,6 +59,18 @@ def app_lines(row: dict[str, Any]) -> list[str]:
                 f"    {seen['requests']} requests, {seen['errors']} errors, "
                 f"{seen['client_errors']} client errors, p50 <= {seen['p50_ms']} ms, p99 <= {seen['p99_ms']} ms"
             )
+            signals = []
+            if seen.get("disagreement") is not None:
+                signals.append(f"disagreement {seen['disagreement']:.3f} over {seen['compared']} compared")
+            if row.get("capture"):
+                signals.append(f"{seen.get('captured', 0)} captured, {seen.get('capture_dropped', 0)} capture dropped")
+                quality = seen.get("quality")
+                figure = f"{quality:.4g}" if quality is not None else "-"
+                signals.append(f"{row['capture']['quality']} {figure} over {seen.get('labels', 0)} label(s)")
+            if signals:
+                lines.append("    " + "; ".join(signals))
+    if row.get("capture"):
+        lines.append(f"  capture: {row['capture']['sample']:.0%} of requests to {row['capture']['root']}")
     return lines
 
 

@@ -237,6 +237,87 @@ class AutoscalingSpec(_Spec):
         return self
 
 
+QUALITY_METRICS = {"accuracy": "max", "mae": "min"}
+"""Built-in quality metrics for delayed labels, and whether a higher ("max") or lower ("min") figure is better."""
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+class CaptureSpec(_Spec):
+    """Prediction capture and delayed labels (``capture={"sample": 0.1}``).
+
+    A sampled copy of each request (its rows, the predictions, request id and key, variant,
+    release, model version and latency) is written off the request path, in batches, as Parquet
+    under the flow's Metaflow datastore root (``<root>/ray_deploy_captures``) or ``path``. Labels
+    posted to ``<route>/feedback`` are stored beside the captures and give each variant a quality
+    figure (``quality``) that ``ray-deploy status``, the registry and the rollout gates read.
+    """
+
+    sample: float = Field(0.1, gt=0, le=1, description="Fraction of requests captured, in (0, 1].")
+    path: str | None = Field(
+        None,
+        description="Where captures go: an absolute local directory or an s3:// URL "
+        "(default: <Metaflow datastore root>/ray_deploy_captures, else $RAY_DEPLOY_HOME/captures).",
+    )
+    flush_s: float = Field(5.0, ge=0.1, le=3600, description="Seconds between two writes of a replica's captures.")
+    max_pending: int = Field(
+        10_000,
+        ge=10,
+        le=10_000_000,
+        description="Captured requests a replica holds while its writer is busy; beyond it they are dropped "
+        "and counted (capture_dropped), and serving goes on.",
+    )
+    quality: str = Field(
+        "accuracy",
+        description="How a label scores its request: 'accuracy' (classifiers), 'mae' (regressors), or "
+        "'module:function' taking (prediction, label) and returning a float.",
+    )
+    quality_goal: str | None = Field(
+        None, description="'max' or 'min': whether a higher quality figure is better (default: the metric's own)."
+    )
+    feedback_token_env: str | None = Field(
+        None,
+        description="Name of an environment variable on the replicas holding a bearer token that feedback "
+        "requests must send (Authorization: Bearer ...); the value itself is never written anywhere.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_a_root(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("s3://") and len(value) > 5) and not value.startswith("/"):
+            raise ValueError(f"path {value!r} must be an absolute directory ('/data/captures') or an s3:// URL")
+        return value.rstrip("/") if value else value
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_known(cls, value: str) -> str:
+        if value not in QUALITY_METRICS and not _IMPORT_PATH.match(value):
+            raise ValueError(
+                f"quality {value!r} must be {' or '.join(QUALITY_METRICS)}, or 'module:function' "
+                "taking (prediction, label) and returning a float"
+            )
+        return value
+
+    @field_validator("quality_goal")
+    @classmethod
+    def _goal_known(cls, value: str | None) -> str | None:
+        return value if value is None else one_of(value, "quality_goal", ("max", "min"))
+
+    @field_validator("feedback_token_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError(
+                f"feedback_token_env {value!r} must be the NAME of an environment variable (letters, digits, '_'), "
+                "not the token itself"
+            )
+        return value
+
+    @property
+    def goal(self) -> str:
+        """'max' when a higher quality figure is better, else 'min'."""
+        return self.quality_goal or QUALITY_METRICS.get(self.quality, "max")
+
+
 ROLLOUT_STRATEGIES = ("immediate", "canary", "blue_green")
 
 
@@ -270,6 +351,27 @@ class RolloutSpec(_Spec):
     )
     min_requests: int = Field(
         0, ge=0, description="Gate: requests the new release must answer in a step before it can pass."
+    )
+    max_disagreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Gate: at most this fraction of the new release's requests may get another answer from the "
+        "old release (the replicas ask the old release too, off the request path).",
+    )
+    max_prediction_shift: float | None = Field(
+        None,
+        gt=0,
+        description="Gate: the new release's mean prediction may differ from the old release's by at most this "
+        "many of the old release's standard deviations.",
+    )
+    min_quality_delta: float | None = Field(
+        None,
+        description="Gate (needs capture and labels): the new release's quality figure minus the old one's, "
+        "counted in the metric's better direction, must be at least this (e.g. -0.02: at most 2 points worse).",
+    )
+    min_labels: int = Field(
+        20, ge=1, description="Quality gate: labels each release needs before their quality figures are compared."
     )
     wait: bool = Field(
         True,
@@ -372,6 +474,11 @@ class DeploymentSpec(_Spec):
     parity_atol: float = Field(1e-6, ge=0, le=1, description="Absolute tolerance of the parity gate.")
     production_alias: str = Field("production", description="MLflow alias held by the version that serves all traffic.")
     canary_alias: str = Field("canary", description="MLflow alias held by a version that serves part of the traffic.")
+    capture: CaptureSpec | None = Field(
+        None,
+        description="Capture a sample of requests and their predictions, and take delayed labels at "
+        "<route>/feedback: {'sample': 0.1}; see CaptureSpec.",
+    )
     rollout: RolloutSpec = Field(
         default_factory=RolloutSpec,
         description="How a new release replaces a serving one: {'strategy': 'canary', 'steps': [10, 50, 100], "
@@ -505,6 +612,24 @@ class DeploymentSpec(_Spec):
         if isinstance(value, str) and value in ROLLOUT_STRATEGIES:
             return {"strategy": value}
         return _parse_json_string(value, "rollout")
+
+    @field_validator("capture", mode="before")
+    @classmethod
+    def _capture_from_text(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return _parse_json_string(value, "capture")
+
+    @model_validator(mode="after")
+    def _quality_gate_has_labels(self) -> DeploymentSpec:
+        if self.rollout.min_quality_delta is not None and self.capture is None:
+            raise ValueError(
+                "rollout.min_quality_delta needs labels: deploy with capture={'sample': ...} and post labels "
+                "to the app's /feedback route"
+            )
+        return self
 
     @field_validator("variants", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ Metaflow's Runner, the Ray head, ray-deploy) sees the same settings.
 """
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,9 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# A bearer token for the feedback routes of capture tests, in the environment the test heads (and so
+# their replicas) start with, as an operator would set it on the nodes. Random, never a real secret.
+os.environ.setdefault("RAY_DEPLOY_TEST_FEEDBACK_TOKEN", secrets.token_hex(16))
 # The embedded registry (a SQLite file under RAY_DEPLOY_HOME), unless a test points elsewhere.
 os.environ["RAY_DEPLOY_HOME"] = str(STATE_DIR / "home")
 for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
@@ -58,7 +62,7 @@ HEAVY_FIRST = (
     "test_deploy_failures.py",  # 82
     "test_retry_deploy.py",  # 80
     "test_claims_rollouts.py",  # 74
-    "test_ab_flow.py",  # 62
+    "test_ab_flow.py",  # 90 (with the A/B review flow)
     "test_front_supervision.py",  # 61
     "test_export_options.py",  # 56
 )

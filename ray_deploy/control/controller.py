@@ -245,8 +245,16 @@ def _judge(
             raise move
         waiter.update(line)
 
+    capture = live.config.capture
     return watch(
-        policy, percent, plan, lambda: stats_snapshot(live.name), stats_snapshot(live.name), rollout_start, progress
+        policy,
+        percent,
+        plan,
+        lambda: stats_snapshot(live.name),
+        stats_snapshot(live.name),
+        rollout_start,
+        progress,
+        goal=capture.goal if capture is not None else "max",
     )
 
 

@@ -14,6 +14,7 @@ applies the configs and records them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -143,11 +144,20 @@ def delta(after: dict[str, VariantStats], before: dict[str, VariantStats]) -> di
 
 
 def judge(
-    policy: RolloutSpec, percent: float, canary: VariantStats, baseline: VariantStats, final: bool = True
+    policy: RolloutSpec,
+    percent: float,
+    canary: VariantStats,
+    baseline: VariantStats,
+    final: bool = True,
+    goal: str = "max",
 ) -> GateResult:
     """Does the new release (``canary``) do as well as the old one (``baseline``) over the window?
 
-    ``final=False`` judges a window still open: only what cannot get better (errors, latency).
+    Gates on requests (errors, latency, ``min_requests``), then on the model's answers: their
+    disagreement with the old release's on the same requests, the shift of their mean, and, with
+    labels, their quality (``goal``: whether a higher figure is better). Each verdict names the
+    signal and both numbers. ``final=False`` judges a window still open: only what cannot get
+    better (errors, latency).
     """
     numbers = {"canary": canary.summary(), "baseline": baseline.summary()}
     excess = canary.error_rate - baseline.error_rate
@@ -181,13 +191,68 @@ def judge(
             percent,
             **numbers,
         )
+    if final:
+        failed = judge_model_signals(policy, canary, baseline, goal)
+        if failed is not None:
+            return GateResult(False, failed, percent, **numbers)
+    signals = []
+    if policy.max_disagreement is not None and canary.disagreement is not None:
+        signals.append(f"disagreement {canary.disagreement:.3f}")
+    if policy.max_prediction_shift is not None and canary.prediction_mean is not None:
+        signals.append(f"mean prediction {canary.prediction_mean:.4g} (old {baseline.prediction_mean:.4g})")
+    if policy.min_quality_delta is not None and canary.quality is not None and baseline.quality is not None:
+        signals.append(f"quality {canary.quality:.4g} (old {baseline.quality:.4g})")
     return GateResult(
         True,
         f"{canary.requests} request(s), error rate {canary.error_rate:.3f} (old {baseline.error_rate:.3f}), "
-        f"p99 <= {p99 if p99 is not None else '-'} ms",
+        f"p99 <= {p99 if p99 is not None else '-'} ms" + "".join(f", {signal}" for signal in signals),
         percent,
         **numbers,
     )
+
+
+def judge_model_signals(policy: RolloutSpec, canary: VariantStats, baseline: VariantStats, goal: str) -> str | None:
+    """Why the new release's answers fail the policy's model gates, or None when they pass (or none is set)."""
+    if policy.max_disagreement is not None:
+        compared = canary.reference_compared or canary.shadow_compared
+        disagreement = canary.disagreement
+        if not compared or disagreement is None:
+            return (
+                f"disagreement gate: none of the new release's {canary.requests} request(s) could be compared with "
+                f"the old release's answers; max_disagreement={policy.max_disagreement:g} cannot be checked"
+            )
+        if disagreement > policy.max_disagreement:
+            return (
+                f"disagreement {disagreement:.3f} with the old release ({round(disagreement * compared)}/{compared} "
+                f"compared requests answered otherwise) exceeds max_disagreement={policy.max_disagreement:g}"
+            )
+    if policy.max_prediction_shift is not None:
+        mean, base_mean, base_std = canary.prediction_mean, baseline.prediction_mean, baseline.prediction_std
+        if mean is None or base_mean is None or base_std is None:
+            return (
+                "prediction shift gate: no numeric predictions to compare "
+                f"(new release {canary.prediction_count}, old release {baseline.prediction_count})"
+            )
+        shift = abs(mean - base_mean) / base_std if base_std > 0 else (0.0 if mean == base_mean else math.inf)
+        if shift > policy.max_prediction_shift:
+            return (
+                f"prediction shift {shift:.3g} (mean {mean:.4g} against the old release's {base_mean:.4g}, "
+                f"its standard deviation {base_std:.4g}) exceeds max_prediction_shift={policy.max_prediction_shift:g}"
+            )
+    if policy.min_quality_delta is not None:
+        if canary.labeled < policy.min_labels or baseline.labeled < policy.min_labels:
+            return (
+                f"quality gate: labels for the new release {canary.labeled}, for the old {baseline.labeled}; "
+                f"each needs min_labels={policy.min_labels}"
+            )
+        better = canary.quality - baseline.quality if goal == "max" else baseline.quality - canary.quality
+        if better < policy.min_quality_delta:
+            return (
+                f"quality {canary.quality:.4g} against the old release's {baseline.quality:.4g} "
+                f"({'higher' if goal == 'max' else 'lower'} is better; difference {better:+.4g}) is below "
+                f"min_quality_delta={policy.min_quality_delta:g}"
+            )
+    return None
 
 
 def watch(
@@ -198,6 +263,7 @@ def watch(
     since: dict[str, VariantStats],
     rollout_start: dict[str, VariantStats],
     progress: Callable[[str], None],
+    goal: str = "max",
 ) -> GateResult:
     """Wait out one step, then judge it.
 
@@ -218,7 +284,7 @@ def watch(
         )
         if now >= deadline and (canary.requests >= policy.min_requests or now >= cap):
             baseline = combined(delta(current, rollout_start), plan.old_labels)
-            return judge(policy, percent, canary, baseline)
+            return judge(policy, percent, canary, baseline, goal=goal)
         # An error burst fails the gate early: no need to keep sending traffic to a broken release.
         if canary.errors and canary.requests >= 20:
             baseline = combined(delta(current, rollout_start), plan.old_labels)

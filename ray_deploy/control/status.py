@@ -64,6 +64,7 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                     "controller": _controller(name, config),
                     "last_rollout": _last_rollout(config, user_config),
                     "source": config.source,
+                    "capture": config.capture.model_dump(mode="json") if config.capture else None,
                     "metrics": app_metrics(name),
                     "devices": app_devices(reports),
                     "replica_placement": {r: info.get("placement", {}) for r, info in reports.items()},

@@ -13,14 +13,17 @@ Serve version pinned to the code the replicas run, are built in ``serving.server
 from __future__ import annotations
 
 import hashlib
+import os
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_deploy.errors import RayDeployError
 from ray_deploy.models.artifacts import ModelRef
-from ray_deploy.spec import DeploymentSpec, RolloutSpec
+from ray_deploy.serving.capture import capture_root
+from ray_deploy.spec import CaptureSpec, DeploymentSpec, RolloutSpec
 
 SERVER_DEPLOYMENT = "ModelServer"
 VARIANT_APP_SEPARATOR = "--"
@@ -164,6 +167,37 @@ class AppSettings(BaseModel):
     )
 
 
+class CaptureConfig(BaseModel):
+    """Prediction capture and labels as replicas apply them: the spec's options with the root resolved."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    root: str = Field(description="Where captures and labels are written: a local directory or an s3:// URL.")
+    sample: float
+    flush_s: float
+    max_pending: int
+    quality: str
+    goal: str
+    feedback_token_env: str | None = None
+
+
+def capture_config(spec: CaptureSpec, models: dict[str, ModelRef]) -> CaptureConfig:
+    """Where an app's captures go: the spec's ``path``, else beside the first Metaflow model's
+    artifacts (``<datastore root>/ray_deploy_captures``), else ``$RAY_DEPLOY_HOME/captures``."""
+    roots = [m.datastore_root for m in models.values() if m.kind == "metaflow" and m.datastore_root]
+    home = str(Path(os.environ.get("RAY_DEPLOY_HOME") or Path.home() / ".ray_deploy"))
+    root = capture_root(roots[0] if roots else None, spec.path, home)
+    return CaptureConfig(
+        root=root,
+        sample=spec.sample,
+        flush_s=spec.flush_s,
+        max_pending=spec.max_pending,
+        quality=spec.quality,
+        goal=spec.goal,
+        feedback_token_env=spec.feedback_token_env,
+    )
+
+
 class ServingConfig(BaseModel):
     """Everything a ModelServer replica needs; travels as the deployment's user_config."""
 
@@ -179,6 +213,7 @@ class ServingConfig(BaseModel):
         default_factory=dict, description="Where this deployment came from, e.g. the Metaflow task pathspec."
     )
     registry_uri: str | None = Field(None, description="MLflow registry holding the variants' model versions.")
+    capture: CaptureConfig | None = Field(None, description="Prediction capture and labels, if on.")
     rollout: RolloutState | None = Field(None, description="The rollout in progress, if any.")
     last_rollout: RolloutOutcome | None = Field(None, description="How the last rollout ended, if one did.")
     settings: AppSettings = Field(default_factory=AppSettings, description="Persisted control-plane settings.")
@@ -268,6 +303,7 @@ def serving_config(
         max_batch_size=spec.max_batch_size,
         batch_wait_timeout_s=spec.batch_wait_timeout_s,
         source=dict(source or {}),
+        capture=capture_config(spec.capture, models) if spec.capture is not None else None,
         settings=AppSettings(
             production_alias=spec.production_alias,
             canary_alias=spec.canary_alias,

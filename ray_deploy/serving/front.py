@@ -56,6 +56,8 @@ from ray_deploy.progress import report
 logger = logging.getLogger(__name__)
 
 DATA_PATHS = ("direct", "proxy", "haproxy")
+REQUEST_ID_PATTERN = "^[A-Za-z0-9._:-]{1,128}$"
+"""A request id the front passes on (UUIDs, trace ids); any other X-Request-Id is replaced."""
 FRONT_NAME = "ray_deploy_front"
 FRONT_NAMESPACE = "ray_deploy"
 POLL_INTERVAL_S = 0.25
@@ -234,6 +236,12 @@ def render_config(layout: Layout, host: str, port: int, fallback_port: int, work
     # clients' next request on it hung until their timeout (measured, HAProxy 2.8 before
     # uvicorn). Passed on, the client opens a new connection: 1,200 in a row answered.
     lines.append("    http-response set-header connection close if { status 413 }")
+    # Request ids name captured requests and their labels: a caller's id is kept when it is one
+    # (letters, digits, '._:-', at most 128); any other value is dropped here, and Serve generates one.
+    lines.append(
+        "    http-request del-header x-request-id if { req.hdr(x-request-id) -m found } "
+        f"!{{ req.hdr(x-request-id) -m reg '{REQUEST_ID_PATTERN}' }}"
+    )
     lines += oip_rules(layout, version)
     ordered = sorted(layout.slots, key=lambda prefix: (-len(prefix.rstrip("/")), prefix))
     for prefix in ordered:

@@ -11,8 +11,10 @@ release (and Serve's deployment, replica and application tags).
 from __future__ import annotations
 
 import bisect
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -23,7 +25,14 @@ PUSH_INTERVAL_S = 2.0
 
 @dataclass
 class VariantStats:
-    """Cumulative stats of one variant on one replica (or merged across replicas)."""
+    """Cumulative stats of one variant on one replica (or merged across replicas).
+
+    Beside requests and latency: a summary of the numeric predictions (count, sum, sum of
+    squares: the shift gate's mean and spread); shadow answers compared with the served ones;
+    during a rollout with a disagreement gate, the new release's answers compared with the old
+    release's on the same requests (``reference_*``); labels joined to captured requests
+    (``labeled``, ``quality_sum``: the quality figure is their mean score); captured requests
+    written and dropped."""
 
     requests: int = 0
     errors: int = 0
@@ -31,14 +40,31 @@ class VariantStats:
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
     prediction_count: int = 0
     prediction_sum: float = 0.0
+    prediction_sq_sum: float = 0.0
     shadow_compared: int = 0
     shadow_agreed: int = 0
+    reference_compared: int = 0
+    reference_agreed: int = 0
+    labeled: int = 0
+    quality_sum: float = 0.0
+    captured: int = 0
+    capture_dropped: int = 0
 
     def compare(self, served: list[Any], shadowed: list[Any]) -> None:
         """Count a shadow answer as agreeing when every row equals the served one."""
         self.shadow_compared += 1
-        if served == shadowed:
+        if same_answer(served, shadowed):
             self.shadow_agreed += 1
+
+    def compare_reference(self, answered: Any, reference: Any) -> None:
+        """Count one of this (new) release's answers against the old release's on the same request."""
+        self.reference_compared += 1
+        if same_answer(answered, reference):
+            self.reference_agreed += 1
+
+    def record_label(self, score: float) -> None:
+        self.labeled += 1
+        self.quality_sum += score
 
     def record(self, latency_ms: float, status: int, predictions: Any = None) -> None:
         self.requests += 1
@@ -54,8 +80,10 @@ class VariantStats:
         for value in predictions:
             first = value[0] if isinstance(value, list) and value else value
             if isinstance(first, int | float) and not isinstance(first, bool):
+                number = float(first)
                 self.prediction_count += 1
-                self.prediction_sum += float(first)
+                self.prediction_sum += number
+                self.prediction_sq_sum += number * number
 
     def record_batch(self, latency_ms: float, statuses: list[int], answers: list[Any]) -> None:
         """``record`` for requests that share one latency (a shadow's batch), in one pass."""
@@ -68,29 +96,48 @@ class VariantStats:
                 self._add_predictions(predictions)
 
     def merge(self, other: VariantStats) -> VariantStats:
-        return VariantStats(
-            requests=self.requests + other.requests,
-            errors=self.errors + other.errors,
-            client_errors=self.client_errors + other.client_errors,
-            latency_counts=[a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)],
-            prediction_count=self.prediction_count + other.prediction_count,
-            prediction_sum=self.prediction_sum + other.prediction_sum,
-            shadow_compared=self.shadow_compared + other.shadow_compared,
-            shadow_agreed=self.shadow_agreed + other.shadow_agreed,
-        )
+        return self._combine(other, 1)
 
     def minus(self, earlier: VariantStats) -> VariantStats:
         """What happened between an earlier snapshot and this one."""
-        return VariantStats(
-            requests=self.requests - earlier.requests,
-            errors=self.errors - earlier.errors,
-            client_errors=self.client_errors - earlier.client_errors,
-            latency_counts=[a - b for a, b in zip(self.latency_counts, earlier.latency_counts, strict=True)],
-            prediction_count=self.prediction_count - earlier.prediction_count,
-            prediction_sum=self.prediction_sum - earlier.prediction_sum,
-            shadow_compared=self.shadow_compared - earlier.shadow_compared,
-            shadow_agreed=self.shadow_agreed - earlier.shadow_agreed,
-        )
+        return self._combine(earlier, -1)
+
+    def _combine(self, other: VariantStats, sign: int) -> VariantStats:
+        values: dict[str, Any] = {}
+        for name in _STAT_FIELDS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if isinstance(mine, list):
+                values[name] = [a + sign * b for a, b in zip(mine, theirs, strict=True)]
+            else:
+                values[name] = mine + sign * theirs
+        return VariantStats(**values)
+
+    @property
+    def prediction_mean(self) -> float | None:
+        return self.prediction_sum / self.prediction_count if self.prediction_count else None
+
+    @property
+    def prediction_std(self) -> float | None:
+        """The spread of the numeric predictions (population standard deviation)."""
+        if not self.prediction_count:
+            return None
+        mean = self.prediction_sum / self.prediction_count
+        return math.sqrt(max(self.prediction_sq_sum / self.prediction_count - mean * mean, 0.0))
+
+    @property
+    def disagreement(self) -> float | None:
+        """Share of compared requests answered otherwise than the old release (or, for a shadow, than
+        the served variant)."""
+        if self.reference_compared:
+            return 1 - self.reference_agreed / self.reference_compared
+        if self.shadow_compared:
+            return 1 - self.shadow_agreed / self.shadow_compared
+        return None
+
+    @property
+    def quality(self) -> float | None:
+        """The mean score of the labeled requests (accuracy, MAE or the app's own metric)."""
+        return self.quality_sum / self.labeled if self.labeled else None
 
     def percentile_ms(self, quantile: float) -> float | None:
         """Upper bound of the latency bucket holding the quantile (None before any request)."""
@@ -118,9 +165,16 @@ class VariantStats:
             "p50_ms": self.percentile_ms(0.5),
             "p90_ms": self.percentile_ms(0.9),
             "p99_ms": self.percentile_ms(0.99),
-            "prediction_mean": (self.prediction_sum / self.prediction_count) if self.prediction_count else None,
+            "prediction_mean": self.prediction_mean,
+            "prediction_std": self.prediction_std,
             "shadow_compared": self.shadow_compared,
             "shadow_agreement": (self.shadow_agreed / self.shadow_compared) if self.shadow_compared else None,
+            "compared": self.reference_compared or self.shadow_compared,
+            "disagreement": self.disagreement,
+            "labels": self.labeled,
+            "quality": self.quality,
+            "captured": self.captured,
+            "capture_dropped": self.capture_dropped,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,13 +182,32 @@ class VariantStats:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VariantStats:
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in _STAT_FIELDS})
+
+
+_STAT_FIELDS = tuple(f.name for f in fields(VariantStats))
+
+
+def same_answer(one: Any, other: Any) -> bool:
+    """Whether two answers to one request agree: equal, numbers within a relative 1e-6 (float32
+    and float64 models of one tree ensemble), lists element by element."""
+    if one == other:
+        return True
+    if isinstance(one, list) and isinstance(other, list):
+        return len(one) == len(other) and all(same_answer(a, b) for a, b in zip(one, other))
+    if isinstance(one, int | float) and isinstance(other, int | float) and not isinstance(one, bool):
+        return math.isclose(one, other, rel_tol=1e-6, abs_tol=1e-9)
+    return False
 
 
 REQUESTS_METRIC = "deploy_requests"
 """Ray prefixes ``ray_`` and a counter gets ``_total``: exposed as ``ray_deploy_requests_total``."""
 LATENCY_METRIC = "deploy_request_latency_ms"
 """Exposed as ``ray_deploy_request_latency_ms_bucket`` (with ``le``), ``_sum`` and ``_count``."""
+CAPTURE_METRIC = "deploy_captured_requests"
+"""Exposed as ``ray_deploy_captured_requests`` with ``outcome`` written or dropped (``capture_dropped``)."""
+LABELS_METRIC = "deploy_labels"
+QUALITY_METRIC = "deploy_quality"
 LATENCY_LE = (*(repr(float(bound)) for bound in LATENCY_BUCKETS_MS), "+Inf")
 _OUTCOMES = ("ok", "client_error", "error")
 
@@ -175,6 +248,19 @@ class PrometheusExport:
         self._count = metrics.Gauge(
             f"{LATENCY_METRIC}_count", description="Scoring requests timed (cumulative).", tag_keys=variant_keys
         )
+        self._capture = metrics.Gauge(
+            CAPTURE_METRIC,
+            description="Captured requests by app, variant, release and outcome (written, dropped), cumulative.",
+            tag_keys=(*variant_keys, "outcome"),
+        )
+        self._labels = metrics.Gauge(
+            LABELS_METRIC, description="Labels received for captured requests (cumulative).", tag_keys=variant_keys
+        )
+        self._quality = metrics.Gauge(
+            QUALITY_METRIC,
+            description="Mean score of the labels received (the app's quality metric).",
+            tag_keys=variant_keys,
+        )
         self._counted: dict[str, tuple[int, int, int]] = {}
 
     def export(self, stats: dict[str, VariantStats], tags: dict[str, dict[str, str]], sums: dict[str, float]) -> None:
@@ -193,14 +279,40 @@ class PrometheusExport:
                 self._bucket.set(cumulative, tags={**variant_tags, "le": le})
             self._count.set(cumulative, tags=variant_tags)
             self._sum.set(sums.get(label, 0.0), tags=variant_tags)
+            if variant.captured or variant.capture_dropped:
+                self._capture.set(variant.captured, tags={**variant_tags, "outcome": "written"})
+                self._capture.set(variant.capture_dropped, tags={**variant_tags, "outcome": "dropped"})
+            if variant.labeled:
+                self._labels.set(variant.labeled, tags=variant_tags)
+                self._quality.set(variant.quality, tags=variant_tags)
+
+
+CAPTURE_INDEX_LIMIT = 200_000
+"""Captured requests per app the collector remembers for labels sent to another replica than the
+one that answered (the oldest are forgotten first); a replica remembers its own too."""
 
 
 class StatsCollector:
-    """Latest cumulative stats of every replica, by app; merged on read."""
+    """Latest cumulative stats of every replica, by app; merged on read. Also the index of recently
+    captured requests (request id -> what answered it), so that a label posted to any replica finds
+    the answer it labels."""
 
     def __init__(self) -> None:
         self._reports: dict[str, dict[str, tuple[float, dict[str, dict[str, Any]]]]] = {}
         self._devices: dict[str, dict[str, dict[str, Any]]] = {}
+        self._captured: dict[str, OrderedDict[str, tuple]] = {}
+
+    def index(self, app: str, entries: list[tuple]) -> None:
+        """Remember captured requests: ``(request_id, *answer)`` tuples, bounded by ``CAPTURE_INDEX_LIMIT``."""
+        index = self._captured.setdefault(app, OrderedDict())
+        for entry in entries:
+            index[entry[0]] = entry[1:]
+        while len(index) > CAPTURE_INDEX_LIMIT:
+            index.popitem(last=False)
+
+    def lookup(self, app: str, request_ids: list[str]) -> dict[str, tuple]:
+        index = self._captured.get(app, {})
+        return {rid: index[rid] for rid in request_ids if rid in index}
 
     def report_devices(self, app: str, replica: str, info: dict[str, Any]) -> None:
         """Where one replica runs (node, placement group, GPUs) and which path (GPU or CPU, and
@@ -216,6 +328,7 @@ class StatsCollector:
     def forget(self, app: str) -> None:
         self._reports.pop(app, None)
         self._devices.pop(app, None)
+        self._captured.pop(app, None)
 
     def snapshot(self, app: str) -> dict[str, dict[str, Any]]:
         merged: dict[str, VariantStats] = {}

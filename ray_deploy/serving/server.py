@@ -6,6 +6,8 @@ Routes, relative to the app's route prefix:
 * ``GET /``: what this app serves (variants, weights, model references, predictors).
 * ``GET /-/healthz``: 200 once the models are loaded.
 * ``GET /ping``, ``/health`` (200 once every variant is loaded) and ``/version``, as ``mlflow models serve``.
+* ``POST /feedback``: delayed labels for captured requests, ``{"request_id": ..., "label": ...}`` or a
+  list of them (apps deployed with ``capture``; see ``serving.capture``).
 * The Open Inference Protocol v2 (``serving.oip``), the model named after the app:
   ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{app}[/versions/{v}][/ready]``
   and ``POST /v2/models/{app}[/versions/{v}]/infer``, JSON tensors or the binary tensor extension.
@@ -16,6 +18,16 @@ Routes, relative to the app's route prefix:
 Both protocols score through one path (``_score``): the variant chosen by weight (sticky with
 ``X-Request-Key``) unless pinned, quick array models predicted inline, batching, shadows and the
 per-variant stats the rollout gates read.
+
+Every answer carries ``X-Request-Id`` (Serve's request id: the caller's if it sent a well-formed
+one, else a generated UUID); the MLflow protocol's answers carry it as ``request_id`` too, and
+captures and labels name requests by it. With ``capture``, a sample of requests is copied (rows, predictions, request
+id and key, variant, release, latency) to a ``CaptureWriter`` that writes them off the request
+path; shadows' answers to a captured request are captured under the same id.
+
+During a rollout with a disagreement gate (``max_disagreement``), requests answered by the new
+release are also asked of the old release off the request path, like a shadow, and the two
+answers compared on the new release's stats.
 
 A client mistake is answered with a 4xx and ``{"error": "..."}``; the replica keeps serving.
 When a variant fails on the server side while another variant serves the same app (a canary
@@ -30,12 +42,16 @@ import asyncio
 import base64
 import gc
 import hashlib
+import hmac
+import importlib
 import logging
 import math
 import os
 import random
 import time
-from collections.abc import Awaitable
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +63,22 @@ from starlette.responses import PlainTextResponse, Response
 
 from ray_deploy.errors import RayDeployError
 from ray_deploy.models.predictors.base import RequestError
-from ray_deploy.serving.config import ServingConfig, VariantConfig, gc_threshold_setting, variant_app_name
-from ray_deploy.serving.metrics import PUSH_INTERVAL_S, PrometheusExport, VariantStats, get_collector, report_devices
+from ray_deploy.serving.capture import Captured, CaptureWriter, Labelled
+from ray_deploy.serving.config import (
+    CaptureConfig,
+    ServingConfig,
+    VariantConfig,
+    gc_threshold_setting,
+    variant_app_name,
+)
+from ray_deploy.serving.metrics import (
+    PUSH_INTERVAL_S,
+    PrometheusExport,
+    VariantStats,
+    get_collector,
+    report_devices,
+    same_answer,
+)
 from ray_deploy.serving.oip import (
     PLATFORMS,
     PREDICTIONS,
@@ -74,6 +104,12 @@ from ray_deploy.serving.variant import (
 logger = logging.getLogger("ray.serve")
 
 REQUEST_KEY_HEADER = "X-Request-Key"
+REQUEST_ID_HEADER = "X-Request-Id"
+"""Serve's own request id: its middleware keeps the caller's (the front drops a malformed one, see
+``serving.front``) or generates one, and sends it back on every answer."""
+CAPTURE_INDEX_LOCAL = 50_000
+"""Captured requests a replica remembers for labels (the collector remembers more, from every replica)."""
+FEEDBACK_PATH = "/feedback"
 FALLBACK_HEADER = "X-Ray-Deploy-Fallback-From"
 _SCORE_PATHS = ("", "/", "/invocations")
 
@@ -262,11 +298,77 @@ def error_response(status: int, message: str) -> JSONAnswer:
 def failure_response(exc: Exception) -> JSONAnswer:
     """The answer to a request that raised: its 4xx for a client mistake, else a 500 (logged)."""
     if isinstance(exc, RequestError):
-        return error_response(exc.status, exc.message)
-    logger.exception("ray-deploy: prediction failed")
-    if isinstance(exc, RayDeployError):
-        return error_response(500, str(exc))
-    return error_response(500, f"prediction failed: {type(exc).__name__}: {exc}")
+        answer = error_response(exc.status, exc.message)
+        for name, value in exc.headers:
+            answer.raw_headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+    else:
+        logger.exception("ray-deploy: prediction failed")
+        if isinstance(exc, RayDeployError):
+            answer = error_response(500, str(exc))
+        else:
+            answer = error_response(500, f"prediction failed: {type(exc).__name__}: {exc}")
+    return answer
+
+
+def reference_of(config: ServingConfig, variants: list[LoadedVariant]) -> tuple[LoadedVariant | None, frozenset[str]]:
+    """During a rollout gated on disagreement: the old release's variant with the largest share
+    (it answers the new release's requests too, for comparison) and the new release's labels."""
+    rollout = config.rollout
+    if rollout is None or rollout.policy.max_disagreement is None:
+        return None, frozenset()
+    candidates = frozenset(rollout.new) - frozenset(rollout.old)
+    old = [v for v in variants if v.label in rollout.old and not v.config.shadow]
+    if not old or not candidates:
+        return None, frozenset()
+    return max(old, key=lambda v: rollout.old[v.label]), candidates
+
+
+def quality_scorer(metric: str) -> Callable[[Any, Any], float]:
+    """How one label scores one row's prediction: ``accuracy`` (1.0 when equal; a list of class
+    probabilities counts as its most likely class), ``mae`` (absolute error) or a user function
+    ``module:function`` (prediction, label) -> float, imported here (the replica has the code)."""
+    if metric == "accuracy":
+        return _accuracy
+    if metric == "mae":
+        return _absolute_error
+    module, _, name = metric.partition(":")
+    function = getattr(importlib.import_module(module), name)
+    return lambda prediction, label: float(function(prediction, label))
+
+
+def _accuracy(prediction: Any, label: Any) -> float:
+    if isinstance(prediction, list) and len(prediction) > 1 and all(isinstance(p, int | float) for p in prediction):
+        prediction = max(range(len(prediction)), key=prediction.__getitem__)
+    elif isinstance(prediction, list) and len(prediction) == 1:
+        prediction = prediction[0]
+    if isinstance(label, list | dict):
+        raise RequestError(f"label {label!r} is not a class: send one value per row")
+    return 1.0 if same_answer(prediction, label) else 0.0
+
+
+def _absolute_error(prediction: Any, label: Any) -> float:
+    if isinstance(prediction, list) and len(prediction) == 1:
+        prediction = prediction[0]
+    if isinstance(label, bool) or not isinstance(label, int | float) or not math.isfinite(label):
+        raise RequestError(f"label {label!r} is not a finite number (quality metric mae)")
+    if isinstance(prediction, bool) or not isinstance(prediction, int | float):
+        raise RequestError(f"the answer {prediction!r} is not a number: mae cannot score it")
+    return abs(float(prediction) - float(label))
+
+
+def request_score(scorer: Callable[[Any, Any], float], predictions: Any, label: Any) -> float:
+    """One request's score: a single value labels a one-row request; a list gives one label per
+    row (the request's score is their mean)."""
+    rows = predictions if isinstance(predictions, list) else [predictions]
+    if not isinstance(label, list):
+        if len(rows) != 1:
+            raise RequestError(
+                f"the request had {len(rows)} rows: send its label as a list of {len(rows)} values, one per row"
+            )
+        return scorer(rows[0], label)
+    if len(label) != len(rows):
+        raise RequestError(f"the label lists {len(label)} values but the request had {len(rows)} rows")
+    return sum(scorer(p, t) for p, t in zip(rows, label)) / len(rows)
 
 
 def oip_version(config: VariantConfig) -> str:
@@ -297,6 +399,14 @@ class ModelServer:
         self._gc_threshold = tune_gc()
         self._tensor_specs: dict[tuple, tuple[list[TensorSpec], list[TensorSpec]]] = {}
         self._infer_path: str | None = None
+        self.capture: CaptureWriter | None = None
+        self._capture_settings: CaptureConfig | None = None
+        self._captured_index: OrderedDict[str, tuple] = OrderedDict()
+        self._index_pending: list[tuple] = []
+        self._scorer: Callable[[Any, Any], float] | None = None
+        # A rollout with a disagreement gate: the old release that also answers the new one's requests.
+        self.reference: LoadedVariant | None = None
+        self._candidates: frozenset[str] = frozenset()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load what is new off the event loop, then switch in one step; requests keep flowing."""
@@ -310,6 +420,8 @@ class ModelServer:
         self.shadows = [v for v in variants if v.config.shadow]
         self.config = config
         self._infer_path = f"/v2/models/{config.app}/infer"
+        self.reference, self._candidates = reference_of(config, variants)
+        await asyncio.to_thread(self._configure_capture, config)
         local = {v.label: v.describe()["device"] for v in variants if not isinstance(v.predictor, RemoteVariant)}
         report_devices(config.app, self._replica, local, replica_placement())
         self._predict_batched.set_max_batch_size(config.max_batch_size)
@@ -317,6 +429,35 @@ class ModelServer:
         logger.info(
             "ray-deploy: serving %s", ", ".join(f"{v.config.name} <- {v.config.model.uri}" for v in self.variants)
         )
+
+    def _configure_capture(self, config: ServingConfig) -> None:
+        """Start, change or stop this replica's capture writer to match ``config.capture`` (what
+        was captured under earlier settings is written first)."""
+        settings = config.capture
+        if settings == self._capture_settings:
+            return
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+        self._capture_settings = settings
+        self._scorer = quality_scorer(settings.quality) if settings is not None else None
+        if settings is not None:
+            writer = CaptureWriter(
+                settings.root,
+                config.app,
+                self._replica,
+                sample=settings.sample,
+                max_pending=settings.max_pending,
+                flush_s=settings.flush_s,
+            )
+            writer.start()
+            self.capture = writer
+            logger.info("ray-deploy: capturing %g of requests to %s", settings.sample, settings.root)
+
+    def __del__(self) -> None:
+        # Serve calls this when the replica shuts down gracefully: write what is still pending.
+        if self.capture is not None:
+            self.capture.close(timeout_s=5.0)
 
     async def __call__(self, request: Request) -> Response:
         scope = request.scope
@@ -335,6 +476,11 @@ class ModelServer:
         if path == "/v2" or path.startswith("/v2/"):
             try:
                 return await self._open_inference(method, path, scope, request.receive)
+            except Exception as exc:
+                return failure_response(exc)
+        if path == FEEDBACK_PATH and method == "POST":
+            try:
+                return await self._feedback(scope, request.receive)
             except Exception as exc:
                 return failure_response(exc)
         if method == "GET":
@@ -481,6 +627,29 @@ class ModelServer:
             "replica": replica_placement(),
             "shadow_skipped": self.shadow_dropped,
             "gc_threshold": self._gc_threshold,
+            "capture": self._capture_summary(),
+            "capture_dropped": sum(self.capture.dropped.values()) if self.capture is not None else 0,
+            # This replica's labels (``ray-deploy status`` merges every replica's).
+            "quality": {
+                label: {"quality": stats.quality, "labels": stats.labeled}
+                for label, stats in self.stats.items()
+                if stats.labeled
+            },
+        }
+
+    def _capture_summary(self) -> dict[str, Any] | None:
+        writer, settings = self.capture, self._capture_settings
+        if writer is None or settings is None:
+            return None
+        return {
+            "root": settings.root,
+            "sample": settings.sample,
+            "quality": settings.quality,
+            "written": dict(writer.written),
+            "dropped": dict(writer.dropped),
+            "labels_written": writer.labels_written,
+            "labels_dropped": writer.labels_dropped,
+            "feedback_token": settings.feedback_token_env is not None,
         }
 
     async def _score(
@@ -492,7 +661,7 @@ class ModelServer:
         counted against the variant; a server-side failure of an unpinned request is answered by
         the fallback variant. The two protocols differ only in parsing and answering."""
         assert self.config is not None
-        content_type = declared = request_key = header_length = encoding = None
+        content_type = declared = request_key = header_length = encoding = request_id = None
         for name, value in scope["headers"]:  # ASGI header names are lower case
             if name == b"content-type":
                 content_type = value
@@ -500,10 +669,14 @@ class ModelServer:
                 declared = value
             elif name == b"x-request-key":
                 request_key = value.decode("latin-1")
+            elif name == b"x-request-id":
+                request_id = value.decode("latin-1")
             elif name == b"inference-header-content-length":
                 header_length = value
             elif name == b"content-encoding":
                 encoding = value
+        if request_id is None:  # Serve's request-id middleware sets one; a replica called otherwise makes one
+            request_id = str(uuid.uuid4())
         if pinned is None:
             served = self.served
             variant = served[0] if len(served) == 1 else choose_variant(served, request_key)
@@ -542,7 +715,7 @@ class ModelServer:
             else:
                 raw = await self._predict(variant, model_input)
             answered = to_jsonable(raw)
-            response = self._answer(variant, model_input, answered, raw)
+            response = self._answer(variant, model_input, answered, raw, request_id, request_key, started)
             status, predictions = 200, answered
             return response
         except RequestError as exc:
@@ -555,18 +728,20 @@ class ModelServer:
             logger.exception("ray-deploy: variant %s failed; answering with %s", variant.label, fallback.label)
         finally:
             self._record(variant, (time.perf_counter() - started) * 1000, status, predictions)
-        response = await self._attempt(body, fallback, time.perf_counter())
+        response = await self._attempt(body, fallback, time.perf_counter(), request_id, request_key)
         response.raw_headers.append((FALLBACK_HEADER.lower().encode(), variant.label.encode()))
         return response
 
-    async def _attempt(self, body: Any, variant: LoadedVariant, started: float) -> JSONAnswer:
+    async def _attempt(
+        self, body: Any, variant: LoadedVariant, started: float, request_id: str, request_key: str | None
+    ) -> JSONAnswer:
         """Score an already decoded body with one variant, counting the outcome against it."""
         status, predictions = 500, None
         try:
             model_input = body if type(body) is InferRows else parse_model_input(body)
             raw = await self._predict(variant, model_input)
             answered = to_jsonable(raw)
-            response = self._answer(variant, model_input, answered, raw)
+            response = self._answer(variant, model_input, answered, raw, request_id, request_key, started)
             status, predictions = 200, answered
             return response
         except RequestError as exc:
@@ -574,6 +749,124 @@ class ModelServer:
             raise
         finally:
             self._record(variant, (time.perf_counter() - started) * 1000, status, predictions)
+
+    async def _feedback(self, scope: dict[str, Any], receive: Any) -> JSONAnswer:
+        """``POST <route>/feedback``: labels for captured requests, ``{"request_id": ..., "label": ...}``
+        or a list of them. All or nothing: an unknown id or a bad label refuses the whole body
+        (4xx naming it). Each label is scored against the answer it labels (the app's quality
+        metric), counted on the variant that answered, and stored beside the captures."""
+        settings, writer = self._capture_settings, self.capture
+        if settings is None or writer is None:
+            raise RequestError(
+                f"app {self.config.app!r} takes no feedback: it was deployed without capture "
+                "(deploy with capture={'sample': ...} to capture requests and take labels)",
+                404,
+            )
+        headers = dict(scope["headers"])
+        self._check_feedback_token(settings, headers.get(b"authorization"))
+        if self._check_headers(headers.get(b"content-type"), headers.get(b"content-length"), None):
+            raise RequestError("feedback is JSON: send Content-Type: application/json", 415)
+        message = await receive()
+        chunk = message.get("body", b"")
+        if message["type"] != "http.request" or message.get("more_body"):
+            chunk = await _receive_rest(receive, message, self.config.max_request_bytes)
+        items = parse_body(chunk)
+        items = items if isinstance(items, list) else [items]
+        if not items:
+            raise RequestError('send {"request_id": "...", "label": ...} or a non-empty list of them')
+        for index, item in enumerate(items):
+            if not isinstance(item, dict) or set(item) != {"request_id", "label"}:
+                raise RequestError(
+                    f'feedback item {index}: expected {{"request_id": "...", "label": ...}}, got {_short(item)}'
+                )
+            if not isinstance(item["request_id"], str) or not item["request_id"]:
+                raise RequestError(f"feedback item {index}: request_id must be a non-empty string")
+            if item["label"] is None:
+                raise RequestError(f"feedback item {index}: label is null")
+        answers = await self._answers_of([item["request_id"] for item in items])
+        unknown = [item["request_id"] for item in items if item["request_id"] not in answers]
+        if unknown:
+            raise RequestError(
+                f"unknown request id(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}: labels are "
+                f"taken for captured requests only (capture samples {settings.sample:g} of requests; the answer's "
+                "X-Request-Id names it), and for the most recent ones",
+                404,
+            )
+        scored = []
+        for index, item in enumerate(items):
+            label, name, release, model_version, predictions = answers[item["request_id"]]
+            try:
+                score = request_score(self._scorer, predictions, item["label"])
+            except RequestError as exc:
+                raise RequestError(f"feedback item {index} ({item['request_id']}): {exc.message}") from None
+            except Exception as exc:
+                raise RequestError(
+                    f"feedback item {index} ({item['request_id']}): quality {settings.quality!r} could not score "
+                    f"label {_short(item['label'])}: {type(exc).__name__}: {exc}"
+                ) from None
+            if not math.isfinite(score):
+                raise RequestError(f"feedback item {index} ({item['request_id']}): its score is {score}")
+            scored.append((item, label, name, release, model_version, predictions, score))
+        now = time.time()
+        for item, label, name, release, model_version, predictions, score in scored:
+            self._stats_of(label, name, release).record_label(score)
+            writer.add_label(
+                Labelled(
+                    now, item["request_id"], name, label, release, model_version, item["label"], predictions, score
+                )
+            )
+        if self._pusher is None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_stats())
+        return json_answer({"accepted": len(scored), "quality": settings.quality})
+
+    def _check_feedback_token(self, settings: CaptureConfig, authorization: bytes | None) -> None:
+        """Labels steer rollouts: with ``feedback_token_env``, only callers with that token write them."""
+        if settings.feedback_token_env is None:
+            return
+        token = os.environ.get(settings.feedback_token_env)
+        if not token:
+            raise RequestError(
+                f"feedback is restricted to a bearer token, but {settings.feedback_token_env} is not set "
+                "in this replica's environment; set it where the Ray nodes start",
+                503,
+            )
+        sent = authorization.decode("latin-1") if authorization is not None else ""
+        scheme, _, value = sent.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise RequestError(
+                "feedback needs the app's bearer token: send Authorization: Bearer <token>",
+                401,
+                (("WWW-Authenticate", 'Bearer realm="ray-deploy feedback"'),),
+            )
+
+    async def _answers_of(self, request_ids: list[str]) -> dict[str, tuple]:
+        """What answered each captured request: this replica's memory, else the collector's (which
+        every replica tells every few seconds; asked again one push later for a fresh answer)."""
+        index = self._captured_index
+        found = {rid: index[rid] for rid in request_ids if rid in index}
+        for attempt in range(2):
+            missing = [rid for rid in request_ids if rid not in found]
+            if not missing:
+                break
+            if attempt:
+                await asyncio.sleep(PUSH_INTERVAL_S + 0.5)
+            try:
+                found.update(await get_collector(create=True).lookup.remote(self.config.app, missing))
+            except Exception:
+                logger.exception("ray-deploy: could not ask the collector for captured requests")
+                break
+        return found
+
+    def _stats_of(self, label: str, name: str, release: str | None) -> VariantStats:
+        stats = self.stats.get(label)
+        if stats is None:
+            loaded = next((v for v in self.variants if v.label == label), None)
+            if loaded is not None:
+                return self._start_stats(loaded)
+            self._metric_tags[label] = {"app": self.config.app, "variant": name, "release": release or ""}
+            self._latency_sums[label] = 0.0
+            stats = self.stats[label] = VariantStats()
+        return stats
 
     def _record(self, variant: LoadedVariant, latency_ms: float, status: int, predictions: Any) -> None:
         label = variant.label
@@ -601,6 +894,14 @@ class ModelServer:
         while True:
             await asyncio.sleep(PUSH_INTERVAL_S)
             try:
+                writer = self.capture
+                if writer is not None:
+                    for label, stats in self.stats.items():
+                        stats.captured = writer.written.get(label, 0)
+                        stats.capture_dropped = writer.dropped.get(label, 0)
+                if self._index_pending:
+                    entries, self._index_pending = self._index_pending, []
+                    collector.index.remote(self.config.app, entries)
                 self._prometheus.export(self.stats, self._metric_tags, self._latency_sums)
                 collector.report.remote(self.config.app, self._replica, {k: v.to_dict() for k, v in self.stats.items()})
             except Exception:  # metrics must never break serving
@@ -645,11 +946,19 @@ class ModelServer:
         return variant.predict(payload)
 
     def _answer(
-        self, variant: LoadedVariant, model_input: ModelInput | InferRows, predictions: Any, raw: Any
+        self,
+        variant: LoadedVariant,
+        model_input: ModelInput | InferRows,
+        predictions: Any,
+        raw: Any,
+        request_id: str,
+        request_key: str | None,
+        started: float,
     ) -> JSONAnswer:
-        """The answer to a scored request (and its copy to the shadows, if any): ``predictions`` as
-        JSON values for MLflow's protocol, ``raw`` (as the predictor returned them, typed) for the
-        Open Inference Protocol's."""
+        """The answer to a scored request (and its copies to the capture, the shadows and the
+        reference release, if any): ``predictions`` as JSON values for MLflow's protocol, ``raw``
+        (as the predictor returned them, typed) for the Open Inference Protocol's."""
+        rid = json_bytes(request_id)
         if type(model_input) is InferRows:
             body, headers = encode_infer_response(
                 self.config.app, oip_version(variant.config), model_input.request, raw
@@ -657,24 +966,73 @@ class ModelServer:
             response = InferAnswer(body, [*headers, *variant.answer_headers])
         else:
             # MLflow scoring clients read "predictions" and ignore the rest; "variant" and "model_version"
-            # say which model answered (also in headers, for clients that only look at those).
-            answer = b'{"predictions":' + json_bytes(predictions) + variant.answer_tail
+            # say which model answered, "request_id" names the answer for labels (also in headers,
+            # for clients that only look at those).
+            answer = b'{"predictions":' + json_bytes(predictions) + b',"request_id":' + rid + variant.answer_tail
             response = JSONAnswer(answer, 200, variant.answer_headers)
+        capture = self.capture
+        captured = capture is not None and capture.wanted()
+        if captured:
+            self._capture(variant, request_id, request_key, model_input, predictions, started)
         # A shadow would score without the params; a request pinned to a shadow is not served traffic.
-        if self.shadows and model_input.params is None and not variant.config.shadow:
-            # The rows were checked as numbers of this width if the served variant took an array.
-            checked = variant.payload_format == "array" and not isinstance(variant.predictor, RemoteVariant)
-            self._queue_shadow(model_input, predictions, len(model_input.rows[0]) if checked else None)
+        if model_input.params is None and not variant.config.shadow:
+            if self.shadows or variant.label in self._candidates:
+                # The rows were checked as numbers of this width if the served variant took an array.
+                checked = variant.payload_format == "array" and not isinstance(variant.predictor, RemoteVariant)
+                self._queue_shadow(
+                    (
+                        model_input,
+                        predictions,
+                        len(model_input.rows[0]) if checked else None,
+                        request_id if captured else None,
+                        variant.label,
+                    )
+                )
         return response
 
-    def _queue_shadow(self, model_input: ModelInput | InferRows, served: Any, checked_width: int | None) -> None:
-        """Shadows score off the request path, in batches: the caller never waits for (or sees)
-        a shadow, and a request costs the router one list append. Best effort: beyond
-        ``SHADOW_QUEUE_LIMIT`` waiting requests, shadows skip requests (counted)."""
+    def _capture(
+        self,
+        variant: LoadedVariant,
+        request_id: str,
+        request_key: str | None,
+        model_input: Any,
+        predictions: Any,
+        started: float,
+    ) -> None:
+        """Hand a sampled request to the capture writer, and remember what answered it for labels."""
+        config = variant.config
+        self.capture.add(
+            Captured(
+                time.time(),
+                request_id,
+                request_key,
+                config.name,
+                variant.label,
+                config.release,
+                config.model_version,
+                (time.perf_counter() - started) * 1000,
+                model_input,
+                predictions,
+                config.shadow,
+            )
+        )
+        entry = (variant.label, config.name, config.release, config.model_version, predictions)
+        index = self._captured_index
+        index[request_id] = entry
+        if len(index) > CAPTURE_INDEX_LOCAL:
+            index.popitem(last=False)
+        self._index_pending.append((request_id, *entry))
+
+    def _queue_shadow(self, item: tuple[Any, Any, int | None, str | None, str]) -> None:
+        """Shadows (and the reference release of a rollout) score off the request path, in batches:
+        the caller never waits for (or sees) them, and a request costs the router one list append.
+        ``item``: the request's input, its answer, the row width the served path checked (or
+        None), its request id if captured, the label of the variant that answered. Best effort:
+        beyond ``SHADOW_QUEUE_LIMIT`` waiting requests, shadows skip requests (counted)."""
         if len(self._shadow_queue) >= SHADOW_QUEUE_LIMIT:
             self.shadow_dropped += 1
             return
-        self._shadow_queue.append((model_input, served, checked_width))
+        self._shadow_queue.append(item)
         if self._shadow_worker is None or self._shadow_worker.done():
             self._shadow_worker = asyncio.get_running_loop().create_task(self._drain_shadows())
 
@@ -688,23 +1046,72 @@ class ModelServer:
                     await self._shadow_batch(shadow, batch)
                 except Exception:
                     logger.exception("ray-deploy: shadow variant %s failed", shadow.config.name)
+            reference, candidates = self.reference, self._candidates
+            if reference is not None:
+                asked = [item for item in batch if item[4] in candidates]
+                try:
+                    if asked:
+                        await self._reference_batch(reference, asked)
+                except Exception:
+                    logger.exception("ray-deploy: the old release %s failed to answer for comparison", reference.label)
 
-    async def _shadow_batch(self, shadow: LoadedVariant, batch: list[tuple[ModelInput, Any, int | None]]) -> None:
-        """Score a batch of requests with one shadow: one predict call for array models."""
+    async def _reference_batch(self, reference: LoadedVariant, batch: list[tuple]) -> None:
+        """Ask the old release the new release's requests; count agreement on the new release's stats."""
+        answers, _ = await self._score_batch(reference, batch)
+        for (_, served, _, _, label), answer in zip(batch, answers):
+            stats = self.stats.get(label)
+            if answer is not None and stats is not None:
+                stats.compare_reference(served, answer)
+
+    async def _shadow_batch(self, shadow: LoadedVariant, batch: list[tuple]) -> None:
+        """Score a batch of requests with one shadow; count it and compare it with the served answers."""
+        started = time.perf_counter()
+        answers, statuses = await self._score_batch(shadow, batch)
+        per_row_ms = (time.perf_counter() - started) * 1000 / len(batch)
+        stats = self.stats.get(shadow.label) or self._start_stats(shadow)
+        self._latency_sums[shadow.label] += per_row_ms * len(batch)
+        stats.record_batch(per_row_ms, statuses, answers)
+        capture = self.capture
+        for (model_input, served, _, request_id, _), answer in zip(batch, answers):
+            if answer is not None:
+                stats.compare(served, answer)
+                if request_id is not None and capture is not None:  # the served answer was captured: so is this
+                    config = shadow.config
+                    capture.add(
+                        Captured(
+                            time.time(),
+                            request_id,
+                            None,
+                            config.name,
+                            shadow.label,
+                            config.release,
+                            config.model_version,
+                            per_row_ms,
+                            model_input,
+                            answer,
+                            True,
+                        )
+                    )
+        if self._pusher is None:
+            self._pusher = asyncio.get_running_loop().create_task(self._push_stats())
+
+    async def _score_batch(self, variant: LoadedVariant, batch: list[tuple]) -> tuple[list[Any], list[int]]:
+        """A variant's answers to a batch of queued requests (None where it failed), and their
+        statuses: one predict call for array models."""
         answers: list[Any] = [None] * len(batch)
         statuses = [500] * len(batch)
-        started = time.perf_counter()
-        widths = {width for _, _, width in batch}
+        shadow = variant  # (or the reference release)
+        widths = {item[2] for item in batch}
         if shadow.payload_format == "array" and not isinstance(shadow.predictor, RemoteVariant):
             width = next(iter(widths))
             if len(widths) == 1 and width is not None and shadow.n_features in (None, width):
                 # Every row was checked on the served path: one array for the whole batch.
-                sizes = [len(model_input) for model_input, _, _ in batch]
-                stacked = np.array([row for model_input, _, _ in batch for row in model_input.rows], dtype=np.float64)
+                sizes = [len(item[0]) for item in batch]
+                stacked = np.array([row for item in batch for row in item[0].rows], dtype=np.float64)
                 rows = list(range(len(batch)))
             else:
                 arrays, rows, sizes = [], [], []
-                for index, (model_input, _, _) in enumerate(batch):
+                for index, (model_input, *_) in enumerate(batch):
                     try:
                         arrays.append(shadow.make_payload(model_input))
                         rows.append(index)
@@ -720,23 +1127,15 @@ class ModelServer:
                     statuses[index] = 200
                     offset += size
         else:
-            for index, (model_input, _, _) in enumerate(batch):
+            for index, (model_input, *_) in enumerate(batch):
                 try:
                     answers[index] = to_jsonable(await self._predict(shadow, model_input))
                     statuses[index] = 200
                 except RequestError as exc:
                     statuses[index] = exc.status
                 except Exception:
-                    logger.exception("ray-deploy: shadow variant %s failed", shadow.config.name)
-        per_row_ms = (time.perf_counter() - started) * 1000 / len(batch)
-        stats = self.stats.get(shadow.label) or self._start_stats(shadow)
-        self._latency_sums[shadow.label] += per_row_ms * len(batch)
-        stats.record_batch(per_row_ms, statuses, answers)
-        for (_, served, _), answer in zip(batch, answers):
-            if answer is not None:
-                stats.compare(served, answer)
-        if self._pusher is None:
-            self._pusher = asyncio.get_running_loop().create_task(self._push_stats())
+                    logger.exception("ray-deploy: variant %s failed off the request path", shadow.label)
+        return answers, statuses
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _predict_batched(self, items: list[tuple[LoadedVariant, np.ndarray]]) -> list[Any]:
@@ -773,6 +1172,11 @@ def replica_placement() -> dict[str, Any]:
 
 
 _NO_BODY = object()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 async def _receive_rest(receive: Any, first: dict[str, Any], limit: int) -> bytes:
@@ -840,6 +1244,7 @@ REPLICA_CODE = (
     "serving/oip.py",
     "serving/variant.py",
     "serving/metrics.py",
+    "serving/capture.py",
     "models",
     "spec.py",
     "errors.py",

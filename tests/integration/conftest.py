@@ -2,7 +2,10 @@
 Metaflow run of the example flow that deploys to it."""
 
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -412,3 +415,36 @@ class RecordedLoad:
 def recorded_load():
     """``load = recorded_load(url, directory, body); ...; rows = load.stop()``"""
     return RecordedLoad
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(request, tmp_path_factory):
+    """A real S3 API over HTTP on 127.0.0.1 (moto's server mode), with one bucket (the module's
+    ``BUCKET``); stopped at the end of the module."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=2)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        server.kill()
+        pytest.fail("moto server did not answer within 60s")
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=request.module.BUCKET)
+    yield url
+    server.terminate()
+    server.wait(timeout=20)
+    log.close()

@@ -2,7 +2,9 @@
 
 import json
 import re
+import time
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
@@ -243,3 +245,136 @@ def test_per_variant_metrics_reach_prometheus(ab_run, http):
         assert cumulative == sorted(cumulative), cumulative  # buckets are cumulative ("le")
         assert cumulative[-1] == counts[(variant,)]  # +Inf holds every request
         assert 0 < timed[(variant,)] < 1000 * counts[(variant,)]  # milliseconds, each under a second
+
+
+# The A/B review: ab_flow.py captured every request and posted the true labels of its 100; the
+# review flow reads them back, compares the variants and sends all traffic to the winner. It ends
+# the module's 50/50 split, so its tests come last (tests run in file order).
+
+
+def run_review(repo, **parameters):
+    """flows/ab_review_flow.py, run to its end through Metaflow's Runner: its status, output and run."""
+    import os
+
+    from metaflow import Runner
+
+    # Metaflow 2.19 reads a task's cards from <its datastore root>/mf.cards but writes local cards under
+    # the first ./.metaflow up from the working directory (setting METAFLOW_CARD_LOCALROOT does not help:
+    # its local card root then comes out None). Run the flow from the tests' datastore directory, so
+    # that both are its .metaflow/mf.cards (and no card lands in the repository's own .metaflow).
+    root = os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"]
+    os.makedirs(os.path.join(root, ".metaflow"), exist_ok=True)
+    with Runner(str(repo / "flows" / "ab_review_flow.py"), show_output=False, cwd=root).run(**parameters) as running:
+        return SimpleNamespace(status=running.status, stdout=running.stdout, stderr=running.stderr, run=running.run)
+
+
+@pytest.fixture(scope="module")
+def review_run(ab_run, repo):
+    """The review with its defaults (app cancer-ab, 20 labels per variant, 15 s for captures and
+    labels to reach storage), after ab_flow.py."""
+    running = run_review(repo)
+    if running.status != "successful":
+        pytest.fail(f"ABReviewFlow failed:\n{running.stdout[-3000:]}\n{running.stderr[-6000:]}")
+    return running.run
+
+
+def test_review_compares_the_variants_on_their_labels(ab_run, review_run):
+    import math
+
+    assert review_run.successful
+    assert ab_run["end"].task.data.labels_accepted == 100
+    served = {v["name"]: v["model_version"] for v in ab_run["deploy"].task.data.ray_serve["variants"]}
+    comparison = review_run["review"].task.data.comparison
+    assert {row["variant"]: row["model_version"] for row in comparison.values()} == served
+    for label, row in comparison.items():
+        assert row["labels"] > 0 and 0 < row["accuracy"] <= 1, (label, row)
+        assert row["requests"] >= row["labels"]  # every labeled request was captured, and more were sent
+        assert 0 < row["p50_ms"] <= row["p90_ms"], (label, row)
+    assert sum(row["labels"] for row in comparison.values()) == 100
+    winner = review_run["review"].task.data.winner
+    (other,) = set(comparison) - {winner}
+    # The best accuracy wins; within 0.005 the lower p50 does.
+    assert comparison[winner]["accuracy"] >= comparison[other]["accuracy"] - 0.005
+    if math.isclose(comparison[winner]["accuracy"], comparison[other]["accuracy"], abs_tol=0.005):
+        assert comparison[winner]["p50_ms"] <= comparison[other]["p50_ms"]
+
+
+def test_review_promotes_the_winner_and_says_why(ab_run, review_run, http):
+    from ray_deploy import Registry
+    from ray_deploy.registry.history import events
+    from ray_deploy.registry.lineage import VersionRef
+
+    comparison = review_run["review"].task.data.comparison
+    winner = review_run["review"].task.data.winner
+    (other,) = set(comparison) - {winner}
+    assert review_run["promote"].task.data.promoted == {winner: 100.0, other: 0.0}
+
+    url = ab_run["deploy"].task.data.ray_serve["url"]
+    deadline = time.monotonic() + 30
+    while True:  # each replica takes the new weights from Serve
+        weights = {v["label"]: v["weight"] for v in http.get(url).json()["variants"]}
+        if weights == {winner: 100.0, other: 0.0} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert weights == {winner: 100.0, other: 0.0}
+    row = [0.5] * 30
+    for index in range(10):
+        answer = http.post(url, json={"instances": [row]}, headers={"X-Request-Key": f"after-review-{index}"})
+        assert answer.status_code == 200 and answer.json()["variant"] == comparison[winner]["variant"]
+
+    # The registry's history of the app: the traffic change, with the review run as its reason.
+    registry = Registry()
+    reason = f"A/B review {review_run['promote'].task.pathspec}"
+    versions = {label: VersionRef(*comparison[label]["model_version"].rsplit("/", 1)) for label in comparison}
+    last = events(registry, versions[winner])[-1]
+    assert last["action"] == "traffic" and last["reason"] == reason, last
+    assert last["traffic"] == {winner: 100.0}
+    assert events(registry, versions[other])[-1]["reason"] == reason
+
+    # Each variant's quality figure, on its model version: the accuracy the review compared.
+    for label, version in versions.items():
+        tags = registry.version_tags(version)
+        assert float(tags["ray_deploy.quality"]) == pytest.approx(comparison[label]["accuracy"], abs=1e-5), tags
+        assert tags["ray_deploy.quality.metric"] == "accuracy"
+        assert int(tags["ray_deploy.quality.labels"]) == comparison[label]["labels"]
+
+
+def test_review_card_shows_the_comparison(review_run):
+    from metaflow.cards import get_cards
+
+    (shown,) = get_cards(review_run["review"].task, id="review")
+    html = shown.get()
+    assert "data:image/png;base64" in html
+    # That string is also the page's favicon: look at what the card holds (base64 JSON in the page).
+    components = card_components(html)
+    comparison = review_run["review"].task.data.comparison
+    (image,) = [c for c in components if c["type"] == "image"]
+    assert image["src"].startswith("data:image/png;base64,") and len(image["src"]) > 5000
+    (table,) = [c for c in components if c["type"] == "table"]
+    assert {row[0]: int(row[2]) for row in table["data"]} == {k: v["labels"] for k, v in comparison.items()}
+    winner = review_run["review"].task.data.winner
+    assert any(c["type"] == "markdown" and f"Winner: `{winner}`" in c["source"] for c in components)
+
+
+def card_components(html: str) -> list[dict]:
+    """The components of a Metaflow card (its data is base64 JSON inside the page), flattened."""
+    import base64
+
+    (encoded,) = re.findall(r'window\.__MF_DATA__\["[^"]+"\] = "([^"]+)"', html)
+    found, todo = [], json.loads(base64.b64decode(encoded))["components"]
+    while todo:
+        component = todo.pop(0)
+        found.append(component)
+        todo += component.get("contents") or []
+    return found
+
+
+def test_review_without_enough_labels_fails_and_moves_nothing(ab_run, review_run, repo, http):
+    url = ab_run["deploy"].task.data.ray_serve["url"]
+    before = {v["label"]: v["weight"] for v in http.get(url).json()["variants"]}
+    running = run_review(repo, min_labels=1000, wait_s=2)
+    assert running.status == "failed"
+    output = running.stdout + running.stderr + running.run["review"].task.stderr
+    assert "no variant has 1000 labels yet" in output and "--min_labels" in output, output[-3000:]
+    assert "promote" not in [step.id for step in running.run]
+    assert {v["label"]: v["weight"] for v in http.get(url).json()["variants"]} == before

@@ -2,50 +2,16 @@
 loopback, moto in server mode) deploys, and the replicas load the model from S3."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
 
 BUCKET = "ray-deploy-test"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """A real S3 API over HTTP on 127.0.0.1 (moto's server mode), with one bucket; stopped at the end."""
-    import boto3
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=2)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        server.kill()
-        pytest.fail("moto server did not answer within 60s")
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
-    yield url
-    server.terminate()
-    server.wait(timeout=20)
-    log.close()
 
 
 STEPS = """
@@ -67,7 +33,8 @@ def test_replicas_load_the_model_from_s3(tmp_path, write_flow, run_flow, ray_hea
         "METAFLOW_DATASTORE_SYSROOT_S3": f"s3://{BUCKET}/metaflow",
         "METAFLOW_S3_ENDPOINT_URL": s3_endpoint,
     }
-    flow = write_flow(tmp_path / "s3_flow.py", "S3Flow", STEPS, 'app="from-s3", predictor="python", num_cpus=0.25')
+    options = 'app="from-s3", predictor="python", num_cpus=0.25, capture={"sample": 1.0, "flush_s": 0.5}'
+    flow = write_flow(tmp_path / "s3_flow.py", "S3Flow", STEPS, options)
     done = run_flow(flow, env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
@@ -90,3 +57,22 @@ def test_replicas_load_the_model_from_s3(tmp_path, write_flow, run_flow, ray_hea
     assert not list(local_root.rglob("S3Flow/data")), "the flow wrote no artifact to the local datastore"
     answer = http.post(f"{ray_head.http_url}/from-s3", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
     assert answer.status_code == 200 and answer.json()["predictions"] == [0]
+
+    # The replica captured the request beside the flow's artifacts, in the bucket, as Parquet.
+    import io
+
+    import pyarrow.parquet as pq
+
+    assert row["capture"]["root"] == f"s3://{BUCKET}/metaflow/ray_deploy_captures"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    prefix = "metaflow/ray_deploy_captures/app=from-s3/predictions/"
+    deadline = time.monotonic() + 30
+    keys: list[str] = []
+    while not keys and time.monotonic() < deadline:
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+        time.sleep(0.5)
+    assert keys, "no capture reached the bucket"
+    assert all("/release=" in key and "/hour=" in key and key.endswith(".parquet") for key in keys)
+    tables = [pq.read_table(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())) for key in keys]
+    captured_ids = {rid for table in tables for rid in table.column("request_id").to_pylist()}
+    assert answer.json()["request_id"] in captured_ids

@@ -1,13 +1,16 @@
 """Planted fake secrets never land in what we write: registry tags and runs, artifacts, cards,
-our logs, the Serve config, or exported manifests. The Ray token is checked the same way."""
+our logs, the Serve config, captures and labels, or exported manifests. The Ray token and the
+feedback bearer token (used for a label on the way) are checked the same way."""
 
 import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -32,15 +35,37 @@ def test_planted_secrets_appear_nowhere(tmp_path, write_flow, run_flow, ray_head
         "AWS_SESSION_TOKEN": f"planted-aws-{uuid.uuid4().hex}",
         "METAFLOW_SERVICE_AUTH_KEY": f"planted-metaflow-{uuid.uuid4().hex}",
     }
-    secrets = [*planted.values(), read_auth_token()]
+    token_env = "RAY_DEPLOY_TEST_FEEDBACK_TOKEN"  # in the test head's environment (tests/conftest.py)
+    secrets = [*planted.values(), read_auth_token(), os.environ[token_env]]
     assert all(secrets)
     flow_dir = tmp_path / "flow"
     flow_dir.mkdir()
     flow = write_flow(
-        flow_dir / "secret_flow.py", "SecretFlow", STEPS, 'app="secrets", predictor="python", num_cpus=0.25'
+        flow_dir / "secret_flow.py",
+        "SecretFlow",
+        STEPS,
+        'app="secrets", predictor="python", num_cpus=0.25, '
+        f'capture={{"sample": 1.0, "flush_s": 0.5, "feedback_token_env": "{token_env}"}}',
     )
     done = run_flow(flow, env=planted)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # A captured request and its label, sent with the bearer token.
+    url = f"{ray_head.http_url}/secrets"
+    answer = httpx.post(url, json={"instances": [[5.1, 3.5, 1.4, 0.2]]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    labelled = httpx.post(
+        f"{url}/feedback",
+        json={"request_id": answer.json()["request_id"], "label": answer.json()["predictions"][0]},
+        headers={"Authorization": f"Bearer {os.environ[token_env]}"},
+        timeout=30,
+    )
+    assert labelled.status_code == 200, labelled.text
+    from ray_deploy import Endpoint
+
+    captures = Path(Endpoint("secrets").config().capture.root) / "app=secrets"
+    deadline = time.monotonic() + 20
+    while len(list(captures.rglob("*.parquet"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
 
     exe = Path(sys.executable).with_name("ray-deploy")
     outputs = {"flow output": done.stdout + done.stderr}
@@ -66,6 +91,9 @@ def test_planted_secrets_appear_nowhere(tmp_path, write_flow, run_flow, ray_head
     datastore = Path(os.environ["METAFLOW_DATASTORE_SYSROOT_LOCAL"])
     files = [p for p in datastore.rglob("*") if p.is_file() and "SecretFlow" in str(p)]
     files += [p for p in (flow_dir / ".metaflow").rglob("*") if p.is_file()]  # cards live beside the flow
+    parquet = list(captures.rglob("*.parquet"))
+    assert len(parquet) >= 2, "the capture and the label must be among the files checked"
+    files += parquet
     assert any(p.name.endswith(".html") for p in files), "the ray_serve card must be among the files checked"
     logs = Path(f"/tmp/ray-deploy-{os.environ['RAY_DEPLOY_GCS_PORT']}/session_latest/logs")
     files += [p for p in logs.rglob("*") if p.is_file() and ("serve" in p.name or "worker" in p.name)]

@@ -123,10 +123,25 @@ class RayServeDecorator(StepDecorator):
         MLflow alias held by the version serving all traffic.
     canary_alias : str, default "canary"
         MLflow alias held by a version serving part of the traffic.
+    capture : Dict[str, Any], optional, default None
+        Capture a sample of requests with their predictions, and take delayed labels:
+        {"sample": 0.1, "path": None, "flush_s": 5, "max_pending": 10000, "quality": "accuracy",
+        "quality_goal": None, "feedback_token_env": None}. Captures are written off the request
+        path as Parquet under this flow's datastore root (<root>/ray_deploy_captures; local or S3),
+        partitioned by app, release and hour; `POST <route>/feedback` with {"request_id": ...,
+        "label": ...} labels a captured answer (the answer's X-Request-Id); each variant gets a
+        quality figure ("accuracy", "mae" or "module:function"), read by `ray-deploy status`,
+        `ray_deploy.Endpoint` and the rollout gates. `feedback_token_env` names an environment
+        variable on the Ray nodes holding a bearer token that feedback must send.
     rollout : Dict[str, Any], optional, default None
         How a new release replaces the one serving the app, with no request dropped:
         {"strategy": "canary", "steps": [10, 50, 100], "interval_s": 30, "max_error_rate": 0.01,
-        "max_p99_ms": None, "max_p99_ratio": None, "min_requests": 0, "wait": True}. Strategies:
+        "max_p99_ms": None, "max_p99_ratio": None, "min_requests": 0, "max_disagreement": None,
+        "max_prediction_shift": None, "min_quality_delta": None, "min_labels": 20, "wait": True}.
+        Model gates: max_disagreement (share of the new release's requests the old release answers
+        otherwise, asked off the request path), max_prediction_shift (mean prediction moved by
+        more than this many of the old release's standard deviations), min_quality_delta (with
+        capture and labels: quality difference, in the metric's better direction). Strategies:
         "immediate" (the default: all traffic at once), "canary" (traffic in steps, gates after
         each) and "blue_green" (all at once, old release kept loaded for interval_s, then gated).
         The new release is loaded beside the old before it gets traffic; a failing gate rolls back

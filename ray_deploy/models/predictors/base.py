@@ -34,10 +34,11 @@ from typing import Any, ClassVar
 class RequestError(Exception):
     """A client mistake: answered with ``status`` (4xx) and a JSON ``{"error": message}``."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, headers: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.headers = headers
 
 
 class Predictor:
