@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from benchmarks.measure import REPO, measure_http, measure_inprocess, wait_until_answers
-from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, ROWS_BY_ID, Plan, RowSpec
+from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, ROUND_ENV, ROWS_BY_ID, Plan, RowSpec
 
 TRAIN_FLOW = REPO / "flows" / "train_flow.py"
 FLOW_TIMEOUT_S = 900.0
@@ -139,8 +139,8 @@ OUR_APPS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
     ),
     "ours_batched": ({"predictor": "onnx", "max_batch_size": None, "batch_wait_timeout_s": None}, {"default": "onnx"}),
     # The ``ours`` app's settings plus capture; its path is set under the work dir (our_spec_options).
-    "ours_capture10": ({"predictor": "onnx", "capture": {"sample": 0.1}}, {"default": "onnx"}),
-    "ours_capture100": ({"predictor": "onnx", "capture": {"sample": 1.0}}, {"default": "onnx"}),
+    "ours_capture10": ({"predictor": "onnx", "capture": {"sample": 0.1, "flush_s": 1.0}}, {"default": "onnx"}),
+    "ours_capture100": ({"predictor": "onnx", "capture": {"sample": 1.0, "flush_s": 1.0}}, {"default": "onnx"}),
 }
 SHARED_APP = {"ours_mlflow": "ours", "ours_oip": "ours"}
 """Rows that deploy no app of their own: they ask the ``ours`` app, each in its own protocol (``our_request``)."""
@@ -153,9 +153,11 @@ rows are apps of their own, on the same head, with its settings plus ``capture``
 CAPTURES_DIR = "captures"
 """Where the capture rows' apps write their captures: this folder of the run's work dir."""
 CAPTURE_SETTLE_MARGIN_S = 1.0
-"""After each point of a capturing app, the harness waits the app's ``flush_s`` plus this: its writer
-wakes every ``flush_s`` and writes what the point captured before the next row's point starts, so
-that no other row pays for it."""
+"""When capturing apps are measured, the harness waits their ``flush_s`` plus this after every point
+(of any row): a capturing app's writer wakes every ``flush_s`` and writes what its point captured
+before the next point starts, so that no other row pays for it; and every point, whatever its row,
+starts after the same pause (a pause after some rows only favoured the row measured next: measured,
+the plain app read 5-15% above the protocol and capture rows whose points followed no pause)."""
 STATS_PUSH_WAIT_S = 2.5
 """Replicas push their stats (requests, captured, dropped) every 2 s: a wait before reading them."""
 _T = TypeVar("_T")
@@ -166,13 +168,15 @@ def app_owner(row_id: str) -> str:
     return SHARED_APP.get(row_id, row_id)
 
 
-def interleaved(rows: Sequence[_T], levels: Sequence[int]) -> list[tuple[int, _T]]:
+def interleaved(rows: Sequence[_T], levels: Sequence[int], start: int = 0) -> list[tuple[int, _T]]:
     """The order of an interleaved measurement, as (level, row): at each level every row once, the
-    order turned by one more row each level (a, b, c at the first level, then b, c, a, then c, a, b)."""
+    order turned by one more row each level (a, b, c at the first level, then b, c, a, then c, a, b),
+    and by ``start`` more (the round): a row's place in the order, which a drift or a pause favours,
+    changes from round to round, and the median over rounds evens it out."""
     rows = list(rows)
     schedule: list[tuple[int, _T]] = []
     for index, level in enumerate(levels):
-        turn = index % max(1, len(rows))
+        turn = (start + index) % max(1, len(rows))
         schedule += [(level, row) for row in rows[turn:] + rows[:turn]]
     return schedule
 
@@ -290,7 +294,8 @@ def measure_interleaved_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) ->
                 requests[spec.id] = (url, body)
                 if deployment.capture is not None:
                     settle_s[spec.id] = deployment.capture.flush_s + CAPTURE_SETTLE_MARGIN_S
-        for level, row_id in interleaved([spec.id for spec in specs if spec.id in requests], s.concurrency):
+        measured = [spec.id for spec in specs if spec.id in requests]
+        for level, row_id in interleaved(measured, s.concurrency, int(os.environ.get(ROUND_ENV, "0"))):
             if results[row_id].get("error"):
                 continue
             url, body = requests[row_id]
@@ -299,7 +304,7 @@ def measure_interleaved_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) ->
                 results[row_id]["points"].append(point)
             except Exception as exc:
                 record_error(results[row_id], exc)
-            time.sleep(settle_s.get(row_id, 0.0))
+            time.sleep(max(settle_s.values(), default=0.0))
         capturing = {owner: app for owner, app in deployed.items() if app[0].capture is not None}
         if capturing:
             time.sleep(STATS_PUSH_WAIT_S)

@@ -124,10 +124,10 @@ ROWS = (
         "default",
         "the 'ours' app's exact settings, as an app of its own, plus prediction capture of 10% of requests "
         '(capture={"sample": 0.1}: each replica hands a sampled copy of the request and its answer to a background '
-        "writer thread, which writes Parquet every flush_s, 5 s; here under the harness's work dir). Against "
+        "writer thread, which writes Parquet every flush_s, here 1 s, under the harness's work dir). Against "
         "'ours' it measures what capture costs the request path; its points are taken in turn with ours' at "
-        "each level, and after each of its points the harness waits flush_s + 1 s, so that its writer's last "
-        "batch is written before another row's point starts.",
+        "each level, and every point (of any row) is followed by a pause of flush_s + 1 s, so that the "
+        "writer's last batch is written before the next point starts and every point starts alike.",
     ),
     RowSpec(
         "ours_capture100",
@@ -239,3 +239,7 @@ class Plan:
         settings["concurrency"] = tuple(settings["concurrency"])
         settings["rows"] = tuple(settings["rows"])
         return cls(settings=Settings(**settings), **data)
+
+
+ROUND_ENV = "RAY_DEPLOY_BENCH_ROUND"
+"""The round (0, 1, ...) a group process measures; interleaved orders turn by it (``groups.interleaved``)."""

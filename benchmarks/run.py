@@ -47,7 +47,7 @@ from benchmarks.heads import (
     prepare_haproxy_directory,
 )
 from benchmarks.measure import REPO
-from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, MODES, ROWS_BY_ID, Plan, Settings, settings_for
+from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, MODES, ROUND_ENV, ROWS_BY_ID, Plan, Settings, settings_for
 from benchmarks.report import compute_ratios, ratios_table, render_markdown, render_plot, results_table
 
 VERSIONED_PACKAGES = ("ray", "onnxruntime", "xgboost", "scikit-learn", "fastapi", "uvicorn", "metaflow", "numpy")
@@ -142,13 +142,14 @@ def prepare_plan(settings: Settings, workdir: Path) -> tuple[Plan, dict[str, Any
     return plan, models.describe()
 
 
-def run_group(group: str, plan: Plan, env: dict[str, str]) -> dict[str, Any]:
+def run_group(group: str, plan: Plan, env: dict[str, str], round_index: int = 0) -> dict[str, Any]:
     """Run one group in its own process, bounded in time; a crash or timeout becomes row errors."""
     workdir = Path(plan.workdir)
     out = workdir / f"group-{group}.json"
     log_path = workdir / f"group-{group}.log"
     group_env = dict(env) if group == "local" else head_environment(env, GROUP_DATA_PATHS[group])
     group_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    group_env[ROUND_ENV] = str(round_index)
     if group == "haproxy":
         prepare_haproxy_directory(env)
     started = time.monotonic()
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in groups:
             where = f" (round {round_index + 1}/{settings.repeat})" if settings.repeat > 1 else ""
             progress(f"group {group}{where}: {', '.join(s.id for s in plan.rows_of(group))} ...")
-            result = run_group(group, plan, env)
+            result = run_group(group, plan, env, round_index)
             rows_of_round += result["rows"]
             if result.get("head"):
                 heads.append({**result["head"], "round": round_index + 1})

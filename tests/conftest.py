@@ -56,6 +56,8 @@ HEAVY_FIRST = (
     "test_rollouts.py",  # 285 (with the worker's session setup)
     "test_controller.py",  # 277 (one test on a head of its own)
     "test_autoscaling_cluster.py",  # 160 (a fake multi-node cluster)
+    "test_mlflow_deployments.py",  # 150
+    "test_capture.py",  # 150
     "test_lineage.py",  # 120
     "test_replica_faults.py",  # 90
     "test_flow_options.py",  # 83

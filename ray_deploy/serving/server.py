@@ -403,6 +403,7 @@ class ModelServer:
         self._capture_settings: CaptureConfig | None = None
         self._captured_index: OrderedDict[str, tuple] = OrderedDict()
         self._index_pending: list[tuple] = []
+        self._index_warned = False
         self._scorer: Callable[[Any, Any], float] | None = None
         # A rollout with a disagreement gate: the old release that also answers the new one's requests.
         self.reference: LoadedVariant | None = None
@@ -899,13 +900,18 @@ class ModelServer:
                     for label, stats in self.stats.items():
                         stats.captured = writer.written.get(label, 0)
                         stats.capture_dropped = writer.dropped.get(label, 0)
-                if self._index_pending:
-                    entries, self._index_pending = self._index_pending, []
-                    collector.index.remote(self.config.app, entries)
                 self._prometheus.export(self.stats, self._metric_tags, self._latency_sums)
                 collector.report.remote(self.config.app, self._replica, {k: v.to_dict() for k, v in self.stats.items()})
             except Exception:  # metrics must never break serving
                 logger.exception("ray-deploy: could not push stats")
+            if self._index_pending:
+                entries, self._index_pending = self._index_pending, []
+                try:
+                    collector.index.remote(self.config.app, entries)
+                except Exception:  # e.g. a collector started by an older ray-deploy: labels then find
+                    if not self._index_warned:  # only what this replica answered
+                        logger.warning("ray-deploy: the stats collector keeps no capture index", exc_info=True)
+                        self._index_warned = True
 
     def _check_headers(self, content_type: bytes | None, declared: bytes | None, encoding: bytes | None) -> bool:
         """Refuse, before reading it, a body that is neither JSON nor CSV (in UTF-8), is compressed

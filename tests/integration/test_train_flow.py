@@ -52,7 +52,12 @@ def test_endpoint_answers_after_the_run_like_the_model(train_run, cancer_url, ht
     assert answer.status_code == 200, answer.text
     record = train_run["deploy"].task.data.ray_serve
     (variant,) = record["variants"]
-    assert answer.json() == {"predictions": expected, "variant": "default", "model_version": variant["model_version"]}
+    assert answer.json() == {
+        "predictions": expected,
+        "request_id": answer.headers["x-request-id"],
+        "variant": "default",
+        "model_version": variant["model_version"],
+    }
     assert answer.headers["x-ray-deploy-variant"] == "default"
     assert answer.headers["x-model-version"] == variant["model_version"]
     # A majority of held-out rows is right: the deployed model is the trained one, not noise.

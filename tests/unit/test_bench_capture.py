@@ -49,7 +49,7 @@ def test_a_capture_row_is_the_ours_app_plus_capture_into_the_work_dir(tmp_path):
     for row_id, sample in (("ours_capture10", 0.1), ("ours_capture100", 1.0)):
         options = groups.our_spec_options(ROWS_BY_ID[row_id], plan)
         capture = options.pop("capture")
-        assert capture == {"sample": sample, "path": str(tmp_path.resolve() / "captures")}
+        assert capture == {"sample": sample, "flush_s": 1.0, "path": str(tmp_path.resolve() / "captures")}
         assert options.pop("app") == "bench-" + row_id.replace("_", "-") != ours["app"]
         assert options == {k: v for k, v in ours.items() if k != "app"}
         assert groups.OUR_APPS[row_id][1] == groups.OUR_APPS["ours"][1]  # the same model
@@ -141,3 +141,13 @@ def test_the_report_shows_the_capture_ratios_and_what_was_captured(tmp_path):
     assert "| capture 10% / ours without capture | >= 0.95x at c=8 | 0.90x | 0.96x (met) | 0.71x | **met** |" in report
     assert "| capture 100% / ours without capture | reported |" in report
     assert "| ours, capture 10% | 0.1 | 10,000 |" in report
+
+
+def test_each_round_turns_the_order_so_no_row_keeps_its_place():
+    rows, levels = ["a", "b", "c"], [1, 8]
+    places = {}
+    for round_index in range(3):
+        schedule = groups.interleaved(rows, levels, start=round_index)
+        first_level = [row for level, row in schedule if level == 1]
+        places[round_index] = first_level.index("a")
+    assert sorted(places.values()) == [0, 1, 2]
