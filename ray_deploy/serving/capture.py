@@ -700,3 +700,27 @@ def _frame(table: Any, start: float | None, end: float | None, order: Iterable[s
     for name in decoded:
         frame[name] = pd.Series([None if text is None else json.loads(text) for text in frame[name]], dtype=object)
     return frame
+
+
+def load_quality_function(metric: str, code_dir: str | None = None) -> Callable[[Any, Any], Any]:
+    """The user's quality function named ``module:function`` (``capture={"quality": ...}``), imported
+    from ``code_dir`` or the installed packages; checked at ``step_init`` and loaded by replicas.
+
+    Raises:
+        SpecError: naming ``capture.quality``, when the module or the function is missing.
+    """
+    import importlib
+    import sys
+
+    module_name, _, name = metric.partition(":")
+    if code_dir and code_dir not in sys.path:
+        sys.path.insert(0, code_dir)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        where = f" (looked in {code_dir} and the installed packages)" if code_dir else ""
+        raise SpecError(f"capture.quality: cannot import module {module_name!r}{where}: {exc}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise SpecError(f"capture.quality: module {module_name!r} has no function {name!r} taking (prediction, label)")
+    return function

@@ -43,7 +43,6 @@ import base64
 import gc
 import hashlib
 import hmac
-import importlib
 import logging
 import math
 import os
@@ -63,7 +62,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from ray_deploy.errors import RayDeployError
 from ray_deploy.models.predictors.base import RequestError
-from ray_deploy.serving.capture import Captured, CaptureWriter, Labelled
+from ray_deploy.serving.capture import Captured, CaptureWriter, Labelled, load_quality_function
 from ray_deploy.serving.config import (
     CaptureConfig,
     ServingConfig,
@@ -331,8 +330,7 @@ def quality_scorer(metric: str) -> Callable[[Any, Any], float]:
         return _accuracy
     if metric == "mae":
         return _absolute_error
-    module, _, name = metric.partition(":")
-    function = getattr(importlib.import_module(module), name)
+    function = load_quality_function(metric)
     return lambda prediction, label: float(function(prediction, label))
 
 

@@ -218,3 +218,14 @@ def test_captures_go_beside_the_flows_artifacts_unless_a_path_says_otherwise(tmp
     assert capture_config(CaptureSpec(path="/data/captures/"), {"a": flow}).root == "/data/captures"
     monkeypatch.setenv("RAY_DEPLOY_HOME", str(tmp_path))
     assert capture_config(CaptureSpec(), {"a": mlflow}).root == str(tmp_path / "captures")
+
+
+def test_a_quality_function_that_cannot_be_imported_names_the_option(tmp_path):
+    from ray_deploy.serving.capture import load_quality_function
+
+    with pytest.raises(SpecError, match=r"capture.quality: cannot import module 'no_such_module'"):
+        load_quality_function("no_such_module:score")
+    (tmp_path / "my_metrics.py").write_text("def score(prediction, label):\n    return float(prediction == label)\n")
+    with pytest.raises(SpecError, match=r"capture.quality: module 'my_metrics' has no function 'f1'"):
+        load_quality_function("my_metrics:f1", code_dir=str(tmp_path))
+    assert load_quality_function("my_metrics:score", code_dir=str(tmp_path))(1, 1) == 1.0

@@ -8,7 +8,7 @@ from metaflow.metadata_provider import MetaDatum
 # Only what step_init needs is imported here: Metaflow imports this module in every flow and task
 # process (any flow's), so the engine is imported by the methods that use it.
 from ray_deploy.errors import ParityError, RayDeployError, SpecError
-from ray_deploy.spec import DeploymentSpec, option_defaults, routes_overlap
+from ray_deploy.spec import QUALITY_METRICS, DeploymentSpec, option_defaults, routes_overlap
 
 
 class RayServeException(MetaflowException):
@@ -187,6 +187,11 @@ class RayServeDecorator(StepDecorator):
                     from ray_deploy.models.predictors import load_predictor_class
 
                     load_predictor_class(variant.predictor, code_dir=self._code_dir)
+            capture = self.spec.capture
+            if capture is not None and capture.quality not in QUALITY_METRICS:
+                from ray_deploy.serving.capture import load_quality_function
+
+                load_quality_function(capture.quality, code_dir=self._code_dir)
         except RayDeployError as error:
             raise RayServeException(step_name, error)
 
