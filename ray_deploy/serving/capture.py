@@ -709,17 +709,13 @@ def load_quality_function(metric: str, code_dir: str | None = None) -> Callable[
     Raises:
         SpecError: naming ``capture.quality``, when the module or the function is missing.
     """
-    import importlib
-    import sys
+    from ray_deploy.models.predictors import import_user_module
 
     module_name, _, name = metric.partition(":")
-    if code_dir and code_dir not in sys.path:
-        sys.path.insert(0, code_dir)
     try:
-        module = importlib.import_module(module_name)
+        module = import_user_module(module_name, code_dir)
     except ImportError as exc:
-        where = f" (looked in {code_dir} and the installed packages)" if code_dir else ""
-        raise SpecError(f"capture.quality: cannot import module {module_name!r}{where}: {exc}") from None
+        raise SpecError(f"capture.quality: {exc}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise SpecError(f"capture.quality: module {module_name!r} has no function {name!r} taking (prediction, label)")

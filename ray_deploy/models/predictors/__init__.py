@@ -53,6 +53,21 @@ def choose_predictor(model: Any) -> str:
     )
 
 
+def import_user_module(module_name: str, code_dir: str | None = None) -> Any:
+    """Import a user's module from ``code_dir`` (put first on ``sys.path``) or the installed packages.
+
+    Raises:
+        ImportError: saying which module and where it was looked for.
+    """
+    if code_dir and code_dir not in sys.path:
+        sys.path.insert(0, code_dir)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        where = f" (looked in {code_dir} and the installed packages)" if code_dir else ""
+        raise ImportError(f"cannot import module {module_name!r}{where}: {exc}") from exc
+
+
 def load_predictor_class(name: str, code_dir: str | None = None) -> type:
     """Import a predictor class from a built-in name or a ``module:Class`` path.
 
@@ -69,13 +84,10 @@ def load_predictor_class(name: str, code_dir: str | None = None) -> type:
             f"predictor {name!r} is not a built-in ({', '.join(BUILTIN_PREDICTOR_PATHS)}) nor 'module:Class'"
         )
     module_name, class_name = path.split(":", 1)
-    if code_dir and code_dir not in sys.path:
-        sys.path.insert(0, code_dir)
     try:
-        module = importlib.import_module(module_name)
+        module = import_user_module(module_name, code_dir)
     except ImportError as exc:
-        where = f" (looked in {code_dir} and the installed packages)" if code_dir else ""
-        raise PredictorError(f"predictor {name!r}: cannot import module {module_name!r}{where}: {exc}") from exc
+        raise PredictorError(f"predictor {name!r}: {exc}") from exc
     cls = getattr(module, class_name, None)
     if not inspect.isclass(cls):
         raise PredictorError(f"predictor {name!r}: module {module_name!r} has no class {class_name!r}")
