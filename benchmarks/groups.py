@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from benchmarks.measure import REPO, measure_http, measure_inprocess, wait_until_answers
+from benchmarks.measure import JSON_HEADERS, REPO, measure_http, measure_inprocess, wait_until_answers
 from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, ROUND_ENV, ROWS_BY_ID, Plan, RowSpec
 
 TRAIN_FLOW = REPO / "flows" / "train_flow.py"
@@ -67,11 +68,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def measure_inprocess_row(plan: Plan) -> dict[str, Any]:
+def measure_inprocess_row(plan: Plan, spec: RowSpec) -> dict[str, Any]:
     s = plan.settings
     point = measure_inprocess(
         Path(plan.onnx_path).read_bytes(),
-        plan.request_row,
+        plan.rows_for(spec),
         seconds=s.seconds,
         warmup_s=s.warmup_s,
         max_calls=s.inprocess_max_calls,
@@ -79,8 +80,9 @@ def measure_inprocess_row(plan: Plan) -> dict[str, Any]:
     return {"points": [point]}
 
 
-def measure_fastapi_row(plan: Plan) -> dict[str, Any]:
-    """Start the FastAPI server on a free loopback port, measure it, stop it."""
+def measure_fastapi_rows(plan: Plan, specs: list[RowSpec]) -> list[dict[str, Any]]:
+    """Start the FastAPI server on a free loopback port, measure each of its rows (their rows
+    per request), stop it. Rows the server could not start for are recorded with its error."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/predict"
     log = open(Path(plan.workdir) / "fastapi.log", "ab")  # noqa: SIM115 - closed below
@@ -93,10 +95,18 @@ def measure_fastapi_row(plan: Plan) -> dict[str, Any]:
         stderr=subprocess.STDOUT,
     )
     try:
-        ready_s = wait_until_answers(url, plan.body)
+        try:
+            ready_s = wait_until_answers(url, plan.body)
+        except Exception as exc:
+            return [row_result(spec, error=f"{type(exc).__name__}: {exc}") for spec in specs]
         s = plan.settings
-        points = measure_http(url, plan.body, concurrency=s.concurrency, seconds=s.seconds, warmup_s=s.warmup_s)
-        return {"url": url, "startup": {"first_answer_s": round(ready_s, 3)}, "points": points}
+
+        def measure(spec: RowSpec) -> dict[str, Any]:
+            body = plan.body_for(spec)
+            points = measure_http(url, body, concurrency=s.concurrency, seconds=s.seconds, warmup_s=s.warmup_s)
+            return {"url": url, "startup": {"first_answer_s": round(ready_s, 3)}, "points": points}
+
+        return [attempt(spec, partial(measure, spec)) for spec in specs]
     finally:
         stop_process(server)
         log.close()
@@ -137,27 +147,30 @@ OUR_APPS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
         {"variants": {"served": {"predictor": "onnx", "weight": 100}, "shadow": {"predictor": "onnx", "shadow": True}}},
         {"served": "onnx", "shadow": "onnx"},
     ),
+    "ours_rows64": ({"predictor": "onnx"}, {"default": "onnx"}),
+    "ours_rows1024": ({"predictor": "onnx"}, {"default": "onnx"}),
+    "ours_oip_binary1024": ({"predictor": "onnx"}, {"default": "onnx"}),
     "ours_batched": ({"predictor": "onnx", "max_batch_size": None, "batch_wait_timeout_s": None}, {"default": "onnx"}),
     # The ``ours`` app's settings plus capture; its path is set under the work dir (our_spec_options).
-    "ours_capture10": ({"predictor": "onnx", "capture": {"sample": 0.1, "flush_s": 1.0}}, {"default": "onnx"}),
-    "ours_capture100": ({"predictor": "onnx", "capture": {"sample": 1.0, "flush_s": 1.0}}, {"default": "onnx"}),
+    "ours_capture10": ({"predictor": "onnx", "capture": {"sample": 0.1, "flush_s": 0.25}}, {"default": "onnx"}),
+    "ours_capture100": ({"predictor": "onnx", "capture": {"sample": 1.0, "flush_s": 0.25}}, {"default": "onnx"}),
 }
 SHARED_APP = {"ours_mlflow": "ours", "ours_oip": "ours"}
 """Rows that deploy no app of their own: they ask the ``ours`` app, each in its own protocol (``our_request``)."""
-INTERLEAVED_ROWS = ("ours", "ours_mlflow", "ours_oip", "ours_capture10", "ours_capture100")
-"""Rows that ratios compare with ``ours``: measured together, their points interleaved level by
-level (``interleaved``: at c=1 each row in turn, then at the next level, the order turned by one
-each level), so that a drift of the machine meets all of them alike and their ratios compare rows
-rather than moments. The protocol rows ask the ``ours`` app itself (``SHARED_APP``); the capture
-rows are apps of their own, on the same head, with its settings plus ``capture``."""
+INTERLEAVED_ROWS = ("ours", "ours_mlflow", "ours_oip", "ours_capture10", "ours_capture100", "ours_ab", "ours_shadow")
+"""Rows that ratios compare with ``ours``: deployed together on one head and measured in cycles
+(``measure_in_cycles``: at each level, one short segment of every row in turn, the order turned
+each cycle, until every target at that level is decided or the cycles run out), so that a drift
+of the machine meets all of them alike and each ratio pairs segments taken seconds apart. The
+protocol rows ask the ``ours`` app itself (``SHARED_APP``); the others are apps of their own."""
 CAPTURES_DIR = "captures"
 """Where the capture rows' apps write their captures: this folder of the run's work dir."""
-CAPTURE_SETTLE_MARGIN_S = 1.0
-"""When capturing apps are measured, the harness waits their ``flush_s`` plus this after every point
-(of any row): a capturing app's writer wakes every ``flush_s`` and writes what its point captured
-before the next point starts, so that no other row pays for it; and every point, whatever its row,
-starts after the same pause (a pause after some rows only favoured the row measured next: measured,
-the plain app read 5-15% above the protocol and capture rows whose points followed no pause)."""
+CAPTURE_SETTLE_MARGIN_S = 0.1
+"""When capturing apps are measured, the harness waits their ``flush_s`` plus this after every
+segment (of any row): a capturing app's writer wakes every ``flush_s`` and writes what its segment
+captured before the next segment starts, so that no other row pays for it; and every segment,
+whatever its row, starts after the same pause (a pause after some rows only favoured the row
+measured next: measured, the plain app read 5-15% above rows whose points followed no pause)."""
 STATS_PUSH_WAIT_S = 2.5
 """Replicas push their stats (requests, captured, dropped) every 2 s: a wait before reading them."""
 _T = TypeVar("_T")
@@ -181,20 +194,136 @@ def interleaved(rows: Sequence[_T], levels: Sequence[int], start: int = 0) -> li
     return schedule
 
 
-def our_request(spec: RowSpec, url: str, body: str, app: str) -> tuple[str, str]:
-    """Where a row of ours sends its requests to ``app`` (at ``url``), and what: the plan's JSON
-    body at the app's URL, or the same row as MLflow's clients send it, to ``/invocations``
-    (``ours_mlflow``), or as an Open Inference Protocol client sends it, to
-    ``/v2/models/<app>/infer`` at the server's root (``ours_oip``)."""
-    if spec.id not in ("ours_mlflow", "ours_oip"):
-        return url, body
-    (row,) = json.loads(body)["instances"]
-    if spec.id == "ours_oip":
+def measure_in_cycles(
+    rows: Sequence[str],
+    settings: Any,
+    segment: Callable[[str, int, float], dict[str, Any]],
+    *,
+    start: int = 0,
+    pause_s: float = 0.0,
+    failed: Callable[[str, BaseException], None] = lambda row, exc: None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every row's points, measured in cycles: at each level (``settings.concurrency``), a warm-up
+    segment of each row (``settings.warmup_s``), then cycles of one segment (``settings.segment_s``)
+    of every row, the order turned by one row each cycle and each level, and by ``start`` (the
+    round), with ``pause_s`` after every segment. After ``min_cycles``, the level ends as soon as
+    every target ratio between these rows at that level is decided (met or missed, its interval
+    clear of the target: ``benchmarks.report``), else after ``max_cycles``. A row whose segment
+    raises is reported to ``failed`` and measured no more. ``segment(row, level, seconds)`` returns
+    one point; each row's point at a level merges its segments (``merge_segments``)."""
+    from benchmarks.report import RATIOS, estimate
+
+    alive = list(rows)
+    points: dict[str, list[dict[str, Any]]] = {row: [] for row in rows}
+
+    def run(row: str, level: int, seconds: float, into: list[dict[str, Any]] | None) -> None:
+        try:
+            measured = segment(row, level, seconds)
+        except Exception as exc:
+            alive.remove(row)
+            failed(row, exc)
+            return
+        if into is not None:
+            into.append(measured)
+        if pause_s:
+            time.sleep(pause_s)
+
+    for index, level in enumerate(settings.concurrency):
+        segments: dict[str, list[dict[str, Any]]] = {row: [] for row in alive}
+        if settings.warmup_s > 0:
+            for row in list(alive):
+                run(row, level, settings.warmup_s, None)
+        for cycle in range(settings.max_cycles):
+            for _, row in interleaved(list(alive), (level,), start + index + cycle):
+                if row in alive:
+                    run(row, level, settings.segment_s, segments[row])
+            if cycle + 1 < settings.min_cycles:
+                continue
+            merged = {row: merge_segments(segments[row], level) for row in alive}
+            undecided = [
+                ratio.name
+                for ratio in RATIOS
+                if ratio.numerator in merged
+                and ratio.denominator in merged
+                and estimate(ratio, merged[ratio.numerator], merged[ratio.denominator], level)["status"] == "close"
+            ]
+            if not undecided:
+                break
+            if cycle + 1 < settings.max_cycles:
+                print(f"[bench] c={level}: {', '.join(undecided)} too close to call after {cycle + 1} cycles; "
+                      "one more", file=sys.stderr, flush=True)  # fmt: skip
+        for row in alive:
+            points[row].append(merge_segments(segments[row], level))
+    return points
+
+
+def merge_segments(segments: list[dict[str, Any]], level: int) -> dict[str, Any]:
+    """One point from a row's segments at a level: counts summed, requests/s over their summed
+    time, p50 and p99 the medians of the segments' (each segment's numbers kept, in order, as
+    ``segments``: ratios pair them with another row's)."""
+    seconds = sum(p["seconds"] for p in segments)
+    ok = sum(p["ok"] for p in segments)
+    errors: Counter[str] = Counter()
+    for p in segments:
+        errors.update(p.get("errors") or {})
+
+    def middle(key: str) -> float | None:
+        values = [p[key] for p in segments if p.get(key) is not None]
+        return round(statistics.median(values), 3) if values else None
+
+    shares = [p["generator_cpu"] for p in segments if p.get("generator_cpu") is not None]
+    busy = [p["server_cpu_s"] for p in segments if p.get("server_cpu_s") is not None]
+    costs = {}
+    if busy and len(busy) == len(segments):
+        costs["server_cpu_s"] = round(sum(busy), 4)
+        costs["cpu_us_per_request"] = round(sum(busy) / ok * 1e6, 2) if ok else None
+        costs["steal"] = round(statistics.fmean(p.get("steal") or 0.0 for p in segments), 3)
+    return {
+        "concurrency": level,
+        "seconds": round(seconds, 3),
+        "sent": sum(p["sent"] for p in segments),
+        "ok": ok,
+        "failed": sum(p["failed"] for p in segments),
+        "errors": dict(errors),
+        "rps": round(ok / seconds, 1) if seconds else 0.0,
+        "p50_ms": middle("p50_ms"),
+        "p99_ms": middle("p99_ms"),
+        "generator": segments[0].get("generator") if segments else None,
+        "generator_cpu": round(statistics.fmean(shares), 3) if shares else None,
+        **costs,
+        "cycles": len(segments),
+        "segments": [
+            {key: p.get(key) for key in ("rps", "p50_ms", "p99_ms", "cpu_us_per_request", "steal")} for p in segments
+        ],
+    }
+
+
+def our_request(spec: RowSpec, url: str, body: str, app: str) -> tuple[str, str | bytes, dict[str, str]]:
+    """Where a row of ours sends its requests to ``app`` (at ``url``), what, and with which headers:
+    the plan's JSON body at the app's URL, or the same rows as MLflow's clients send them, to
+    ``/invocations`` (``ours_mlflow``), or as an Open Inference Protocol client sends them, to
+    ``/v2/models/<app>/infer`` at the server's root: JSON tensors (``ours_oip``) or the binary
+    tensor extension, FP32 bytes after a JSON header, the answer asked for in binary as well
+    (``ours_oip_binary1024``, what ``tritonclient`` sends by default)."""
+    if spec.id not in ("ours_mlflow", "ours_oip", "ours_oip_binary1024"):
+        return url, body, JSON_HEADERS
+    rows = json.loads(body)["instances"]
+    if spec.id.startswith("ours_oip"):
         root = url[: -len(urlsplit(url).path)] if urlsplit(url).path else url
-        tensor = {"name": "input", "shape": [1, len(row)], "datatype": "FP32", "data": row}
-        return f"{root}/v2/models/{app}/infer", json.dumps({"inputs": [tensor]})
-    columns = [f"f{index}" for index in range(len(row))]
-    return f"{url}/invocations", json.dumps({"dataframe_split": {"columns": columns, "data": [row]}})
+        infer = f"{root}/v2/models/{app}/infer"
+        shape = [len(rows), len(rows[0])]
+        if spec.id == "ours_oip":
+            tensor = {"name": "input", "shape": shape, "datatype": "FP32", "data": [v for row in rows for v in row]}
+            return infer, json.dumps({"inputs": [tensor]}), JSON_HEADERS
+        import numpy as np
+
+        data = np.asarray(rows, dtype="<f4").tobytes()
+        tensor = {"name": "input", "shape": shape, "datatype": "FP32", "parameters": {"binary_data_size": len(data)}}
+        header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+        headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+        return infer, header + data, headers
+    columns = [f"f{index}" for index in range(len(rows[0]))]
+    return f"{url}/invocations", json.dumps({"dataframe_split": {"columns": columns, "data": rows}}), JSON_HEADERS
 
 
 def our_spec_options(spec: RowSpec, plan: Plan) -> dict[str, Any]:
@@ -226,12 +355,14 @@ def measure_our_row(spec: RowSpec, plan: Plan, *, keep: bool) -> dict[str, Any]:
     started = time.monotonic()
     result = deploy(deployment, refs)
     deploy_s = time.monotonic() - started
-    url, body = our_request(spec, result.url, plan.body, deployment.app)
-    wait_s = wait_until_answers(url, body)
+    url, body, headers = our_request(spec, result.url, plan.body_for(spec), deployment.app)
+    wait_s = wait_until_answers(url, body, headers=headers)
     try:
-        answered = sample_answers(url, body)
+        answered = sample_answers(url, body, headers=headers)
         s = plan.settings
-        points = measure_http(url, body, concurrency=s.concurrency, seconds=s.seconds, warmup_s=s.warmup_s)
+        points = measure_http(
+            url, body, concurrency=s.concurrency, seconds=s.seconds, warmup_s=s.warmup_s, headers=headers
+        )
     finally:
         if not keep:
             delete_app(deployment.app)
@@ -258,7 +389,7 @@ def measure_interleaved_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) ->
     print(f"[bench] {', '.join(results)} (interleaved) ...", file=sys.stderr, flush=True)
     started = time.monotonic()
     deployed: dict[str, tuple[Any, float]] = {}  # app owner -> (its DeploymentSpec, time.time() at its deploy)
-    requests: dict[str, tuple[str, str]] = {}
+    requests: dict[str, tuple[str, str | bytes, dict[str, str]]] = {}
     settle_s: dict[str, float] = {}
     try:
         for owner in dict.fromkeys(app_owner(spec.id) for spec in specs):
@@ -277,10 +408,10 @@ def measure_interleaved_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) ->
             deploy_s = time.monotonic() - deploy_started
             deployed[owner] = (deployment, since)
             for spec in asking:
-                url, body = our_request(spec, result.url, plan.body, deployment.app)
+                url, body, headers = our_request(spec, result.url, plan.body_for(spec), deployment.app)
                 try:
-                    wait_s = wait_until_answers(url, body)
-                    answered = sample_answers(url, body)
+                    wait_s = wait_until_answers(url, body, headers=headers)
+                    answered = sample_answers(url, body, headers=headers)
                 except Exception as exc:
                     record_error(results[spec.id], exc)
                     continue
@@ -291,20 +422,27 @@ def measure_interleaved_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) ->
                     deploy={"deploy_s": round(deploy_s, 3), "first_answer_s": round(deploy_s + wait_s, 3)},
                     answers=answered,
                 )
-                requests[spec.id] = (url, body)
+                requests[spec.id] = (url, body, headers)
                 if deployment.capture is not None:
                     settle_s[spec.id] = deployment.capture.flush_s + CAPTURE_SETTLE_MARGIN_S
         measured = [spec.id for spec in specs if spec.id in requests]
-        for level, row_id in interleaved(measured, s.concurrency, int(os.environ.get(ROUND_ENV, "0"))):
-            if results[row_id].get("error"):
-                continue
-            url, body = requests[row_id]
-            try:
-                (point,) = measure_http(url, body, concurrency=(level,), seconds=s.seconds, warmup_s=s.warmup_s)
-                results[row_id]["points"].append(point)
-            except Exception as exc:
-                record_error(results[row_id], exc)
-            time.sleep(max(settle_s.values(), default=0.0))
+
+        def segment(row_id: str, level: int, seconds: float) -> dict[str, Any]:
+            url, body, headers = requests[row_id]
+            (point,) = measure_http(url, body, concurrency=(level,), seconds=seconds, warmup_s=0.0, headers=headers)
+            return point
+
+        points = measure_in_cycles(
+            measured,
+            s,
+            segment,
+            start=int(os.environ.get(ROUND_ENV, "0")),
+            pause_s=max(settle_s.values(), default=0.0),
+            failed=lambda row_id, exc: record_error(results[row_id], exc),
+        )
+        for row_id, row_points in points.items():
+            if not results[row_id].get("error"):
+                results[row_id]["points"] = row_points
         capturing = {owner: app for owner, app in deployed.items() if app[0].capture is not None}
         if capturing:
             time.sleep(STATS_PUSH_WAIT_S)
@@ -346,16 +484,20 @@ def capture_counts(app: str, capture: Any, since: float) -> dict[str, Any]:
     return counts
 
 
-def sample_answers(url: str, body: str, count: int = VARIANT_SAMPLE_REQUESTS) -> dict[str, Any]:
-    """A few answers before the load: which variants answered, and one answer's body."""
+def sample_answers(
+    url: str, body: str | bytes, count: int = VARIANT_SAMPLE_REQUESTS, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A few answers before the load: which variants answered, and one answer's body (of an
+    answer in the Open Inference Protocol's binary extension, its JSON header)."""
     import httpx
 
     variants: Counter[str] = Counter()
     example = None
     with httpx.Client(timeout=10) as client:
         for _ in range(count):
-            answer = client.post(url, content=body, headers={"Content-Type": "application/json"})
-            data = answer.json()
+            answer = client.post(url, content=body, headers=JSON_HEADERS if headers is None else headers)
+            length = answer.headers.get("inference-header-content-length")
+            data = json.loads(answer.content[: int(length)]) if length else answer.json()
             example = example or data
             # An Open Inference Protocol answer names its variant in a header only.
             variants[str(data.get("variant") or answer.headers.get("x-ray-deploy-variant"))] += 1
@@ -453,8 +595,11 @@ def run_head_group(group: str, plan: Plan) -> dict[str, Any]:
 
 
 def run_local_group(plan: Plan) -> dict[str, Any]:
-    runners = {"inprocess": measure_inprocess_row, "fastapi": measure_fastapi_row}
-    rows = [attempt(spec, partial(runners[spec.id], plan)) for spec in plan.rows_of("local")]
+    specs = plan.rows_of("local")
+    rows = [attempt(spec, partial(measure_inprocess_row, plan, spec)) for spec in specs if not spec.http]
+    served = [spec for spec in specs if spec.http]
+    if served:
+        rows += measure_fastapi_rows(plan, served)
     return {"group": "local", "head": None, "rows": rows, "deploy_cost": None}
 
 

@@ -19,6 +19,7 @@ import asyncio
 import json
 import signal
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 MAX_REQUESTS = 2_000_000
@@ -41,13 +42,11 @@ def build_request(url: str, body: bytes, headers: dict[str, str]) -> tuple[str, 
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = parts.path or "/"
-    lines = [
-        f"POST {path} HTTP/1.1",
-        f"Host: {host}:{port}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        "Connection: keep-alive",
-    ]
+    given = {key.lower() for key in headers}
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}"]
+    if "content-type" not in given:
+        lines.append("Content-Type: application/json")
+    lines += [f"Content-Length: {len(body)}", "Connection: keep-alive"]
     lines += [f"{key}: {value}" for key, value in headers.items()]
     return host, port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
@@ -156,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--body", default='{"instances": [[0.0]]}')
+    parser.add_argument("--body-file", default=None, help="POST this file's bytes instead of --body")
     parser.add_argument("--header", action="append", default=[], help="extra header, 'Name: value'")
     args = parser.parse_args(argv)
     headers = dict(item.split(":", 1) for item in args.header)
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     if not levels or min(levels) < 1:
         parser.error(f"--concurrency: expected positive numbers, got {args.concurrency!r}")
     for concurrency in levels:
-        result = asyncio.run(run(args.url, args.body.encode(), headers, concurrency, args.seconds, args.warmup))
+        body = Path(args.body_file).read_bytes() if args.body_file else args.body.encode()
+        result = asyncio.run(run(args.url, body, headers, concurrency, args.seconds, args.warmup))
         print(json.dumps(result), flush=True)
 
 

@@ -29,8 +29,10 @@ WRK_GENERATOR_ENV = "RAY_DEPLOY_BENCH_GENERATOR"
 
 _WRK_SCRIPT = """
 wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = [==[BODY]==]
+local file = assert(io.open(BODY_PATH, "rb"))
+wrk.body = file:read("*a")
+file:close()
+HEADERS
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -53,15 +55,38 @@ def load_generator() -> str:
     return "wrk" if wanted == "wrk" and shutil.which("wrk") else "python"
 
 
-def measure_http(url: str, body: str, *, concurrency: tuple[int, ...], seconds: float, warmup_s: float) -> list[dict]:
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def measure_http(
+    url: str,
+    body: str | bytes,
+    *,
+    concurrency: tuple[int, ...],
+    seconds: float,
+    warmup_s: float,
+    headers: dict[str, str] | None = None,
+) -> list[dict]:
     """A point per concurrency level, one after the other; each says which generator measured it
-    (``generator``) and the share of one core that generator used (``generator_cpu``)."""
-    if load_generator() == "wrk":
-        return [_measure_wrk(url, body, level, seconds, warmup_s) for level in concurrency]
-    command = [sys.executable, "-m", "benchmarks.loadgen", url]
-    command += ["--concurrency", ",".join(map(str, concurrency)), "--seconds", f"{seconds:g}"]
-    command += ["--warmup", f"{warmup_s:g}", "--body", body]
-    result, cpu, wall = _run_timed(command, timeout=len(concurrency) * (seconds + warmup_s) + LOADGEN_SLACK_S)
+    (``generator``) and the share of one core that generator used (``generator_cpu``). ``body``
+    (text or bytes) is POSTed with ``headers`` (default: JSON's content type)."""
+    import tempfile
+
+    payload = body.encode() if isinstance(body, str) else body
+    headers = JSON_HEADERS if headers is None else headers
+    with tempfile.NamedTemporaryFile("wb", suffix=".body", delete=False) as file:
+        file.write(payload)
+    try:
+        if load_generator() == "wrk":
+            return [_measure_wrk(url, file.name, headers, level, seconds, warmup_s) for level in concurrency]
+        command = [sys.executable, "-m", "benchmarks.loadgen", url]
+        command += ["--concurrency", ",".join(map(str, concurrency)), "--seconds", f"{seconds:g}"]
+        command += ["--warmup", f"{warmup_s:g}", "--body-file", file.name]
+        for name, value in headers.items():
+            command += ["--header", f"{name}: {value}"]
+        result, cpu, wall = _run_timed(command, timeout=len(concurrency) * (seconds + warmup_s) + LOADGEN_SLACK_S)
+    finally:
+        os.unlink(file.name)
     points = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or len(points) != len(concurrency):
         tail = (result.stderr or result.stdout).strip()[-1500:]
@@ -83,22 +108,65 @@ def _run_timed(command: list[str], timeout: float) -> tuple[subprocess.Completed
     return result, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
 
 
-def _measure_wrk(url: str, body: str, concurrency: int, seconds: float, warmup_s: float) -> dict:
+def _measure_wrk(
+    url: str, body_path: str, headers: dict[str, str], concurrency: int, seconds: float, warmup_s: float
+) -> dict:
     """One point from ``wrk`` (one thread: the generator takes at most one core), after a warm-up run."""
     import tempfile
 
+    lines = "\n".join(f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}" for name, value in headers.items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(_WRK_SCRIPT.replace("BODY", body))
+        script.write(_WRK_SCRIPT.replace("BODY_PATH", json.dumps(body_path)).replace("HEADERS", lines))
     try:
         base = ["wrk", "-t1", f"-c{concurrency}", "--timeout", "10s", "-s", script.name]
         if warmup_s > 0:
             _run_timed([*base, f"-d{max(1, round(warmup_s))}s", url], timeout=warmup_s + LOADGEN_SLACK_S)
+        before = machine_cpu()
         result, cpu, wall = _run_timed([*base, f"-d{max(1, round(seconds))}s", url], timeout=seconds + LOADGEN_SLACK_S)
+        after = machine_cpu()
     finally:
         os.unlink(script.name)
     if result.returncode != 0:
         raise RuntimeError(f"wrk exited with {result.returncode} against {url}: {result.stderr.strip()[-1500:]}")
-    return {**wrk_point(result.stdout, concurrency), "generator": "wrk", "generator_cpu": round(cpu / wall, 3)}
+    point = wrk_point(result.stdout, concurrency)
+    return {
+        **point,
+        "generator": "wrk",
+        "generator_cpu": round(cpu / wall, 3),
+        **server_cpu(before, after, cpu, wall, point["ok"]),
+    }
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """The whole machine's busy and stolen CPU seconds since boot (``/proc/stat``), or None where
+    there is no ``/proc/stat``. Busy: user, nice, system, irq and softirq; stolen: time the
+    hypervisor gave to other guests, which no process of ours is charged for."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / ticks, steal / ticks
+
+
+def server_cpu(
+    before: tuple[float, float] | None, after: tuple[float, float] | None, generator_s: float, wall: float, ok: int
+) -> dict:
+    """What serving a point's requests cost the machine: the busy CPU seconds of every process but
+    the load generator, per answered request (``cpu_us_per_request``), and the share of the
+    machine's CPUs the hypervisor took (``steal``). A rate on a shared VM moves with what other
+    guests take; the CPU a request costs moves far less, so it ranks rows where rates cannot."""
+    if before is None or after is None:
+        return {}
+    busy = max(0.0, after[0] - before[0] - generator_s)
+    steal = max(0.0, after[1] - before[1]) / (wall * (os.cpu_count() or 1))
+    return {
+        "server_cpu_s": round(busy, 4),
+        "cpu_us_per_request": round(busy / ok * 1e6, 2) if ok else None,
+        "steal": round(steal, 3),
+    }
 
 
 def wrk_point(output: str, concurrency: int) -> dict:
@@ -124,7 +192,9 @@ def wrk_point(output: str, concurrency: int) -> dict:
     }
 
 
-def wait_until_answers(url: str, body: str, timeout_s: float = READY_TIMEOUT_S) -> float:
+def wait_until_answers(
+    url: str, body: str | bytes, timeout_s: float = READY_TIMEOUT_S, headers: dict[str, str] | None = None
+) -> float:
     """Seconds until ``url`` answers a scoring POST with 2xx; raises TimeoutError naming the last answer."""
     import httpx
 
@@ -133,7 +203,7 @@ def wait_until_answers(url: str, body: str, timeout_s: float = READY_TIMEOUT_S) 
     with httpx.Client(timeout=10) as client:
         while time.monotonic() - started < timeout_s:
             try:
-                answer = client.post(url, content=body, headers={"Content-Type": "application/json"})
+                answer = client.post(url, content=body, headers=JSON_HEADERS if headers is None else headers)
                 if 200 <= answer.status_code < 300:
                     return time.monotonic() - started
                 last = f"HTTP {answer.status_code}: {answer.text[:300]}"
@@ -143,8 +213,11 @@ def wait_until_answers(url: str, body: str, timeout_s: float = READY_TIMEOUT_S) 
     raise TimeoutError(f"{url} did not answer a scoring request with 2xx within {timeout_s:g}s (last: {last})")
 
 
-def measure_inprocess(onnx_bytes: bytes, row: list[float], *, seconds: float, warmup_s: float, max_calls: int) -> dict:
-    """``InferenceSession.run`` on one row in a loop; per-call rate and latency, like a loadgen point."""
+def measure_inprocess(
+    onnx_bytes: bytes, rows: list[list[float]], *, seconds: float, warmup_s: float, max_calls: int
+) -> dict:
+    """``InferenceSession.run`` on ``rows`` (one call: all of them) in a loop; per-call rate and
+    latency, like a loadgen point."""
     import numpy as np
     import onnxruntime
 
@@ -153,7 +226,7 @@ def measure_inprocess(onnx_bytes: bytes, row: list[float], *, seconds: float, wa
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     session = onnxruntime.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-    feeds = {session.get_inputs()[0].name: np.asarray([row], dtype=np.float32)}
+    feeds = {session.get_inputs()[0].name: np.asarray(rows, dtype=np.float32)}
     outputs = [session.get_outputs()[0].name]
     clock = time.perf_counter
     warm_until = clock() + warmup_s

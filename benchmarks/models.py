@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 N_FEATURES = 20
+MAX_ROWS_PER_REQUEST = 1024
 N_TREES = 100
 MAX_DEPTH = 6
 SEED = 7
@@ -39,6 +40,8 @@ class BenchmarkModels:
     xgboost: Any
     onnx_bytes: bytes
     row: list[float]
+    rows: list[list[float]]
+    """The held-out rows, repeated to ``MAX_ROWS_PER_REQUEST``: what batch requests send."""
     accuracy: float
     onnx_path: Path
 
@@ -80,6 +83,7 @@ def build_models(directory: Path) -> BenchmarkModels:
         xgboost=model,
         onnx_bytes=onnx_bytes,
         row=[float(x) for x in X_test[0]],
+        rows=[[float(x) for x in X_test[i % len(X_test)]] for i in range(MAX_ROWS_PER_REQUEST)],
         accuracy=accuracy,
         onnx_path=onnx_path,
     )

@@ -30,6 +30,7 @@ class RowSpec:
     group: str
     description: str
     http: bool = True
+    rows_per_request: int = 1
 
 
 ROWS = (
@@ -46,6 +47,29 @@ ROWS = (
         "FastAPI + uvicorn",
         "local",
         "one uvicorn process on 127.0.0.1 (benchmarks/fastapi_server.py), the same ONNX model, one onnxruntime thread.",
+    ),
+    RowSpec(
+        "inprocess_rows1024",
+        "in-process predict, 1,024 rows",
+        "local",
+        "onnxruntime InferenceSession.run on 1,024 rows at a time (the held-out rows, repeated) in one Python "
+        "process: the model's own speed on a batch, the ceiling of any server's rows/s.",
+        http=False,
+        rows_per_request=1024,
+    ),
+    RowSpec(
+        "fastapi_rows64",
+        "FastAPI + uvicorn, 64 rows",
+        "local",
+        "the FastAPI server with 64 rows per request (request.json(), numpy.asarray, predict).",
+        rows_per_request=64,
+    ),
+    RowSpec(
+        "fastapi_rows1024",
+        "FastAPI + uvicorn, 1,024 rows",
+        "local",
+        "the FastAPI server with 1,024 rows per request.",
+        rows_per_request=1024,
     ),
     RowSpec(
         "handwritten_proxy",
@@ -124,18 +148,42 @@ ROWS = (
         "default",
         "the 'ours' app's exact settings, as an app of its own, plus prediction capture of 10% of requests "
         '(capture={"sample": 0.1}: each replica hands a sampled copy of the request and its answer to a background '
-        "writer thread, which writes Parquet every flush_s, here 1 s, under the harness's work dir). Against "
-        "'ours' it measures what capture costs the request path; its points are taken in turn with ours' at "
-        "each level, and every point (of any row) is followed by a pause of flush_s + 1 s, so that the "
-        "writer's last batch is written before the next point starts and every point starts alike.",
+        "writer thread, which writes Parquet every flush_s, here 0.25 s, under the harness's work dir). Against "
+        "'ours' it measures what capture costs the request path; its segments are taken in turn with ours' "
+        "(and the other interleaved rows') at each level, and every segment (of any row) is followed by a pause "
+        "of flush_s + 0.1 s, so that the writer's last batch is written before the next segment starts and "
+        "every segment starts alike.",
     ),
     RowSpec(
         "ours_capture100",
         "ours, capture 100%",
         "default",
         'the same with every request captured (capture={"sample": 1.0}): the upper bound of what capture costs, '
-        "writer included (a 2 s point of --quick may or may not contain one of its 5-second writes; --full's "
-        "10 s points contain two).",
+        "writer included (every segment contains several of its writes).",
+    ),
+    RowSpec(
+        "ours_rows64",
+        "ours, 64 rows",
+        "default",
+        "the 'ours' app's settings, as an app of its own, with 64 rows per request "
+        '({"instances": [64 rows]}): batch scoring.',
+        rows_per_request=64,
+    ),
+    RowSpec(
+        "ours_rows1024",
+        "ours, 1,024 rows",
+        "default",
+        "the same with 1,024 rows per request (about 390 KB of JSON).",
+        rows_per_request=1024,
+    ),
+    RowSpec(
+        "ours_oip_binary1024",
+        "ours, OIP binary tensors, 1,024 rows",
+        "default",
+        "the same 1,024 rows as an Open Inference Protocol request in its binary tensor extension (a JSON "
+        "header, then the rows as 80 KB of little-endian FP32; Inference-Header-Content-Length), the answer "
+        "asked for in binary too: what tritonclient sends by default.",
+        rows_per_request=1024,
     ),
     RowSpec(
         "ours_batched",
@@ -165,6 +213,12 @@ class Settings:
     deploy_cost: bool = False
     group_timeout_s: float = 600.0
     repeat: int = 1  # rounds of every group; each point reports its median round
+    # The interleaved rows (groups.INTERLEAVED_ROWS) are measured in cycles: at each level, every
+    # row one segment of segment_s in turn, at least min_cycles and at most max_cycles times,
+    # stopping early once every target at that level is decided (benchmarks/report.py).
+    segment_s: float = 2.0
+    min_cycles: int = 1
+    max_cycles: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,13 +232,18 @@ MODES = {
         warmup_s=0.3,
         rows=("inprocess", "fastapi", "ours"),
         group_timeout_s=300.0,
+        segment_s=1.0,
     ),
     "quick": Settings(
         mode="quick",
         seconds=2.0,
         warmup_s=0.5,
         rows=tuple(r.id for r in ROWS if r.id not in ("ours_ab_xgb", "handwritten_direct")),
-        group_timeout_s=300.0,
+        group_timeout_s=900.0,
+        repeat=3,
+        segment_s=1.0,
+        min_cycles=4,
+        max_cycles=6,
     ),
     "full": Settings(
         mode="full",
@@ -192,7 +251,11 @@ MODES = {
         warmup_s=2.0,
         rows=tuple(r.id for r in ROWS),
         deploy_cost=True,
-        group_timeout_s=1800.0,
+        group_timeout_s=3600.0,
+        repeat=3,
+        segment_s=2.0,
+        min_cycles=6,
+        max_cycles=16,
     ),
 }
 
@@ -207,7 +270,14 @@ def settings_for(mode: str, **overrides: Any) -> Settings:
         raise ValueError(f"rows: {', '.join(unknown)} unknown; rows are {', '.join(ROWS_BY_ID)}")
     if given.get("repeat", 1) < 1:
         raise ValueError(f"repeat: expected a whole number of rounds >= 1, got {given['repeat']}")
-    return replace(MODES[mode], **given)
+    settings = replace(MODES[mode], **given)
+    if not 1 <= settings.min_cycles <= settings.max_cycles:
+        raise ValueError(
+            f"cycles: expected 1 <= min_cycles <= max_cycles, got {settings.min_cycles} and {settings.max_cycles}"
+        )
+    if settings.segment_s <= 0:
+        raise ValueError(f"segment_s: expected seconds > 0, got {settings.segment_s:g}")
+    return settings
 
 
 @dataclass(frozen=True)
@@ -220,10 +290,23 @@ class Plan:
     request_row: list[float]
     model_refs: dict[str, Any] = field(default_factory=dict)
     repo: str = ""
+    request_rows: list[list[float]] = field(default_factory=list)
+    """Held-out rows, repeated up to the most rows per request any row sends."""
 
     @property
     def body(self) -> str:
         return json.dumps({"instances": [self.request_row]})
+
+    def rows_for(self, spec: RowSpec) -> list[list[float]]:
+        """The rows one request of ``spec`` carries."""
+        if spec.rows_per_request == 1:
+            return [self.request_row]
+        if len(self.request_rows) < spec.rows_per_request:
+            raise ValueError(f"the plan holds {len(self.request_rows)} rows; {spec.id} sends {spec.rows_per_request}")
+        return self.request_rows[: spec.rows_per_request]
+
+    def body_for(self, spec: RowSpec) -> str:
+        return json.dumps({"instances": self.rows_for(spec)})
 
     def rows_of(self, group: str) -> list[RowSpec]:
         return [ROWS_BY_ID[r] for r in self.settings.rows if ROWS_BY_ID[r].group == group]

@@ -1,10 +1,17 @@
 """Ratios between rows, the issue's targets, and the Markdown and PNG reports.
 
 Throughput ratios divide requests/s of two rows at the same concurrency; the shadow cost is the
-relative increase of p50 latency (``p50(shadow) / p50(ours) - 1``). With ``--repeat``, a ratio
-is the median of its round-by-round values: rounds are interleaved, so round i of one row ran
-close in time to round i of the other, and a slow spell of the machine affects both sides. A target is *met* or
-*missed* at each concurrency it applies to, and *n/a* when a row is missing or failed.
+relative increase of p50 latency (``p50(shadow) / p50(ours) - 1``). A ratio is estimated from
+*pairs*: measurements of the two rows taken close in time, so that a slow spell of the machine
+meets both sides. Rows measured in cycles (``benchmarks.groups.measure_interleaved_rows``: short
+segments of every row in turn, several cycles per level) pair segment i of one with segment i of
+the other; rows of other heads pair round i with round i (``--repeat``: rounds are interleaved).
+The estimate is the median of the paired values, with a distribution-free confidence interval of
+that median (``median_interval``: order statistics of the pairs, at least ``CONFIDENCE`` when
+there are enough of them). A target is *met* when the whole interval clears it, *missed* when the
+whole interval falls short, and *too close to call* when the interval straddles it: more pairs
+would decide, and the report says so rather than let one noisy run flip a verdict. With a single
+pair there is no interval and the value alone decides. *n/a*: a row is missing or failed.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import os
 import statistics
 from dataclasses import dataclass
+from math import comb
 from pathlib import Path
 from typing import Any
 
@@ -30,27 +38,37 @@ class Ratio:
     target: float | None = None
     target_at: tuple[int, ...] | None = None  # concurrencies the target applies to; None: all
 
-    def value(self, num: dict[str, Any] | None, den: dict[str, Any] | None) -> float | None:
-        """The ratio of two points; of several rounds, the median of the round-by-round ratios."""
-        if not num or not den:
-            return None
-        paired = num.get("rounds"), den.get("rounds")
-        if paired[0] and paired[1] and len(paired[0]) == len(paired[1]) > 1:
-            values = [self.value(a, b) for a, b in zip(*paired)]
-            return statistics.median(values) if None not in values else None
+    def sample(self, num: dict[str, Any], den: dict[str, Any]) -> float | None:
+        """The ratio of one pair of measurements."""
         if self.metric == "rps":
             return num["rps"] / den["rps"] if num.get("rps") and den.get("rps") else None
         if num.get("p50_ms") is None or not den.get("p50_ms"):
             return None
         return num["p50_ms"] / den["p50_ms"] - 1.0
 
-    def status(self, value: float | None, concurrency: int) -> str | None:
+    def samples(self, num: dict[str, Any] | None, den: dict[str, Any] | None) -> list[float] | None:
+        """One value per pair (``measurement_pairs``); None if a side is missing or a pair cannot be read."""
+        if not num or not den:
+            return None
+        values = [self.sample(a, b) for a, b in measurement_pairs(num, den)]
+        return None if not values or None in values else values  # type: ignore[return-value]
+
+    def value(self, num: dict[str, Any] | None, den: dict[str, Any] | None) -> float | None:
+        """The ratio of two points: the median of its paired values."""
+        values = self.samples(num, den)
+        return statistics.median(values) if values else None
+
+    def status(self, value: float | None, concurrency: int, interval: tuple[float, float] | None = None) -> str | None:
+        """``met``, ``missed``, ``close`` (the interval straddles the target) or ``n/a``; None
+        where no target applies. Without an interval (a single pair), the value decides."""
         if self.target is None or (self.target_at is not None and concurrency not in self.target_at):
             return None
         if value is None:
             return "n/a"
-        met = value >= self.target if self.metric == "rps" else value <= self.target
-        return "met" if met else "missed"
+        low, high = interval if interval is not None else (value, value)
+        if self.metric == "rps":
+            return "met" if low >= self.target else "missed" if high < self.target else "close"
+        return "met" if high <= self.target else "missed" if low > self.target else "close"
 
     def describe_target(self) -> str:
         if self.target is None:
@@ -101,15 +119,104 @@ RATIOS = (
         "handwritten_proxy",
     ),
     Ratio("ours_vs_fastapi", "ours / FastAPI + uvicorn", "ours", "fastapi"),
+    Ratio(
+        "rows1024_vs_fastapi",
+        "ours / FastAPI, 1,024 rows per request (rows/s)",
+        "ours_rows1024",
+        "fastapi_rows1024",
+        target=1.5,
+        target_at=(8,),  # where the issue measured it
+    ),
+    Ratio("rows64_vs_fastapi", "ours / FastAPI, 64 rows per request (rows/s)", "ours_rows64", "fastapi_rows64"),
+    Ratio(
+        "oip_binary1024_vs_inprocess",
+        "ours, OIP binary tensors / in-process predict, 1,024 rows per request (rows/s)",
+        "ours_oip_binary1024",
+        "inprocess_rows1024",
+        target=0.5,
+        target_at=(8,),
+    ),
+    Ratio(
+        "rows1024_vs_inprocess",
+        "ours / in-process predict, 1,024 rows per request (rows/s)",
+        "ours_rows1024",
+        "inprocess_rows1024",
+    ),
 )
 
 
-def point_at(row: dict[str, Any] | None, concurrency: int) -> dict[str, Any] | None:
-    """The row's point at a concurrency (the in-process row's single point counts as c=1)."""
+CONFIDENCE = 0.9
+"""The confidence a verdict's interval aims at (``median_interval``)."""
+
+
+def measurement_pairs(num: dict[str, Any], den: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The measurements of two points taken close in time, as pairs: round by round when both
+    points hold ``rounds`` of the same count (in the order they ran), and within a round (or a
+    point of one round) segment by segment when both hold ``segments`` of the same count (the
+    cycles of ``measure_interleaved_rows``); else the two points themselves."""
+    rounds = num.get("rounds"), den.get("rounds")
+    if rounds[0] and rounds[1] and len(rounds[0]) == len(rounds[1]):
+        return [pair for a, b in zip(*rounds) for pair in measurement_pairs(a, b)]
+    segments = num.get("segments"), den.get("segments")
+    if segments[0] and segments[1] and len(segments[0]) == len(segments[1]):
+        return list(zip(*segments))
+    return [(num, den)]
+
+
+def median_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """The interval ``[x(k), x(n+1-k)]`` of the sorted values that holds their population's median
+    with probability ``1 - 2 P(B <= k - 1)``, B ~ Binomial(n, 1/2) (no assumption about the
+    distribution): the narrowest such interval of at least ``confidence``, or, with too few values
+    for that, the whole range. Returns (low, high, its confidence)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("median_interval of no values")
+
+    def at_most(j: int) -> float:  # P(B <= j)
+        return sum(comb(n, i) for i in range(j + 1)) / 2**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and 1 - 2 * at_most(k) >= confidence:
+        k += 1
+    return ordered[k - 1], ordered[n - k], max(0.0, 1 - 2 * at_most(k - 1))
+
+
+def estimate(ratio: Ratio, num: dict[str, Any] | None, den: dict[str, Any] | None, concurrency: int) -> dict[str, Any]:
+    """A ratio at one concurrency: its median, interval, pair count and status."""
+    values = ratio.samples(num, den)
+    if not values:
+        return {"value": None, "status": ratio.status(None, concurrency)}
+    value = statistics.median(values)
+    entry: dict[str, Any] = {"value": round(value, 4), "pairs": len(values)}
+    interval = None
+    if len(values) > 1:
+        low, high, coverage = median_interval(values)
+        interval = (low, high)
+        entry.update(low=round(low, 4), high=round(high, 4), confidence=round(coverage, 3))
+    entry["status"] = ratio.status(value, concurrency, interval)
+    return entry
+
+
+def verdict_of(statuses: list[str]) -> str | None:
+    """One verdict for a ratio from its statuses at each concurrency its target applies to."""
+    if not statuses:
+        return None
+    for verdict in ("missed", "n/a", "close"):
+        if verdict in statuses:
+            return verdict
+    return "met"
+
+
+def point_at(row: dict[str, Any] | None, concurrency: int, *, any_level: bool = False) -> dict[str, Any] | None:
+    """The row's point at a concurrency. An in-process row's single point (no concurrency) counts
+    as c=1, or as every level with ``any_level`` (what ratios against the model's own speed use)."""
     if not row or row.get("error"):
         return None
     for point in row.get("points", []):
-        if point.get("concurrency") == concurrency or (point.get("concurrency") is None and concurrency == 1):
+        if point.get("concurrency") == concurrency or (
+            point.get("concurrency") is None and (concurrency == 1 or any_level)
+        ):
             return point
     return None
 
@@ -121,14 +228,15 @@ def compute_ratios(rows: list[dict[str, Any]], concurrency: tuple[int, ...]) -> 
     for ratio in RATIOS:
         if ratio.numerator not in by_id or ratio.denominator not in by_id:
             continue
-        at = {}
-        for c in concurrency:
-            value = ratio.value(point_at(by_id[ratio.numerator], c), point_at(by_id[ratio.denominator], c))
-            at[str(c)] = {"value": None if value is None else round(value, 4), "status": ratio.status(value, c)}
-        statuses = [entry["status"] for entry in at.values() if entry["status"]]
-        verdict = None
-        if statuses:
-            verdict = "met" if all(s == "met" for s in statuses) else "n/a" if "n/a" in statuses else "missed"
+        at = {
+            str(c): estimate(
+                ratio,
+                point_at(by_id[ratio.numerator], c, any_level=True),
+                point_at(by_id[ratio.denominator], c, any_level=True),
+                c,
+            )
+            for c in concurrency
+        }
         found.append(
             {
                 "name": ratio.name,
@@ -140,7 +248,7 @@ def compute_ratios(rows: list[dict[str, Any]], concurrency: tuple[int, ...]) -> 
                 "target_at": list(ratio.target_at) if ratio.target_at else None,
                 "target_text": ratio.describe_target(),
                 "at": at,
-                "verdict": verdict,
+                "verdict": verdict_of([entry["status"] for entry in at.values() if entry["status"]]),
             }
         )
     return found
@@ -163,14 +271,16 @@ def _ms(value: float | None) -> str:
 
 def _ratio_text(ratio: dict[str, Any], c: int) -> str:
     entry = ratio["at"].get(str(c), {})
+
+    def shown(value: float) -> str:
+        return f"{value:+.1%}" if ratio["metric"] == "p50_cost" else f"{value:.2f}x"
+
     value = entry.get("value")
-    if value is None:
-        text = "–"
-    elif ratio["metric"] == "p50_cost":
-        text = f"{value:+.1%}"
-    else:
-        text = f"{value:.2f}x"
+    text = "–" if value is None else shown(value)
+    if value is not None and entry.get("low") is not None:
+        text += f" [{shown(entry['low'])}, {shown(entry['high'])}]"
     status = entry.get("status")
+    status = {"close": "too close to call"}.get(status, status)
     return f"{text} ({status})" if status else text
 
 
@@ -194,6 +304,33 @@ def results_table(rows: list[dict[str, Any]], concurrency: tuple[int, ...]) -> l
     return lines
 
 
+def rows_per_request_table(rows: list[dict[str, Any]], concurrency: tuple[int, ...]) -> list[str]:
+    """Rows scored per second (requests/s times rows per request) of the rows that send batches,
+    beside the one-row rows of the same servers; empty if no row sends more than one row."""
+    if not any(ROWS_BY_ID.get(row["id"]) and ROWS_BY_ID[row["id"]].rows_per_request > 1 for row in rows):
+        return []
+    shown = [row for row in rows if row["id"] in BATCH_REFERENCES or ROWS_BY_ID[row["id"]].rows_per_request > 1]
+    lines = [
+        "| row | rows per request | " + " | ".join(f"c={c} rows/s" for c in concurrency) + " |",
+        "|---|---:|" + "---:|" * len(concurrency),
+    ]
+    for row in shown:
+        per_request = ROWS_BY_ID[row["id"]].rows_per_request
+        cells = []
+        for c in concurrency:
+            point = point_at(row, c)
+            if point is None or (point.get("concurrency") is None and c != 1):
+                cells.append("error" if row.get("error") else "–")
+            else:
+                cells.append(_number((point.get("rps") or 0.0) * per_request))
+        lines.append(f"| {row['title']} | {per_request:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+BATCH_REFERENCES = ("inprocess", "fastapi", "ours")
+"""The one-row rows the rows-per-request table shows beside the batch rows."""
+
+
 def ratios_table(ratios: list[dict[str, Any]], concurrency: tuple[int, ...]) -> list[str]:
     lines = [
         "| ratio | target | " + " | ".join(f"c={c}" for c in concurrency) + " | verdict |",
@@ -201,7 +338,9 @@ def ratios_table(ratios: list[dict[str, Any]], concurrency: tuple[int, ...]) -> 
     ]
     for ratio in ratios:
         cells = [_ratio_text(ratio, c) for c in concurrency]
-        verdict = {"met": "**met**", "missed": "**missed**", "n/a": "n/a"}.get(ratio["verdict"], "")
+        verdict = {"met": "**met**", "missed": "**missed**", "n/a": "n/a", "close": "too close to call"}.get(
+            ratio["verdict"], ""
+        )
         lines.append(f"| {ratio['title']} | {ratio['target_text']} | " + " | ".join(cells) + f" | {verdict} |")
     return lines
 
@@ -305,7 +444,7 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         f"{results['started_at']} "
         f"({results['wall_s']:.0f} s). Regenerate with "
         "`python -m benchmarks.run --full --repeat 3 --out docs/benchmarks.json --markdown docs/benchmarks.md` "
-        "(`--quick` for a 3-minute run; `python -m benchmarks.run --help` for the options); the raw results, "
+        "(`--quick` for a shorter run, 10-20 minutes on 2 cores; `python -m benchmarks.run --help` for the options); the raw results, "
         "every round included, are in `docs/benchmarks.json` (`--render docs/benchmarks.json` rewrites this "
         "page from them). Timing on a shared 2-core machine is noisy: compare rows of one run, not runs.",
         "",
@@ -327,9 +466,11 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         + "c = connections, each with one request in flight. Every HTTP row sends the same "
         f'`{{"instances": [[...{model.get("features", 20)} floats...]]}}` and gets the ONNX model\'s label back, '
         "except the protocol rows (MLflow `/invocations`, Open Inference Protocol), which send that row in "
-        "their protocol to the same app as `ours, 1 variant`. Those rows and the capture rows (apps of their "
-        "own with its settings plus `capture`) have their points taken in turn with its points at each level, "
-        "the order turned by one row each level.",
+        "their protocol to the same app as `ours, 1 variant`. The rows that ratios compare with `ours` (the "
+        "protocol, capture, A/B and shadow rows) are deployed together and measured in cycles: at each level, "
+        f"one {settings.get('segment_s', 2):g} s segment of every such row in turn, the order turned each cycle, "
+        f"{settings.get('min_cycles', 1)} to {settings.get('max_cycles', 1)} cycles (more while a target is "
+        "too close to call); their rate is over all their segments, their latencies the median segment's.",
         "",
         *results_table(rows, concurrency),
         "",
@@ -341,20 +482,30 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         lines.append("")
     if plot_name:
         lines += [f"![requests per second by row and concurrency, log scale]({plot_name})", ""]
+    batches = rows_per_request_table(rows, concurrency)
+    if batches:
+        lines += [
+            "## Rows per request",
+            "",
+            "Rows scored per second when each request carries 1, 64 or 1,024 rows (the held-out rows, "
+            "repeated): requests/s above times rows per request. In-process predict is the model's own "
+            "speed on the same batch (no HTTP, no JSON), measured once (under c=1).",
+            "",
+            *batches,
+            "",
+        ]
     lines += capture_lines(rows, settings.get("repeat", 1))
     lines += [
         "## Ratios and the issue's targets",
         "",
-        *(
-            [
-                "Each ratio is the median of its round-by-round values (round i of one row against round i "
-                "of the other: rounds are interleaved, so both ran close in time), not the ratio of the "
-                "median rounds above.",
-                "",
-            ]
-            if settings.get("repeat", 1) > 1
-            else []
-        ),
+        "Each ratio is the median of its paired values: segment by segment for rows measured in cycles "
+        "(short segments of every such row in turn, at each level), round by round for rows of different "
+        "heads; not the ratio of the numbers above. In brackets, the interval that holds the median with "
+        f"{CONFIDENCE:.0%} confidence or more (order statistics of the pairs; with few pairs, their whole "
+        "range, which holds less). A target is met when the whole interval clears it, missed when the whole "
+        "interval falls short, and too close to call when the interval straddles it (more pairs would "
+        "decide: a longer mode, `--repeat`, or `--max-cycles`).",
+        "",
         *ratios_table(results.get("ratios", []), concurrency),
         "",
         "## Rows",

@@ -6,8 +6,15 @@
     python -m benchmarks.run --render results.json --markdown docs/benchmarks.md   (reports only)
 
 Modes: ``--smoke`` (c=1, 1 s points, in-process + FastAPI + our app, about a minute),
-``--quick`` (c=1/8/32, 2 s points, every row but the XGBoost A/B; under 3 minutes on 2 cores),
-``--full`` (10 s points, every row, and the deploy cost of the example flow).
+``--quick`` (c=1/8/32, every row but the XGBoost A/B, three rounds; 10-15 minutes on 2 cores),
+``--full`` (longer points and segments, every row, and the deploy cost of the example flow).
+
+Verdicts that hold: the rows that ratios compare with ``ours`` run together on one head in
+cycles of short segments (``--segment``, ``--min-cycles``, ``--max-cycles``), so each ratio pairs
+segments taken seconds apart; rows of other heads pair round by round (``--repeat``). Each
+target's verdict comes from the interval of the median of its pairs: met, missed, or too close
+to call when the interval straddles the target (``benchmarks/report.py``); cycles go on while a
+target is too close to call, up to ``--max-cycles``.
 
 The harness trains the model (``benchmarks/models.py``), then runs each group of rows in a
 process of its own (``benchmarks/groups.py``), each head group on a fresh Ray head with its
@@ -135,6 +142,7 @@ def prepare_plan(settings: Settings, workdir: Path) -> tuple[Plan, dict[str, Any
         workdir=str(workdir),
         onnx_path=str(models.onnx_path),
         request_row=models.row,
+        request_rows=models.rows if any(ROWS_BY_ID[r].rows_per_request > 1 for r in settings.rows) else [],
         model_refs={name: ref.model_dump(mode="json") for name, ref in refs.items()},
         repo=str(REPO),
     )
@@ -236,7 +244,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=None,
-        help="run every group N times, rounds interleaved; each point reports its median round (default 1)",
+        help="run every group N times, rounds interleaved; each point reports its median round "
+        "(default: 3 in --quick and --full, 1 in --smoke)",
+    )
+    parser.add_argument("--segment", type=float, default=None, help="seconds per segment of the interleaved rows")
+    parser.add_argument("--min-cycles", type=int, default=None, help="cycles of the interleaved rows at each level")
+    parser.add_argument(
+        "--max-cycles", type=int, default=None, help="at most this many cycles, while a target is too close to call"
     )
     parser.add_argument(
         "--deploy-cost",
@@ -255,7 +269,9 @@ def measurement_command(args: argparse.Namespace) -> str:
     for flag, value in (("--rows", args.rows), ("--concurrency", args.concurrency)):
         if value is not None:
             words.append(f"{flag} {value}")
-    for flag, value in (("--seconds", args.seconds), ("--warmup", args.warmup), ("--repeat", args.repeat)):
+    numeric = (("--seconds", args.seconds), ("--warmup", args.warmup), ("--repeat", args.repeat))
+    numeric += (("--segment", args.segment), ("--min-cycles", args.min_cycles), ("--max-cycles", args.max_cycles))
+    for flag, value in numeric:
         if value is not None:
             words.append(f"{flag} {value:g}")
     if args.deploy_cost is not None:
@@ -275,6 +291,9 @@ def build_settings(args: argparse.Namespace) -> Settings:
         warmup_s=args.warmup,
         deploy_cost=args.deploy_cost,
         repeat=args.repeat,
+        segment_s=args.segment,
+        min_cycles=args.min_cycles,
+        max_cycles=args.max_cycles,
     )
 
 
@@ -400,7 +419,9 @@ def median_rows(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                     "rounds_rps": [p.get("rps") for p in measured],
                     # Round by round, in the order they ran: ratios pair round i of one row with
                     # round i of another (benchmarks/report.py).
-                    "rounds": [{key: p.get(key) for key in ("rps", "p50_ms", "p99_ms")} for p in in_order],
+                    "rounds": [
+                        {key: p[key] for key in ("rps", "p50_ms", "p99_ms", "segments") if key in p} for p in in_order
+                    ],
                 }
             )
         row["points"] = points

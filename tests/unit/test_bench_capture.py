@@ -49,7 +49,7 @@ def test_a_capture_row_is_the_ours_app_plus_capture_into_the_work_dir(tmp_path):
     for row_id, sample in (("ours_capture10", 0.1), ("ours_capture100", 1.0)):
         options = groups.our_spec_options(ROWS_BY_ID[row_id], plan)
         capture = options.pop("capture")
-        assert capture == {"sample": sample, "flush_s": 1.0, "path": str(tmp_path.resolve() / "captures")}
+        assert capture == {"sample": sample, "flush_s": 0.25, "path": str(tmp_path.resolve() / "captures")}
         assert options.pop("app") == "bench-" + row_id.replace("_", "-") != ours["app"]
         assert options == {k: v for k, v in ours.items() if k != "app"}
         assert groups.OUR_APPS[row_id][1] == groups.OUR_APPS["ours"][1]  # the same model
@@ -104,11 +104,11 @@ def test_capture_ratios_the_issue_target_applies_at_c8_only():
     assert ten["verdict"] == "met"
     hundred = ratios["capture100_vs_plain"]
     assert hundred["target"] is None and hundred["target_text"] == "reported" and hundred["verdict"] is None
-    assert hundred["at"]["8"] == {"value": 0.5, "status": None}
+    assert hundred["at"]["8"] == {"value": 0.5, "pairs": 1, "status": None}
 
     rows[1] = _row("ours_capture10", 900, 1880, 1500)
     missed = next(r for r in compute_ratios(rows, (1, 8, 32)) if r["name"] == "capture10_vs_plain")
-    assert missed["at"]["8"] == {"value": 0.94, "status": "missed"} and missed["verdict"] == "missed"
+    assert missed["at"]["8"] == {"value": 0.94, "pairs": 1, "status": "missed"} and missed["verdict"] == "missed"
     gone = {r["name"] for r in compute_ratios([rows[0], rows[2]], (8,))}
     assert "capture10_vs_plain" not in gone and "capture100_vs_plain" in gone
 

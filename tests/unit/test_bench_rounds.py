@@ -68,10 +68,15 @@ def test_ratios_pair_rounds_in_the_order_they_ran():
     ours = next(row for row in merged if row["id"] == "ours")["points"][0]
     assert [r["rps"] for r in ours["rounds"]] == [400, 100, 300]  # in the order they ran
     ratios = {r["name"]: r["at"]["1"] for r in compute_ratios(merged, (1,))}
-    assert ratios["shadow_p50_cost"]["value"] == pytest.approx(400 / 390 - 1, abs=1e-4)
-    assert ratios["shadow_p50_cost"]["status"] == "met"
-    assert ratios["ours_vs_handwritten_haproxy"]["value"] == pytest.approx(300 / 330, abs=1e-4)
-    assert ratios["ours_vs_handwritten_haproxy"]["status"] == "missed"
+    shadow = ratios["shadow_p50_cost"]
+    assert shadow["value"] == pytest.approx(400 / 390 - 1, abs=1e-4)
+    # Three pairs, one of them an outlier: their range is the interval (75% confidence), and it
+    # straddles the 10% budget, so the verdict waits for more pairs instead of trusting the median.
+    assert (shadow["pairs"], shadow["low"], shadow["high"]) == (3, pytest.approx(100 / 98 - 1, abs=1e-4), 1.0)
+    assert shadow["confidence"] == 0.75 and shadow["status"] == "close"
+    haproxy = ratios["ours_vs_handwritten_haproxy"]
+    assert haproxy["value"] == pytest.approx(300 / 330, abs=1e-4)
+    assert haproxy["high"] == pytest.approx(400 / 440, abs=1e-4) and haproxy["status"] == "missed"
     # One round (points without rounds): the plain ratio of the two points.
     single = {r["name"]: r["at"]["1"]["value"] for r in compute_ratios(rounds[2], (1,))}
     assert single["shadow_p50_cost"] == pytest.approx(300 / 150 - 1, abs=1e-4)

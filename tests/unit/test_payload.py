@@ -2,6 +2,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ray_deploy.models.predictors.base import RequestError
 from ray_deploy.serving.payload import parse_body, parse_csv, parse_model_input
@@ -136,3 +138,61 @@ def test_params_travel_with_the_rows():
     assert parse_model_input({"instances": [[1.0]]}).params is None
     with pytest.raises(RequestError, match="params must be a JSON object"):
         parse_model_input({"instances": [[1.0]], "params": [1, 2]})
+
+
+# Bodies where a fast decoder and the standard library could part ways: parse_body must accept
+# and refuse exactly what the standard library does, with the same values and messages.
+DECODER_EDGES = [
+    b'{"instances": [[1, 2.5e-3, -0.0, 1e308, 5e-324]]}',
+    b'{"s": "\\ud800"}',  # an escaped lone surrogate
+    b'{"a": 1, "a": 2}',  # a repeated key: the last wins
+    b'{"x": 1e400}',  # past a double's range
+    b'\xef\xbb\xbf{"a": 1}',  # a byte-order mark
+    b'{"a": "tab\there"}',  # a raw control character in a string
+    b'{"a": 1} x',  # text after the value
+    b'{"instances": [[NaN]]}',
+    b"\xff\xfe",
+    b"",
+]
+
+
+def _decoded(body):
+    try:
+        return "ok", parse_body(body)
+    except RequestError as exc:
+        return "refused", exc.message
+
+
+@pytest.mark.parametrize("body", DECODER_EDGES)
+def test_the_fast_decoder_accepts_and_refuses_what_the_standard_library_does(body, monkeypatch):
+    import ray_deploy.serving.payload as payload
+
+    assert payload._fast_loads is not None, "orjson is a dependency: the fast path must be in use"
+    fast = _decoded(body)
+    monkeypatch.setattr(payload, "_fast_loads", None)  # the standard library alone
+    slow = _decoded(body)
+    assert repr(fast) == repr(slow)  # repr: nan != nan, -0.0 == 0.0
+
+
+def test_an_integer_beyond_64_bits_arrives_as_the_nearest_float():
+    big = 123456789012345678901234567890
+    assert parse_body(b'{"big": %d, "edge": %d}' % (big, 2**63 - 1)) == {"big": float(big), "edge": 2**63 - 1}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(),
+        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
+        max_leaves=30,
+    )
+)
+def test_any_json_value_decodes_as_the_standard_library_decodes_it(value):
+    import json
+
+    body = json.dumps(value).encode()
+    assert repr(parse_body(body)) == repr(json.loads(body))
