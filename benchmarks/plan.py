@@ -273,10 +273,11 @@ def settings_for(mode: str, **overrides: Any) -> Settings:
     settings = replace(MODES[mode], **given)
     if not 1 <= settings.min_cycles <= settings.max_cycles:
         raise ValueError(
-            f"cycles: expected 1 <= min_cycles <= max_cycles, got {settings.min_cycles} and {settings.max_cycles}"
+            "cycles (--min-cycles, --max-cycles): expected 1 <= min_cycles <= max_cycles, "
+            f"got {settings.min_cycles} and {settings.max_cycles}"
         )
     if settings.segment_s <= 0:
-        raise ValueError(f"segment_s: expected seconds > 0, got {settings.segment_s:g}")
+        raise ValueError(f"segment_s (--segment): expected seconds > 0, got {settings.segment_s:g}")
     return settings
 
 
