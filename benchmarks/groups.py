@@ -560,6 +560,7 @@ def run_head_group(group: str, plan: Plan) -> dict[str, Any]:
     }
     rows: list[dict[str, Any]] = []
     deploy_cost = None
+    studies = None
     started = time.monotonic()
     try:
         start_local_cluster()
@@ -580,6 +581,10 @@ def run_head_group(group: str, plan: Plan) -> dict[str, Any]:
                 else:
                     measure = partial(measure_our_row, spec, plan, keep=keep)
                 rows.append(attempt(spec, measure))
+            if group == "default" and plan.settings.studies:
+                from benchmarks.studies import run_studies
+
+                studies = run_studies(plan)
             if group == "default" and plan.settings.deploy_cost:
                 deploy_cost = measure_deploy_cost(plan)
     except Exception as exc:
@@ -591,7 +596,7 @@ def run_head_group(group: str, plan: Plan) -> dict[str, Any]:
         stopping = time.monotonic()
         stop_local_cluster(grace_s=HEAD_STOP_GRACE_S)
         head["stop_s"] = round(time.monotonic() - stopping, 2)
-    return {"group": group, "head": head, "rows": rows, "deploy_cost": deploy_cost}
+    return {"group": group, "head": head, "rows": rows, "deploy_cost": deploy_cost, "studies": studies}
 
 
 def run_local_group(plan: Plan) -> dict[str, Any]:
@@ -600,7 +605,7 @@ def run_local_group(plan: Plan) -> dict[str, Any]:
     served = [spec for spec in specs if spec.http]
     if served:
         rows += measure_fastapi_rows(plan, served)
-    return {"group": "local", "head": None, "rows": rows, "deploy_cost": None}
+    return {"group": "local", "head": None, "rows": rows, "deploy_cost": None, "studies": None}
 
 
 # -- deploy cost -------------------------------------------------------------------------------

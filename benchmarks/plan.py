@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 GROUPS = ("local", "proxy", "haproxy", "default")
+STUDIES = ("apps", "scale_out")
+"""Studies of the default head (``benchmarks/studies.py``): many apps on it, and scale-out under a load step."""
 GROUP_DATA_PATHS = {"proxy": "proxy", "haproxy": "haproxy", "default": "default"}
 
 
@@ -211,6 +213,10 @@ class Settings:
     batch_wait_timeout_s: float = 0.002
     inprocess_max_calls: int = 2_000_000
     deploy_cost: bool = False
+    # Studies on the default head, after its rows, in the first round only (benchmarks/studies.py).
+    studies: tuple[str, ...] = ()
+    many_apps: tuple[int, ...] = (10, 30)  # the "apps" study's checkpoints; it deploys up to the last
+    scale_out_slices: int = 30  # one-second slices after the "scale_out" study's load step
     group_timeout_s: float = 600.0
     repeat: int = 1  # rounds of every group; each point reports its median round
     # The interleaved rows (groups.INTERLEAVED_ROWS) are measured in cycles: at each level, every
@@ -240,6 +246,8 @@ MODES = {
         warmup_s=0.5,
         rows=tuple(r.id for r in ROWS if r.id not in ("ours_ab_xgb", "handwritten_direct")),
         group_timeout_s=900.0,
+        studies=("apps", "scale_out"),
+        many_apps=(10,),
         repeat=3,
         segment_s=1.0,
         min_cycles=4,
@@ -251,6 +259,8 @@ MODES = {
         warmup_s=2.0,
         rows=tuple(r.id for r in ROWS),
         deploy_cost=True,
+        studies=("apps", "scale_out"),
+        scale_out_slices=45,
         group_timeout_s=3600.0,
         repeat=3,
         segment_s=2.0,
@@ -276,6 +286,11 @@ def settings_for(mode: str, **overrides: Any) -> Settings:
             "cycles (--min-cycles, --max-cycles): expected 1 <= min_cycles <= max_cycles, "
             f"got {settings.min_cycles} and {settings.max_cycles}"
         )
+    unknown = [name for name in settings.studies if name not in STUDIES]
+    if unknown:
+        raise ValueError(f"studies (--studies): {', '.join(unknown)} unknown; studies are {', '.join(STUDIES)}")
+    if settings.studies and (not settings.many_apps or min(settings.many_apps) < 1):
+        raise ValueError(f"many_apps: expected app counts >= 1, got {settings.many_apps}")
     if settings.segment_s <= 0:
         raise ValueError(f"segment_s (--segment): expected seconds > 0, got {settings.segment_s:g}")
     return settings
@@ -321,7 +336,8 @@ class Plan:
         data = json.loads(path.read_text())
         settings = data.pop("settings")
         settings["concurrency"] = tuple(settings["concurrency"])
-        settings["rows"] = tuple(settings["rows"])
+        for key in ("rows", "studies", "many_apps"):
+            settings[key] = tuple(settings[key])
         return cls(settings=Settings(**settings), **data)
 
 

@@ -396,6 +396,85 @@ def deploy_cost_lines(cost: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+APPS_TARGET = 1.5
+"""Deploying the 30th app (of the apps study) costs at most this many times the first (issue #17)."""
+
+
+def studies_lines(studies: dict[str, Any] | None) -> list[str]:
+    """The apps and scale-out studies of the default head (``benchmarks/studies.py``)."""
+    if not studies:
+        return ["Not measured in this run (`--studies apps,scale_out`, on by default in `--quick` and `--full`)."]
+    lines: list[str] = []
+    apps = studies.get("apps")
+    if apps:
+        lines += [
+            "### Many apps on one head",
+            "",
+            "Apps deployed one after the other with the package's `deploy` (one ONNX replica each, "
+            f"`num_cpus={apps.get('num_cpus', 0):g}`, lineage off), each asked until it answers; at each checkpoint, "
+            "the memory of the replicas (resident, and unique: what a replica adds), of Serve's controller and of "
+            "our front (its actor and HAProxy), and the controller's CPU share with no traffic.",
+            "",
+            "| apps | that app: deploy s | to first answer s | replica RSS MB | replica USS MB | all replicas USS MB "
+            "| Serve controller RSS MB | controller idle CPU | front RSS MB |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        by_count = {a["apps"]: a for a in apps.get("apps", [])}
+        memory = {m["apps"]: m for m in apps.get("memory", [])}
+        for count in sorted({1, *memory}):
+            a, m = by_count.get(count, {}), memory.get(count, {})
+            lines.append(
+                f"| {count} | {_number(a.get('deploy_s'), 2)} | {_number(a.get('first_answer_s'), 2)} "
+                f"| {_number(m.get('replica_rss_mb'), 0)} | {_number(m.get('replica_uss_mb'), 0)} "
+                f"| {_number(m.get('replicas_uss_total_mb'), 0)} | {_number(m.get('serve_controller_rss_mb'), 0)} "
+                f"| {_percent(m.get('serve_controller_idle_cpu'))} | {_number(m.get('front_rss_mb'), 0)} |"
+            )
+        cost = apps.get("cost_of_last")
+        if cost and cost.get("ratio") is not None:
+            verdict = "met" if cost["ratio"] <= APPS_TARGET else "missed"
+            lines += [
+                "",
+                f"Deploying app {cost['apps']} cost {cost['ratio']:.2f}x the first (median deploy-to-first-answer of "
+                f"the last {cost['window']} apps, {cost['last_s']:.2f} s, over the first {cost['window']}, "
+                f"{cost['first_s']:.2f} s; one deploy per app, so no interval): target <= {APPS_TARGET:g}x "
+                f"at 30 apps, **{verdict}**"
+                + ("" if cost["apps"] >= 30 else f" (this run stopped at {cost['apps']} apps)")
+                + f". Deleting all {len(apps.get('apps', []))} took {_number(apps.get('delete_all_s'), 1)} s.",
+            ]
+        if apps.get("error"):
+            lines += ["", f"Error: `{apps['error']}`"]
+        lines.append("")
+    scale = studies.get("scale_out")
+    if scale:
+        auto = scale.get("autoscaling", {})
+        starts = scale.get("replica_start_s") or []
+        final = (scale.get("replicas") or [{}])[-1]
+        lines += [
+            "### Scale-out under a load step",
+            "",
+            f"One app with replica autoscaling (`min_replicas` {auto.get('min_replicas')}, `max_replicas` "
+            f"{auto.get('max_replicas')}, `target_ongoing_requests` {auto.get('target_ongoing_requests')}, "
+            f"`upscale_delay_s` {auto.get('upscale_delay_s')}, `look_back_period_s` {auto.get('look_back_period_s')}; "
+            f"`num_cpus={scale.get('num_cpus', 0):g}` each): wrk at c=1, then a step to c=32, in one-second "
+            "slices back to back, while Serve's replica states are polled every 0.2 s.",
+            "",
+            "| p99 before the step ms | p99, first slice after ms | steady p99 after ms | back under 2x steady after s "
+            "| replicas at the end | replica start (STARTING to RUNNING) s |",
+            "|---:|---:|---:|---:|---:|---|",
+            f"| {_ms(scale.get('p99_before_ms'))} | {_ms(scale.get('p99_first_slice_ms'))} "
+            f"| {_ms(scale.get('steady_p99_ms'))} | {_number(scale.get('recovered_s'), 1)} "
+            f"| {final.get('running', '')} | {', '.join(f'{x:.1f}' for x in starts) or 'none started'} |",
+        ]
+        if scale.get("error"):
+            lines += ["", f"Error: `{scale['error']}`"]
+        lines.append("")
+    return lines
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.0%}"
+
+
 def capture_lines(rows: list[dict[str, Any]], repeat: int = 1) -> list[str]:
     """What the capture rows' apps captured (a check that the rows measured capture at work)."""
     captured = [row for row in rows if row.get("capture")]
@@ -543,6 +622,9 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         "",
         *deploy_cost_lines(results.get("deploy_cost")),
         "",
+        "## Many apps, scale-out",
+        "",
+        *studies_lines(results.get("studies")),
         "## Heads",
         "",
         "| group | RAY_DEPLOY_DATA_PATH | recorded data path | head start s | head stop s | error |",

@@ -258,6 +258,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="time the example flow with and without its deploy (default: on in --full)",
     )
+    parser.add_argument(
+        "--studies",
+        default=None,
+        help="comma-separated studies of the default head, or 'none': apps (many apps on one head), "
+        "scale_out (a load step with replica autoscaling); default: both in --quick and --full",
+    )
+    parser.add_argument(
+        "--apps", default=None, help="the apps study's checkpoints, e.g. 10,30 (it deploys up to the last)"
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="keep models, plan and logs here")
     parser.add_argument("--stop-existing-head", action="store_true", help="stop a head on the benchmark ports first")
     return parser.parse_args(argv)
@@ -266,7 +275,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def measurement_command(args: argparse.Namespace) -> str:
     """The command that repeats this run's measurements (where the reports go left out)."""
     words = ["python -m benchmarks.run", f"--{args.mode}"]
-    for flag, value in (("--rows", args.rows), ("--concurrency", args.concurrency)):
+    listed = (("--rows", args.rows), ("--concurrency", args.concurrency), ("--studies", args.studies))
+    for flag, value in (*listed, ("--apps", args.apps)):
         if value is not None:
             words.append(f"{flag} {value}")
     numeric = (("--seconds", args.seconds), ("--warmup", args.warmup), ("--repeat", args.repeat))
@@ -294,6 +304,10 @@ def build_settings(args: argparse.Namespace) -> Settings:
         segment_s=args.segment,
         min_cycles=args.min_cycles,
         max_cycles=args.max_cycles,
+        studies=None
+        if args.studies is None
+        else tuple(n.strip() for n in args.studies.split(",") if n.strip() not in ("", "none")),
+        many_apps=numbers(args.apps),
     )
 
 
@@ -312,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.clear()
     os.environ.update(env)  # this process stops benchmark heads too (safety net): same ports as its groups
     groups = [g for g in GROUPS if any(ROWS_BY_ID[r].group == g for r in settings.rows)]
+    if settings.studies and "default" not in groups:  # the studies run on the default head
+        groups.append("default")
     if any(g != "local" for g in groups):
         busy = ports_in_use(env)
         if busy and args.stop_existing_head:
@@ -340,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[list[dict[str, Any]]] = []
     heads: list[dict[str, Any]] = []
     deploy_cost = None
+    studies = None
     for round_index in range(settings.repeat):
-        if round_index == 1 and settings.deploy_cost:  # the flow runs are timed once
-            plan = replace(plan, settings=replace(plan.settings, deploy_cost=False))
+        if round_index == 1 and (settings.deploy_cost or settings.studies):  # flow runs and studies run once
+            plan = replace(plan, settings=replace(plan.settings, deploy_cost=False, studies=()))
             plan.write(workdir / "plan.json")
         rows_of_round: list[dict[str, Any]] = []
         for group in groups:
@@ -353,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             if result.get("head"):
                 heads.append({**result["head"], "round": round_index + 1})
             deploy_cost = result.get("deploy_cost") or deploy_cost
+            studies = result.get("studies") or studies
             failed = [row["id"] for row in result["rows"] if row.get("error")]
             progress(
                 f"group {group} done in {result['seconds']}s" + (f"; failed: {', '.join(failed)}" if failed else "")
@@ -376,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "ratios": compute_ratios(rows, settings.concurrency),
         "deploy_cost": deploy_cost,
+        "studies": studies,
         "workdir": str(workdir),
     }
     write_reports(results, args)
