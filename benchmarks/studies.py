@@ -129,8 +129,9 @@ def head_memory(apps: list[str]) -> dict[str, Any]:
     """Memory (MB) of the given apps' replicas (median and total, resident and unique), of Serve's
     controller, and of our front (its actor and its HAProxy processes); the controller's CPU share
     over ``CONTROLLER_IDLE_S`` of no traffic."""
-    import psutil
     from ray.util.state import list_actors
+
+    import psutil  # Ray's own copy (ray/thirdparty_files, on the path once ray is imported)
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
     wanted = {f"ServeReplica:{app}:" for app in apps}
