@@ -16,6 +16,7 @@ what failed instead of raising, like a row.
 
 from __future__ import annotations
 
+import importlib
 import statistics
 import sys
 import threading
@@ -131,7 +132,8 @@ def head_memory(apps: list[str]) -> dict[str, Any]:
     over ``CONTROLLER_IDLE_S`` of no traffic."""
     from ray.util.state import list_actors
 
-    import psutil  # Ray's own copy (ray/thirdparty_files, on the path once ray is imported)
+    # Ray's own copy of psutil (ray/thirdparty_files, on the path once ray is imported).
+    psutil = importlib.import_module("psutil")
 
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
     wanted = {f"ServeReplica:{app}:" for app in apps}
