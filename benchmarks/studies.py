@@ -186,14 +186,14 @@ class ReplicaWatch(threading.Thread):
         self.app, self.since = app, since
         self.timeline: list[tuple[float, int, int]] = []  # (seconds since `since`, starting, running)
         self.starts: list[float] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         from ray import serve
 
         waiting: list[float] = []
         running_before = None
-        while not self._stop.is_set():
+        while not self._done.is_set():
             try:
                 status = serve.status().applications.get(self.app)
             except Exception:
@@ -214,10 +214,10 @@ class ReplicaWatch(threading.Thread):
                         if waiting:
                             self.starts.append(round(now - waiting.pop(0), 2))
                 running_before = running
-            self._stop.wait(POLL_S)
+            self._done.wait(POLL_S)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join(timeout=10)
 
 
