@@ -290,7 +290,7 @@ def settings_for(mode: str, **overrides: Any) -> Settings:
     if unknown:
         raise ValueError(f"studies (--studies): {', '.join(unknown)} unknown; studies are {', '.join(STUDIES)}")
     if settings.studies and (not settings.many_apps or min(settings.many_apps) < 1):
-        raise ValueError(f"many_apps: expected app counts >= 1, got {settings.many_apps}")
+        raise ValueError(f"many_apps (--apps): expected app counts >= 1, got {settings.many_apps}")
     if settings.segment_s <= 0:
         raise ValueError(f"segment_s (--segment): expected seconds > 0, got {settings.segment_s:g}")
     return settings

@@ -290,13 +290,18 @@ def measurement_command(args: argparse.Namespace) -> str:
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
-    def numbers(text: str | None) -> tuple[int, ...] | None:
-        return None if text is None else tuple(int(part) for part in text.split(",") if part.strip())
+    def numbers(text: str | None, flag: str) -> tuple[int, ...] | None:
+        if text is None:
+            return None
+        try:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"{flag}: expected comma-separated whole numbers, e.g. 1,8,32; got {text!r}") from None
 
     return settings_for(
         args.mode,
         rows=None if args.rows is None else tuple(r.strip() for r in args.rows.split(",") if r.strip()),
-        concurrency=numbers(args.concurrency),
+        concurrency=numbers(args.concurrency, "--concurrency"),
         seconds=args.seconds,
         warmup_s=args.warmup,
         deploy_cost=args.deploy_cost,
@@ -307,7 +312,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
         studies=None
         if args.studies is None
         else tuple(n.strip() for n in args.studies.split(",") if n.strip() not in ("", "none")),
-        many_apps=numbers(args.apps),
+        many_apps=numbers(args.apps, "--apps"),
     )
 
 
@@ -363,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             plan.write(workdir / "plan.json")
         rows_of_round: list[dict[str, Any]] = []
         for group in groups:
+            if not plan.rows_of(group) and not (group == "default" and plan.settings.studies):
+                continue  # a head started only for the studies, which ran in the first round
             where = f" (round {round_index + 1}/{settings.repeat})" if settings.repeat > 1 else ""
             progress(f"group {group}{where}: {', '.join(s.id for s in plan.rows_of(group))} ...")
             result = run_group(group, plan, env, round_index)

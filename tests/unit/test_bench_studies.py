@@ -59,7 +59,7 @@ def test_study_settings_are_checked_and_survive_the_plan_file(tmp_path):
     assert settings_for("smoke").studies == ()
     with pytest.raises(ValueError, match=r"studies \(--studies\): apps2 unknown; studies are apps, scale_out"):
         settings_for("quick", studies=("apps2",))
-    with pytest.raises(ValueError, match="many_apps: expected app counts >= 1"):
+    with pytest.raises(ValueError, match=r"many_apps \(--apps\): expected app counts >= 1"):
         settings_for("quick", many_apps=(0, 10))
     settings = settings_for("full", many_apps=(5, 12))
     plan = Plan(settings=settings, workdir=str(tmp_path), onnx_path="m.onnx", request_row=[0.0])
@@ -67,6 +67,19 @@ def test_study_settings_are_checked_and_survive_the_plan_file(tmp_path):
     again = Plan.read(tmp_path / "plan.json")
     assert again.settings == settings and again.settings.many_apps == (5, 12)
     assert json.loads((tmp_path / "plan.json").read_text())["settings"]["studies"] == ["apps", "scale_out"]
+
+
+def test_bad_study_flags_name_themselves_before_anything_starts(capsys):
+    from benchmarks.run import main
+
+    for argv, message in (
+        (["--quick", "--apps", "ten"], "--apps: expected comma-separated whole numbers"),
+        (["--quick", "--apps", "0,10"], "many_apps (--apps): expected app counts >= 1"),
+        (["--quick", "--studies", "apps,heads"], "studies (--studies): heads unknown"),
+        (["--quick", "--concurrency", "8,x"], "--concurrency: expected comma-separated whole numbers"),
+    ):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_the_report_shows_each_checkpoint_and_the_verdict_at_30_apps():
