@@ -186,25 +186,29 @@ class ReplicaWatch(threading.Thread):
         self.app, self.since = app, since
         self.timeline: list[tuple[float, int, int]] = []  # (seconds since `since`, starting, running)
         self.starts: list[float] = []
+        self.seen: list[tuple[float, float]] = []  # (seconds, the front's count for the route), on change
         self._done = threading.Event()
 
     def run(self) -> None:
-        from ray import serve
+        from ray_deploy.control.apply import app_states, serve_details
 
         waiting: list[float] = []
         running_before = None
         while not self._done.is_set():
             try:
-                status = serve.status().applications.get(self.app)
+                details = serve_details()
+                status = app_states(details).get(self.app)
             except Exception:
-                status = None
+                details, status = {}, None
             now = time.monotonic() - self.since
+            seen = front_load("/" + self.app)
+            if seen is not None and (not self.seen or self.seen[-1][1] != round(seen, 1)):
+                self.seen.append((round(now, 2), round(seen, 1)))
             if status is not None:
                 states: dict[str, int] = {}
                 for deployment in status.deployments.values():
                     for state, count in deployment.replica_states.items():
-                        name = str(getattr(state, "value", state))
-                        states[name] = states.get(name, 0) + count
+                        states[state] = states.get(state, 0) + count
                 starting, running = states.get("STARTING", 0), states.get("RUNNING", 0)
                 if not self.timeline or self.timeline[-1][1:] != (starting, running):
                     self.timeline.append((round(now, 2), starting, running))
@@ -219,6 +223,20 @@ class ReplicaWatch(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join(timeout=10)
+
+
+def front_load(app_prefix: str) -> float | None:
+    """The requests the front holds for the route: the load the app's autoscaling policy counts
+    beside Serve's own (``ray_deploy.serving.autoscale``); None where no front answers."""
+    import ray
+
+    from ray_deploy.serving.front import FRONT_NAME, FRONT_NAMESPACE
+
+    try:
+        front = ray.get_actor(FRONT_NAME, namespace=FRONT_NAMESPACE)
+        return ray.get(front.app_load.remote(app_prefix), timeout=2)
+    except Exception:
+        return None
 
 
 def study_scale_out(plan: Plan) -> dict[str, Any]:
@@ -258,6 +276,7 @@ def study_scale_out(plan: Plan) -> dict[str, Any]:
         "slices": slices,
         "replicas": [{"at_s": t, "starting": a, "running": b} for t, a, b in watch.timeline],
         "replica_start_s": watch.starts,
+        "front_load": [{"at_s": t, "requests": n} for t, n in watch.seen][:400],
         **recovery(slices),
     }
 

@@ -570,6 +570,9 @@ def connect(
     _use_token_auth()
     runtime_env = deployment_runtime_env(code_dir)
     # Serve logs "connecting to existing Serve app" at INFO on every connect: not news to our users.
+    # (Importing Serve sets its logger's level, so it is imported first.)
+    import ray.serve  # noqa: F401
+
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     already = ray.is_initialized()
     if not already:
@@ -699,7 +702,8 @@ def _port_of(url: str) -> int:
 def cluster_status(address: str | None = None) -> dict[str, Any]:
     """Nodes, resources and Serve apps of the cluster (without starting a local head)."""
     import ray
-    from ray import serve
+
+    from ray_deploy.control.apply import app_states
 
     with connect(address, start_local=False, require_front=False) as info:
         nodes = [
@@ -711,7 +715,7 @@ def cluster_status(address: str | None = None) -> dict[str, Any]:
             }
             for node in ray.nodes()
         ]
-        apps = {name: str(app.status.value) for name, app in serve.status().applications.items()}
+        apps = {name: state.status for name, state in app_states().items()}
         front = front_status(info.http_url)
         return {
             **info.to_dict(),

@@ -109,11 +109,18 @@ def _same_options(running: dict[str, Any], incoming: dict[str, Any]) -> bool:
             if any((have.get(k) or None) != (want.get(k) or None) for k in RESOURCE_KEYS):
                 return False
         elif key == "autoscaling_config" and have and want:
-            if any(have.get(k) != v for k, v in want.items()):
+            if not _holds(have, want):
                 return False
         elif have != want:
             return False
     return True
+
+
+def _holds(have: Any, want: Any) -> bool:
+    """Whether ``have`` says all that ``want`` says (Serve fills in what was not given)."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(_holds(have.get(k), v) for k, v in want.items())
+    return have == want
 
 
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "accelerator_type", "resources")

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ray_deploy.cluster import connect
-from ray_deploy.control.apply import serve_details, variant_apps
+from ray_deploy.control.apply import app_states, serve_details, variant_apps
 from ray_deploy.control.lock import app_lock
 from ray_deploy.control.phases import ACTIVE
 from ray_deploy.errors import DeployError
@@ -25,11 +25,10 @@ logger = logging.getLogger(__name__)
 
 def app_status(app: str | None = None, address: str | None = None) -> list[dict[str, Any]]:
     """Status of the apps this package deployed (all, or one): state, URL and variants."""
-    from ray import serve
-
     with connect(address, start_local=False) as cluster:
-        details = serve_details().get("applications", {})
-        statuses = serve.status().applications
+        everything = serve_details()
+        details = everything.get("applications", {})
+        statuses = app_states(everything)
         apps = []
         for name, detail in sorted(details.items()):
             if app is not None and name != app:
@@ -40,17 +39,18 @@ def app_status(app: str | None = None, address: str | None = None) -> list[dict[
                 continue
             config = ServingConfig.model_validate(user_config)
             status = statuses.get(name)
-            reports = replica_reports(name, _live_replicas(details, [name, *variant_apps(name)]))
+            isolated = variant_apps(name, everything)
+            reports = replica_reports(name, _live_replicas(details, [name, *isolated]))
             apps.append(
                 {
                     "app": name,
-                    "status": status.status.value if status else "UNKNOWN",
+                    "status": status.status if status else "UNKNOWN",
                     "url": cluster.http_url + config.route_prefix,
                     "replicas": {
                         **{d: dict(s.replica_states) for d, s in (status.deployments.items() if status else [])},
                         **{
                             d: dict(s.replica_states)
-                            for other in variant_apps(name)
+                            for other in isolated
                             if other in statuses
                             for d, s in statuses[other].deployments.items()
                         },
@@ -117,7 +117,7 @@ def delete_apps(apps: list[str], address: str | None = None, timeout_s: float = 
 
     deleting: list[str] = []
     with connect(address, start_local=False), contextlib.ExitStack() as locks:
-        existing = set(serve.status().applications)
+        existing = set(app_states())
         for app in apps:
             locks.enter_context(app_lock(app, "delete"))
             stop_controller(app)  # first: a controller mid-rollout would bring the app back
@@ -129,11 +129,11 @@ def delete_apps(apps: list[str], address: str | None = None, timeout_s: float = 
             deleting.extend(names)
         deadline = time.monotonic() + timeout_s
         while deleting and time.monotonic() < deadline:
-            left = set(serve.status().applications)
+            left = set(app_states())
             if not left & set(deleting):
                 break
             time.sleep(0.2)
-        still = sorted(set(serve.status().applications) & set(deleting))
+        still = sorted(set(app_states()) & set(deleting))
         if still:
             raise DeployError(f"apps still being deleted after {timeout_s:g}s: {', '.join(still)}")
         for app in apps:

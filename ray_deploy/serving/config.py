@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray_deploy.errors import RayDeployError
 from ray_deploy.models.artifacts import ModelRef
 from ray_deploy.serving.capture import capture_root
-from ray_deploy.spec import CaptureSpec, DeploymentSpec, RolloutSpec
+from ray_deploy.spec import AutoscalingSpec, CaptureSpec, DeploymentSpec, RolloutSpec
 
 SERVER_DEPLOYMENT = "ModelServer"
 VARIANT_APP_SEPARATOR = "--"
@@ -360,13 +360,26 @@ def deployment_options(spec: DeploymentSpec, config: ServingConfig) -> dict[str,
     }
     if spec.autoscaling is not None:
         del options["num_replicas"]
-        options["autoscaling_config"] = spec.autoscaling.model_dump(exclude_none=True)
+        options["autoscaling_config"] = autoscaling_config(spec.autoscaling)
     if spec.max_replicas_per_node is not None:
         options["max_replicas_per_node"] = spec.max_replicas_per_node
     if spec.placement is not None:
         options["placement_group_bundles"] = [dict(bundle) for bundle in spec.placement.bundles]
         options["placement_group_strategy"] = spec.placement.strategy
     return options
+
+
+def autoscaling_config(autoscaling: AutoscalingSpec) -> dict[str, Any]:
+    """Serve's autoscaling_config for the app's ModelServer: the app's settings, the policy that
+    also counts the requests the front holds (``serving.autoscale``), and replicas that report
+    their load twice per look-back window (Serve's default is every 10 s, whatever the window)."""
+    from ray_deploy.serving.autoscale import POLICY_FUNCTION
+
+    return {
+        **autoscaling.model_dump(exclude_none=True),
+        "metrics_interval_s": min(10.0, max(0.5, autoscaling.look_back_period_s / 2)),
+        "policy": {"policy_function": POLICY_FUNCTION},
+    }
 
 
 def to_serve_config(spec: DeploymentSpec, config: ServingConfig) -> dict[str, Any]:

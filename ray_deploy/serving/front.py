@@ -52,14 +52,13 @@ from pathlib import Path
 from typing import Any
 
 from ray_deploy.progress import report
+from ray_deploy.serving.autoscale import FRONT_NAME, FRONT_NAMESPACE
 
 logger = logging.getLogger(__name__)
 
 DATA_PATHS = ("direct", "proxy", "haproxy")
 REQUEST_ID_PATTERN = "^[A-Za-z0-9._:-]{1,128}$"
 """A request id the front passes on (UUIDs, trace ids); any other X-Request-Id is replaced."""
-FRONT_NAME = "ray_deploy_front"
-FRONT_NAMESPACE = "ray_deploy"
 POLL_INTERVAL_S = 0.25
 # Serve keeps a stopping direct-ingress replica answering this long, so that load balancers can
 # take it out first; our front notices within a poll or two.
@@ -75,6 +74,10 @@ HEAD_GONE_GRACE_S = 5.0
 # How long a caller waits for a front that is down to restart its HAProxy before calling it down.
 FRONT_WAIT_S = 5.0
 STATE_FILE = "front.json"
+# The requests each route holds, as HAProxy counts them (see ``Front.app_load``): read this often,
+# averaged over the last LOAD_WINDOW_S.
+LOAD_POLL_S = 0.1
+LOAD_WINDOW_S = 1.0
 
 _ERROR_BODY = '{"error": "%s"}'
 _ERRORS = {
@@ -595,6 +598,13 @@ class HAProxyProcess:
                 answer += chunk
         return answer.decode(errors="replace").strip()
 
+    def loads(self) -> dict[str, int]:
+        """Requests each backend holds now (``backend_loads``); empty while HAProxy does not answer."""
+        try:
+            return backend_loads(self._ask("show stat -1 2 -1", timeout_s=1.0))
+        except OSError:
+            return {}
+
     def command(self, commands: list[str]) -> None:
         """Send runtime API commands; raises if HAProxy refuses one."""
         for line in commands:
@@ -609,6 +619,24 @@ class HAProxyProcess:
                 process.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=5)
+
+
+def backend_loads(stat_csv: str) -> dict[str, int]:
+    """Requests each backend holds now (its sessions plus its queue), from ``show stat``'s CSV."""
+    lines = stat_csv.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return {}
+    columns = lines[0][2:].split(",")
+    try:
+        proxy, server, queued, sessions = (columns.index(c) for c in ("pxname", "svname", "qcur", "scur"))
+    except ValueError:
+        return {}
+    loads = {}
+    for line in lines[1:]:
+        fields = line.split(",")
+        if len(fields) > sessions and fields[server] == "BACKEND":
+            loads[fields[proxy]] = int(fields[sessions] or 0) + int(fields[queued] or 0)
+    return loads
 
 
 def save_state(path: Path, layout: Layout, haproxy_pid: int | None) -> None:
@@ -676,6 +704,8 @@ class Front:
                 self.down_reason = f"HAProxy could not start: {self._start_error}"
         threading.Thread(target=self._watch, name="ray-deploy-front-watchdog", daemon=True).start()
         threading.Thread(target=self._follow, name="ray-deploy-front", daemon=True).start()
+        self._loads: dict[str, list[tuple[float, int]]] = {}
+        threading.Thread(target=self._measure, name="ray-deploy-front-load", daemon=True).start()
 
     def _config(self, layout: Layout) -> str:
         return render_config(layout, self.host, self.port, self.fallback_port, str(self.workdir))
@@ -779,6 +809,34 @@ class Front:
                 self.error = f"{type(exc).__name__}: {exc}"
             finally:
                 self._stop.wait(POLL_INTERVAL_S)
+
+    def _measure(self) -> None:
+        """Samples every route's load from HAProxy every LOAD_POLL_S (see ``app_load``)."""
+        while not self._stop.wait(LOAD_POLL_S):
+            if not self.haproxy.serving:
+                continue
+            now, backends = time.monotonic(), self.haproxy.loads()
+            loads = {}
+            for route in self.routes:
+                samples = [(t, n) for t, n in self._loads.get(route.prefix, []) if t > now - LOAD_WINDOW_S]
+                if backend_name(route.prefix) in backends:
+                    samples.append((now, backends[backend_name(route.prefix)]))
+                loads[route.prefix] = samples
+            self._loads = loads
+
+    def app_load(self, prefix: str) -> float | None:
+        """The requests the route ``prefix`` holds, on average over the last LOAD_WINDOW_S: every
+        request between the front and the app's replicas, answered or still waiting to be read.
+
+        Serve's autoscaler counts requests inside a replica's event loop; a replica that answers
+        fast holds one at a time while the rest wait in its sockets, so it never sees more than
+        one. This is the count a replica reports for it (``ModelServer.record_autoscaling_stats``).
+        None: the front has no sample of that route.
+        """
+        samples = self._loads.get(prefix)
+        if not samples:
+            return None
+        return sum(n for _, n in samples) / len(samples)
 
     def status(self) -> dict[str, Any]:
         process = self.haproxy.process  # once: the watchdog may replace it meanwhile

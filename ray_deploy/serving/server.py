@@ -62,6 +62,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from ray_deploy.errors import RayDeployError
 from ray_deploy.models.predictors.base import RequestError
+from ray_deploy.serving.autoscale import FRONT_LOAD_METRIC, FrontLoad
 from ray_deploy.serving.capture import Captured, CaptureWriter, Labelled, load_quality_function
 from ray_deploy.serving.config import (
     CaptureConfig,
@@ -406,6 +407,14 @@ class ModelServer:
         # A rollout with a disagreement gate: the old release that also answers the new one's requests.
         self.reference: LoadedVariant | None = None
         self._candidates: frozenset[str] = frozenset()
+        self._front_load = FrontLoad()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve asks this of autoscaled apps' replicas: the requests the front holds for this app,
+        which the app's autoscaling policy counts beside Serve's own figure (``serving.autoscale``).
+        Nothing where no front runs."""
+        load = await self._front_load.read(self.config.route_prefix) if self.config is not None else None
+        return {} if load is None else {FRONT_LOAD_METRIC: load}
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load what is new off the event loop, then switch in one step; requests keep flowing."""
@@ -1246,6 +1255,7 @@ REPLICA_CODE = (
     "serving/config.py",
     "serving/payload.py",
     "serving/oip.py",
+    "serving/autoscale.py",
     "serving/variant.py",
     "serving/metrics.py",
     "serving/capture.py",

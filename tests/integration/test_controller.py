@@ -211,6 +211,10 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
     assert ray_deploy("cluster", "up", env=env).returncode == 0
     registry = Registry()
 
+    def recorded_rollout() -> dict:
+        tags = registry.client.get_registered_model(app).tags or {}
+        return json.loads(tags.get(f"ray_deploy.rollout.{app}", "{}"))
+
     def aliases() -> dict[str, str]:
         found = registry.client.get_registered_model(app).aliases or {}
         return {alias: f"{app}/{version}" for alias, version in found.items()}
@@ -269,6 +273,8 @@ def test_operators_and_a_head_restart_follow_the_state_machine_and_the_apps_own_
         wait_until(lambda: split_in_two(url), 120, "the third release's first step")
         assert status(app, env)["phase"] == "stepping"
         v3 = next(v for v, _ in served(url) if v not in (v1, v2))
+        # The registry records the step moments after Serve serves it; the head goes after that.
+        wait_until(lambda: recorded_rollout().get("percent") == 30, 60, f"the 30% step recorded: {recorded_rollout()}")
         assert ray_deploy("cluster", "down", env=env).returncode == 0
         assert ray_deploy("cluster", "up", env=env).returncode == 0
         missing = ray_deploy("status", "phoenix", env=env)

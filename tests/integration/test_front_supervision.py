@@ -77,7 +77,11 @@ def front_master(timeout_s: float = 120) -> tuple[int, int]:
         masters = {pid: parent for pid, parent in processes.items() if parent not in processes}
         if len(masters) == 1:
             ((master, actor),) = masters.items()
-            if Path(f"/proc/{actor}/cmdline").read_bytes().startswith(b"ray::"):
+            try:
+                started_by_actor = Path(f"/proc/{actor}/cmdline").read_bytes().startswith(b"ray::")
+            except OSError:  # the actor went between the two reads (it was just killed)
+                started_by_actor = False
+            if started_by_actor:
                 return master, actor
         time.sleep(0.1)
     raise AssertionError(f"expected one HAProxy master started by a Front actor for {CONFIG}: {haproxy_processes()}")

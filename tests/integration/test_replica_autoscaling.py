@@ -60,22 +60,22 @@ def cli_running_replicas() -> int:
     return row["replicas"].get("ModelServer", {}).get("RUNNING", 0)
 
 
-def running_replicas(dashboard_url: str) -> int:
+def running_replicas(dashboard_url: str, app: str = APP) -> int:
     """Running replicas as the dashboard's Serve API lists them (polled: no process per look)."""
     from ray_deploy.cluster import auth_headers
 
     shown = httpx.get(f"{dashboard_url}/api/serve/applications/", headers=auth_headers(), timeout=30).json()
-    replicas = shown["applications"][APP]["deployments"]["ModelServer"]["replicas"]
+    replicas = shown["applications"][app]["deployments"]["ModelServer"]["replicas"]
     return sum(1 for replica in replicas if replica["state"] == "RUNNING")
 
 
-def wait_for_replicas(dashboard_url: str, done, timeout_s: float) -> list[int]:
+def wait_for_replicas(dashboard_url: str, done, timeout_s: float, app: str = APP) -> list[int]:
     """Replica counts seen every ~second until ``done(count)`` or the timeout."""
-    seen = [running_replicas(dashboard_url)]
+    seen = [running_replicas(dashboard_url, app)]
     deadline = time.monotonic() + timeout_s
     while not done(seen[-1]) and time.monotonic() < deadline:
         time.sleep(1)
-        seen.append(running_replicas(dashboard_url))
+        seen.append(running_replicas(dashboard_url, app))
     return seen
 
 
@@ -103,3 +103,56 @@ def test_replicas_shrink_under_a_steady_load_and_no_request_fails(
     assert max(shrunk) >= 2, f"the replicas were gone before the burst ended; nothing shrank under load: {shrunk}"
     burst.assert_nothing_lost(at_least=100)
     trickle.assert_nothing_lost(at_least=100)
+
+
+QUICK_APP = "brisk"
+QUICK_STEPS = """
+@step
+def start(self):
+    import xgboost as xgb
+    from sklearn.datasets import load_breast_cancer
+    from ray_deploy import xgboost_to_onnx
+
+    X, y = load_breast_cancer(return_X_y=True)
+    model = xgb.XGBClassifier(n_estimators=30, max_depth=3, n_jobs=1, random_state=0).fit(X[:, :4], y)
+    self.model = xgboost_to_onnx(model, n_features=4)
+    self.next(self.deploy)
+"""
+
+# An ONNX model answers in ~0.1 ms, on the replica's event loop: the replica takes one request at a
+# time off its sockets, and Serve's own count never shows more than one ongoing request.
+QUICK_OPTIONS = (
+    f'app="{QUICK_APP}", predictor="onnx", num_cpus=0.1, '
+    'autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, '
+    '"upscale_delay_s": 1, "downscale_delay_s": 600, "look_back_period_s": 2}'
+)
+
+
+def test_a_quick_model_under_many_callers_gets_more_replicas(tmp_path, write_flow, run_flow, ray_head, counted_load):
+    """16 callers keep the quick model's one replica busy: the requests wait in the front and in
+    the replica's sockets, where Serve's own count does not see them; the front's does."""
+    flow = write_flow(tmp_path / "brisk_flow.py", "BriskFlow", QUICK_STEPS, QUICK_OPTIONS)
+    done = run_flow(flow)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    url = f"{ray_head.http_url}/{QUICK_APP}"
+    shown = httpx.get(f"{ray_head.dashboard_url}/api/serve/applications/", headers=auth(), timeout=30).json()
+    server = shown["applications"][QUICK_APP]["deployments"]["ModelServer"]["deployment_config"]
+    assert server["autoscaling_config"]["policy"]["policy_function"].endswith(":front_load_policy")
+    assert running_replicas(ray_head.dashboard_url, QUICK_APP) == 1
+
+    with counted_load(url, BODY, concurrency=16, max_seconds=150) as load:
+        grown = wait_for_replicas(ray_head.dashboard_url, lambda count: count >= 2, timeout_s=90, app=QUICK_APP)
+        time.sleep(1)
+
+    assert grown[-1] >= 2, f"16 callers on one replica of a quick model should bring a second; saw {grown}"
+    load.assert_nothing_lost(at_least=200)
+    cli = subprocess.run(
+        [str(Path(sys.executable).with_name("ray-deploy")), "delete", QUICK_APP], capture_output=True, text=True
+    )
+    assert cli.returncode == 0, cli.stderr[-2000:]
+
+
+def auth() -> dict[str, str]:
+    from ray_deploy.cluster import auth_headers
+
+    return auth_headers()

@@ -460,3 +460,68 @@ def test_heads_started_at_once_on_a_new_machine_share_one_token(tmp_path):
         tokens = set(pool.map(_ensure_token_in, [str(path)] * 8))
     assert tokens == {path.read_text().strip()} and len(tokens.pop()) == 64
     assert [p.name for p in path.parent.iterdir()] == ["auth_token"], "no staging file is left behind"
+
+
+class _Held(http.server.BaseHTTPRequestHandler):
+    """Answers each POST once ``release`` is set: requests stay in flight as long as a test wants."""
+
+    release = threading.Event()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.release.wait(10)
+        body = b'{"ok": true}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_real_haproxy_counts_the_requests_each_route_holds(tmp_path):
+    """What the front reports to the autoscaler: requests sent to a route and not yet answered,
+    per route, read from HAProxy itself."""
+    replica = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Held)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    port = _free_port()
+    write_error_files(tmp_path / "errors")
+    routes = [Route("/busy", (replica.server_address[1],), "busy"), Route("/idle", (), "idle")]
+    haproxy = HAProxyProcess(tmp_path)
+    callers: list[threading.Thread] = []
+    try:
+        haproxy.start(render_config(Layout.fresh(routes), "127.0.0.1", port, 1, str(tmp_path)))
+        assert {name: haproxy.loads().get(name) for name in map(backend_name, ("/busy", "/idle"))} == {
+            backend_name("/busy"): 0,
+            backend_name("/idle"): 0,
+        }
+        for _ in range(3):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/busy", data=b"{}", method="POST")
+            callers.append(threading.Thread(target=urllib.request.urlopen, args=(request,), kwargs={"timeout": 15}))
+            callers[-1].start()
+        deadline = time.monotonic() + 5
+        while haproxy.loads().get(backend_name("/busy")) != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = haproxy.loads()
+        assert (held[backend_name("/busy")], held[backend_name("/idle")]) == (3, 0)
+        _Held.release.set()
+        for caller in callers:
+            caller.join(timeout=15)
+        deadline = time.monotonic() + 5
+        while haproxy.loads().get(backend_name("/busy")) != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert haproxy.loads()[backend_name("/busy")] == 0
+    finally:
+        _Held.release.set()
+        haproxy.stop()
+        replica.shutdown()
+
+
+def test_stat_lines_that_are_not_backends_or_not_csv_count_nothing():
+    from ray_deploy.serving.front import backend_loads
+
+    assert backend_loads("") == {} and backend_loads("Unknown command") == {}
+    text = "# pxname,svname,qcur,qmax,scur\nhttp,FRONTEND,,,7\napp_x,r0,0,0,2\napp_x,BACKEND,1,0,2\n"
+    assert backend_loads(text) == {"app_x": 3}
