@@ -3,6 +3,7 @@ predictors get, and interoperability with NVIDIA's own client (``tritonclient[ht
 
 import doctest
 import json
+import math
 import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -706,3 +707,40 @@ def test_tritonclient_infers_over_http(triton):
         client.close()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    "array, datatype",
+    [
+        (np.array([1, 0, 1], dtype=np.int64), "INT64"),
+        (np.array([[1, 2], [3, 4]], dtype=np.int32), "INT32"),
+        (np.array([True, False]), "BOOL"),
+        (np.array([7], dtype=np.uint8), "UINT8"),
+        (np.array([0.25, 1.5]), "FP64"),  # floats take the general path (non-finite values become null)
+        (np.array([0.5, np.nan], dtype=np.float32), "FP32"),
+    ],
+)
+@pytest.mark.parametrize("version, request_id", [("3", None), (None, "r-1"), ("default@ab12", 'quote"d')])
+def test_the_common_answer_is_written_as_the_spec_says(array, datatype, version, request_id):
+    """The answer the scoring path writes for one output array, byte for byte what the general
+    path (a dict, encoded compactly) gives: whichever path wrote it, clients read the same."""
+    body, headers = encode_infer_response("cancer", version, InferRequest(inputs=(), id=request_id), array)
+    expected = {"model_name": "cancer"}
+    if version is not None:
+        expected["model_version"] = version
+    if request_id is not None:
+        expected["id"] = request_id
+    values = [None if isinstance(v, float) and not math.isfinite(v) else v for v in array.ravel().tolist()]
+    expected["outputs"] = [{"name": "predictions", "datatype": datatype, "shape": list(array.shape), "data": values}]
+    assert body == json.dumps(expected, separators=(",", ":")).encode()
+    assert headers == [(b"content-type", b"application/json")]
+
+
+def test_a_parsed_plain_request_gives_its_rows_as_float64_rounded_as_declared():
+    request = parse_infer_request(
+        json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [0.1, 2]}]}).encode()
+    )
+    array = request.to_array(2)
+    assert array.dtype == np.float64 and array.tolist() == [[float(np.float32(0.1)), 2.0]]
+    with pytest.raises(RequestError, match="needs 3 features"):
+        request.to_array(3)
