@@ -78,6 +78,7 @@ STATE_FILE = "front.json"
 # averaged over the last LOAD_WINDOW_S.
 LOAD_POLL_S = 0.1
 LOAD_WINDOW_S = 1.0
+LOAD_WANTED_S = 60.0
 
 _ERROR_BODY = '{"error": "%s"}'
 _ERRORS = {
@@ -705,6 +706,7 @@ class Front:
         threading.Thread(target=self._watch, name="ray-deploy-front-watchdog", daemon=True).start()
         threading.Thread(target=self._follow, name="ray-deploy-front", daemon=True).start()
         self._loads: dict[str, list[tuple[float, int]]] = {}
+        self._load_wanted_until = 0.0
         threading.Thread(target=self._measure, name="ray-deploy-front-load", daemon=True).start()
 
     def _config(self, layout: Layout) -> str:
@@ -811,9 +813,11 @@ class Front:
                 self._stop.wait(POLL_INTERVAL_S)
 
     def _measure(self) -> None:
-        """Samples every route's load from HAProxy every LOAD_POLL_S (see ``app_load``)."""
+        """Samples every route's load from HAProxy every LOAD_POLL_S while replicas ask for it
+        (``app_load``: only autoscaled apps' replicas do, and they ask every few seconds)."""
         while not self._stop.wait(LOAD_POLL_S):
-            if not self.haproxy.serving:
+            if not self.haproxy.serving or time.monotonic() > self._load_wanted_until:
+                self._loads = {}
                 continue
             now, backends = time.monotonic(), self.haproxy.loads()
             loads = {}
@@ -831,8 +835,10 @@ class Front:
         Serve's autoscaler counts requests inside a replica's event loop; a replica that answers
         fast holds one at a time while the rest wait in its sockets, so it never sees more than
         one. This is the count a replica reports for it (``ModelServer.record_autoscaling_stats``).
-        None: the front has no sample of that route.
+        None: the front has no sample of that route (yet: sampling starts with the first call,
+        and stops LOAD_WANTED_S after the last).
         """
+        self._load_wanted_until = time.monotonic() + LOAD_WANTED_S
         samples = self._loads.get(prefix)
         if not samples:
             return None
