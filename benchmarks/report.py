@@ -456,13 +456,17 @@ def studies_lines(studies: dict[str, Any] | None) -> list[str]:
             f"{auto.get('max_replicas')}, `target_ongoing_requests` {auto.get('target_ongoing_requests')}, "
             f"`upscale_delay_s` {auto.get('upscale_delay_s')}, `look_back_period_s` {auto.get('look_back_period_s')}; "
             f"`num_cpus={scale.get('num_cpus', 0):g}` each): wrk at c=1, then a step to c=32, in one-second "
-            "slices back to back, while Serve's replica states are polled every 0.2 s.",
+            "slices back to back, while Serve's replica states and the front's count of the requests it holds "
+            "for the app (what the app's autoscaling policy counts beside Serve's own) are polled every 0.2 s.",
             "",
             "| p99 before the step ms | p99, first slice after ms | steady p99 after ms | back under 2x steady after s "
+            "| most requests the front held | first replica added after s "
             "| replicas at the end | replica start (STARTING to RUNNING) s |",
-            "|---:|---:|---:|---:|---:|---|",
+            "|---:|---:|---:|---:|---:|---:|---:|---|",
             f"| {_ms(scale.get('p99_before_ms'))} | {_ms(scale.get('p99_first_slice_ms'))} "
             f"| {_ms(scale.get('steady_p99_ms'))} | {_number(scale.get('recovered_s'), 1)} "
+            f"| {_number(scale.get('front_peak'), 0)} "
+            f"| {_number(scale.get('first_added_s'), 1) if scale.get('first_added_s') is not None else 'none'} "
             f"| {final.get('running', '')} | {', '.join(f'{x:.1f}' for x in starts) or 'none started'} |",
         ]
         if scale.get("error"):

@@ -270,14 +270,18 @@ def study_scale_out(plan: Plan) -> dict[str, Any]:
             watch.stop()
     finally:
         delete_app(SCALE_APP)
+    timeline = [{"at_s": t, "starting": a, "running": b} for t, a, b in watch.timeline]
+    front = [{"at_s": t, "requests": n} for t, n in watch.seen][:400]
+    found = recovery(slices)
     return {
         "autoscaling": SCALE_AUTOSCALING,
         "num_cpus": s.replica_num_cpus,
         "slices": slices,
-        "replicas": [{"at_s": t, "starting": a, "running": b} for t, a, b in watch.timeline],
+        "replicas": timeline,
         "replica_start_s": watch.starts,
-        "front_load": [{"at_s": t, "requests": n} for t, n in watch.seen][:400],
-        **recovery(slices),
+        "front_load": front,
+        **found,
+        **autoscaler_response(found.get("step_at_s"), timeline, front),
     }
 
 
@@ -302,6 +306,24 @@ def recovery(slices: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_first_slice_ms": after[0]["p99_ms"],
         "steady_p99_ms": round(steady, 3),
         "recovered_s": recovered_s,
+    }
+
+
+def autoscaler_response(
+    step_at: float | None, timeline: list[dict[str, Any]], front: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """How the autoscaler answered the step: seconds from the step until Serve first had more
+    replicas (starting or running) than before it, and the most requests the front held for the
+    app after the step (what the app's autoscaling policy counts; None where it reported none)."""
+    if step_at is None:
+        return {"first_added_s": None, "front_peak": None}
+    before = [x for x in timeline if x["at_s"] <= step_at]
+    base = before[-1]["starting"] + before[-1]["running"] if before else 1
+    added = next((x["at_s"] for x in timeline if x["at_s"] > step_at and x["starting"] + x["running"] > base), None)
+    held = [x["requests"] for x in front if x["at_s"] >= step_at]
+    return {
+        "first_added_s": None if added is None else round(added - step_at, 2),
+        "front_peak": max(held) if held else None,
     }
 
 

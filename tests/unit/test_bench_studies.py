@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.plan import Plan, settings_for  # noqa: E402
 from benchmarks.report import studies_lines  # noqa: E402
-from benchmarks.studies import STEP_FROM, STEP_TO, last_vs_first, recovery  # noqa: E402
+from benchmarks.studies import STEP_FROM, STEP_TO, autoscaler_response, last_vs_first, recovery  # noqa: E402
 
 
 def _slices(before: list[float], after: list[float]) -> list[dict]:
@@ -98,3 +98,29 @@ def test_the_report_shows_each_checkpoint_and_the_verdict_at_30_apps():
     studies["apps"]["cost_of_last"] = last_vs_first(apps[:10])
     assert "**met** (this run stopped at 10 apps)" in "\n".join(studies_lines(studies))
     assert "Not measured" in studies_lines(None)[0]
+
+
+def test_the_autoscalers_answer_is_read_from_the_replica_timeline_and_the_fronts_count():
+    timeline = [
+        {"at_s": 0.0, "starting": 0, "running": 1},
+        {"at_s": 5.5, "starting": 3, "running": 1},  # 2.5 s after a step at 3.0
+        {"at_s": 9.0, "starting": 0, "running": 4},
+    ]
+    front = [{"at_s": 1.0, "requests": 0.9}, {"at_s": 3.4, "requests": 12.0}, {"at_s": 4.0, "requests": 31.5}]
+    assert autoscaler_response(3.0, timeline, front) == {"first_added_s": 2.5, "front_peak": 31.5}
+    # No replica added, no count from a front (Serve's proxy): said as such, not as zeros.
+    assert autoscaler_response(3.0, timeline[:1], []) == {"first_added_s": None, "front_peak": None}
+    studies = {
+        "scale_out": {
+            "autoscaling": {"min_replicas": 1, "max_replicas": 4},
+            "num_cpus": 0.5,
+            "replicas": timeline,
+            "replica_start_s": [3.5],
+            "p99_before_ms": 2.0,
+            "p99_first_slice_ms": 30.0,
+            "steady_p99_ms": 20.0,
+            "recovered_s": 6.0,
+            **autoscaler_response(3.0, timeline, front),
+        }
+    }
+    assert "| 2.00 | 30.00 | 20.00 | 6.0 | 32 | 2.5 | 4 | 3.5 |" in "\n".join(studies_lines(studies))
