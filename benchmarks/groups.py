@@ -6,7 +6,8 @@ The process's environment selects the head (``benchmarks.heads.head_environment`
 group starts its Ray head, deploys and measures each row in turn (deleting each app after its
 row; the last one goes with the head), and stops the head at the end, whatever happened. The rows
 that ratios compare with ``ours`` (``INTERLEAVED_ROWS``) are measured together, their points
-interleaved. A row that fails is recorded with its error and the next row runs. The result (head,
+interleaved; the rows of one app whose capture is switched in place (``TOGGLED_ROWS``) likewise, on
+their own app. A row that fails is recorded with its error and the next row runs. The result (head,
 rows, deploy cost) is written to OUT.json.
 """
 
@@ -25,13 +26,24 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from benchmarks.measure import JSON_HEADERS, REPO, measure_http, measure_inprocess, wait_until_answers
-from benchmarks.plan import GROUP_DATA_PATHS, GROUPS, ROUND_ENV, ROWS_BY_ID, Plan, RowSpec
+from benchmarks.plan import (
+    GROUP_DATA_PATHS,
+    GROUPS,
+    ROUND_ENV,
+    ROWS_BY_ID,
+    TOGGLE_WARMUP_S,
+    TOGGLED_ROWS,
+    TOGGLED_SEGMENT_S,
+    Plan,
+    RowSpec,
+)
 
 TRAIN_FLOW = REPO / "flows" / "train_flow.py"
 FLOW_TIMEOUT_S = 900.0
@@ -173,6 +185,10 @@ whatever its row, starts after the same pause (a pause after some rows only favo
 measured next: measured, the plain app read 5-15% above rows whose points followed no pause)."""
 STATS_PUSH_WAIT_S = 2.5
 """Replicas push their stats (requests, captured, dropped) every 2 s: a wait before reading them."""
+TOGGLED_APP = "bench-ours-capture10-toggled"
+TOGGLED_CAPTURE = {"sample": 0.1, "flush_s": 1.0}
+"""The toggled app's capture when on: 10% of requests, a Parquet file a second (files five times as
+often as the default ``flush_s`` of 5 s, so each costs more per record than by default)."""
 _T = TypeVar("_T")
 
 
@@ -461,6 +477,125 @@ def measure_interleaved_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) ->
     return list(results.values())
 
 
+def toggled_options(plan: Plan, capture: bool) -> dict[str, Any]:
+    """The toggled app's spec options: the ``ours`` app's settings, with ``TOGGLED_CAPTURE`` (written
+    under the work dir) when ``capture``; the options differ in nothing else, so a deploy of the other
+    only reconfigures the running replica (Serve's ``user_config``), which keeps its process."""
+    options = {**our_spec_options(ROWS_BY_ID["ours"], plan), "app": TOGGLED_APP}
+    if capture:
+        options["capture"] = {**TOGGLED_CAPTURE, "path": str(Path(plan.workdir).resolve() / CAPTURES_DIR)}
+    return options
+
+
+def measure_toggled_rows(specs: list[RowSpec], plan: Plan, *, keep: bool) -> list[dict[str, Any]]:
+    """The ``TOGGLED_ROWS`` of the plan, on one app: deployed with capture, then measured in cycles
+    (``measure_in_cycles``, segments of at least ``TOGGLED_SEGMENT_S``) where each row's segment
+    first switches the app's capture to the row's (a deploy that changes only ``capture``, checked
+    on the replica's own description) and loads it for ``TOGGLE_WARMUP_S`` unmeasured. The turning
+    order of two rows (on, off | off, on | ...) switches once per cycle, and each cycle's two
+    segments, one switch apart, form a ratio's pair. Recorded: the replica processes that answered
+    (one, if every switch happened in place), the switches and their times, the requests sent while
+    capturing and the rows captured on disk."""
+    from ray_deploy import DeploymentSpec, ModelRef, delete_app, deploy, read_captures
+
+    results = {spec.id: row_result(spec) for spec in specs}
+    print(f"[bench] {', '.join(results)} (one app, capture switched in place) ...", file=sys.stderr, flush=True)
+    started, since = time.monotonic(), time.time()
+    ref = ModelRef.model_validate(plan.model_refs[OUR_APPS["ours"][1]["default"]])
+    body = plan.body_for(ROWS_BY_ID["ours"])
+    state: dict[str, Any] = {"capture": None, "url": None}
+    toggles: dict[str, Any] = {"switches": 0, "switch_s": [], "replica_pids": [], "requests_capturing": 0}
+    deployed = False
+
+    def switch(capture: bool) -> None:
+        switching = time.monotonic()
+        result = deploy(DeploymentSpec.from_options(toggled_options(plan, capture)), {"default": ref})
+        described = describe_app(result.url)
+        if (described.get("capture") is not None) != capture:
+            raise RuntimeError(f"app {TOGGLED_APP!r} was deployed with capture {'on' if capture else 'off'} "
+                               f"but its replica describes capture {described.get('capture')!r}")  # fmt: skip
+        pid = (described.get("replica") or {}).get("pid")
+        if pid not in toggles["replica_pids"]:
+            toggles["replica_pids"].append(pid)
+        if state["capture"] is not None:
+            toggles["switches"] += 1
+            toggles["switch_s"].append(round(time.monotonic() - switching, 3))
+        state.update(capture=capture, url=result.url)
+
+    def load(level: int, seconds: float) -> dict[str, Any]:
+        (point,) = measure_http(state["url"], body, concurrency=(level,), seconds=seconds, warmup_s=0.0)
+        if state["capture"]:
+            toggles["requests_capturing"] += point["ok"]
+        return point
+
+    def segment(row_id: str, level: int, seconds: float) -> dict[str, Any]:
+        if state["capture"] != TOGGLED_ROWS[row_id]:
+            switch(TOGGLED_ROWS[row_id])
+            load(level, TOGGLE_WARMUP_S)
+        return load(level, seconds)
+
+    try:
+        try:
+            switch(True)
+            deployed = True
+            wait_until_answers(state["url"], body)
+            answered = sample_answers(state["url"], body)
+            toggles["requests_capturing"] += VARIANT_SAMPLE_REQUESTS
+        except Exception as exc:
+            for row in results.values():
+                record_error(row, exc)
+            return list(results.values())
+        for spec in specs:
+            results[spec.id].update(
+                url=state["url"],
+                app=TOGGLED_APP,
+                options={k: v for k, v in toggled_options(plan, TOGGLED_ROWS[spec.id]).items() if k != "app"},
+                answers=answered,
+            )
+        s = plan.settings
+        points = measure_in_cycles(
+            list(results),
+            replace(s, segment_s=max(s.segment_s, TOGGLED_SEGMENT_S)),
+            segment,
+            start=int(os.environ.get(ROUND_ENV, "0")),
+            failed=lambda row_id, exc: record_error(results[row_id], exc),
+        )
+        if state["capture"]:
+            switch(False)  # the writer writes what it holds as it stops
+        capture = {"root": str(Path(plan.workdir).resolve() / CAPTURES_DIR), **TOGGLED_CAPTURE}
+        try:
+            capture["rows_on_disk"] = len(read_captures(capture["root"], TOGGLED_APP, since=since))
+        except Exception as exc:
+            capture["error"] = f"{type(exc).__name__}: {exc}"
+        capture["requests"] = toggles["requests_capturing"]
+        for row_id, row_points in points.items():
+            row = results[row_id]
+            if not row.get("error"):
+                row.update(points=row_points, toggles=toggles)
+                if TOGGLED_ROWS[row_id]:
+                    row["capture"] = capture
+    except Exception as exc:
+        for row in results.values():
+            if not row.get("error"):
+                record_error(row, exc)
+    finally:
+        if deployed and not keep:
+            delete_app(TOGGLED_APP)
+    seconds = round(time.monotonic() - started, 2)
+    for row in results.values():
+        row["row_seconds"] = seconds
+    return list(results.values())
+
+
+def describe_app(url: str) -> dict[str, Any]:
+    """What a replica of an app says it serves (``GET`` the app's URL): variants, capture, process."""
+    import httpx
+
+    answer = httpx.get(url, timeout=10)
+    answer.raise_for_status()
+    return answer.json()
+
+
 def record_error(row: dict[str, Any], exc: BaseException) -> None:
     """Record the exception being handled on a row (type, message, where)."""
     row.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=-3)[-3000:])
@@ -568,19 +703,22 @@ def run_head_group(group: str, plan: Plan) -> dict[str, Any]:
         head["state"] = head_state()
         with connect() as info:
             head["http_url"] = info.http_url
-            together = [spec for spec in specs if spec.id in INTERLEAVED_ROWS]
             for index, spec in enumerate(specs):
                 keep = index == len(specs) - 1
-                if spec.id in INTERLEAVED_ROWS:
-                    if spec is together[0]:  # the others are measured with it; kept if no other row follows
-                        last = all(later.id in INTERLEAVED_ROWS for later in specs[index:])
-                        rows += measure_interleaved_rows(together, plan, keep=last)
-                    continue
-                if spec.id.startswith("handwritten"):
-                    measure = partial(measure_handwritten_row, plan, info.http_url, keep=keep)
+                for kind, measure_together in ((INTERLEAVED_ROWS, measure_interleaved_rows),
+                                               (TOGGLED_ROWS, measure_toggled_rows)):  # fmt: skip
+                    if spec.id in kind:
+                        together = [other for other in specs if other.id in kind]
+                        if spec is together[0]:  # the others are measured with it; kept if no other row follows
+                            last = all(later.id in kind for later in specs[index:])
+                            rows += measure_together(together, plan, keep=last)
+                        break
                 else:
-                    measure = partial(measure_our_row, spec, plan, keep=keep)
-                rows.append(attempt(spec, measure))
+                    if spec.id.startswith("handwritten"):
+                        measure = partial(measure_handwritten_row, plan, info.http_url, keep=keep)
+                    else:
+                        measure = partial(measure_our_row, spec, plan, keep=keep)
+                    rows.append(attempt(spec, measure))
             if group == "default" and plan.settings.studies:
                 from benchmarks.studies import run_studies
 

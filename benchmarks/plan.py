@@ -164,6 +164,22 @@ ROWS = (
         "writer included (every segment contains several of its writes).",
     ),
     RowSpec(
+        "ours_capture10_on",
+        "ours, capture 10%, one app switched",
+        "default",
+        "one app with the 'ours' app's settings whose capture is switched on and off in place, by a deploy that "
+        "changes only capture (Serve reconfigures the running replica: the same process, the same model): this "
+        'row is its segments with capture={"sample": 0.1, "flush_s": 1.0}, each at least 2 s (two Parquet files), '
+        "after 0.5 s of load following the switch. Against ours_capture10_off it measures capture alone.",
+    ),
+    RowSpec(
+        "ours_capture10_off",
+        "the same app, capture switched off",
+        "default",
+        "the ours_capture10_on app's segments with capture switched off (the writer stops after writing what it "
+        "holds); the two rows take turns on, off | off, on | ..., so each cycle's pair is one switch apart.",
+    ),
+    RowSpec(
         "ours_rows64",
         "ours, 64 rows",
         "default",
@@ -196,6 +212,18 @@ ROWS = (
     ),
 )
 ROWS_BY_ID = {row.id: row for row in ROWS}
+
+TOGGLED_ROWS = {"ours_capture10_on": True, "ours_capture10_off": False}
+"""Rows measured on ONE app whose capture is switched on (True) or off (False) in place before each
+of their segments (``measure_toggled_rows``): capture's cost against the same app without capture,
+the same replica process and model, where two apps (``ours_capture10`` against ``ours``) also differ
+by their processes (measured: two identical apps side by side differ by 2-3% with no capture at all)."""
+TOGGLED_SEGMENT_S = 2.0
+"""The toggled rows' segments are at least this long: two of the writer's flushes in every segment
+that captures, so that each pairs a whole share of the writer's work with the same app's without."""
+TOGGLE_WARMUP_S = 0.5
+"""Load after each switch, unmeasured, before the switched row's segment (the reconfigured replica's
+first requests)."""
 
 
 @dataclass(frozen=True)

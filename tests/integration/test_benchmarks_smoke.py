@@ -1,5 +1,6 @@
 """The benchmark harness (issue #6) runs end to end in its smallest mode: every row answers, the
-reports are written. No timing is asserted: numbers on a shared machine say nothing here.
+reports are written; with it, the two rows that switch one app's capture on and off in place
+(issue #16). No timing is asserted: numbers on a shared machine say nothing here.
 
 The harness starts and stops its own Ray head on the benchmark's ports (6389/8289/8089/8589/9089),
 not the suite's session head, so the environment it gets names those ports explicitly (the suite's
@@ -19,6 +20,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+ROWS = ("inprocess", "fastapi", "ours", "ours_capture10_on", "ours_capture10_off")
 BENCHMARK_PORTS = {
     "RAY_DEPLOY_GCS_PORT": "6389",
     "RAY_DEPLOY_DASHBOARD_PORT": "8289",
@@ -34,7 +36,7 @@ def test_smoke_run_measures_every_row_and_writes_reports(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--markdown", str(markdown)]
-        + ["--workdir", str(tmp_path / "work")],
+        + ["--workdir", str(tmp_path / "work"), "--rows", ",".join(ROWS)],
         cwd=str(REPO),
         env=env,
         capture_output=True,
@@ -44,7 +46,7 @@ def test_smoke_run_measures_every_row_and_writes_reports(tmp_path):
     assert out.is_file(), f"no results (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     results = json.loads(out.read_text())
     rows = {row["id"]: row for row in results["rows"]}
-    assert set(rows) == {"inprocess", "fastapi", "ours"}
+    assert set(rows) == set(ROWS)
     for row in rows.values():
         assert not row.get("error"), f"{row['id']}: {row.get('error')}\n{done.stderr[-4000:]}"
         assert row["points"], row["id"]
@@ -61,7 +63,21 @@ def test_smoke_run_measures_every_row_and_writes_reports(tmp_path):
     (head,) = results["heads"]
     assert head["state"]["address"] == "127.0.0.1:6389"
     assert results["machine"]["cpu_count"] and results["machine"]["versions"]["ray"]
-    assert {r["name"] for r in results["ratios"]} == {"ours_vs_fastapi"}
+    assert {r["name"] for r in results["ratios"]} == {"ours_vs_fastapi", "capture10_in_place"}
+
+    # One app, its capture switched on and off in place: one replica process answered both rows,
+    # each row's segments pair with the other's, and about 10% of the capturing requests are on disk.
+    on, off = rows["ours_capture10_on"], rows["ours_capture10_off"]
+    assert on["app"] == off["app"] and on["toggles"] == off["toggles"]
+    toggles = on["toggles"]
+    assert len(toggles["replica_pids"]) == 1 and toggles["switches"] >= 2, toggles
+    assert len(on["points"][0]["segments"]) == len(off["points"][0]["segments"]) >= 1
+    capture = on["capture"]
+    assert "capture" not in off and not capture.get("error"), capture
+    expected = 0.1 * capture["requests"]
+    assert abs(capture["rows_on_disk"] - expected) <= 4 * (expected * 0.9) ** 0.5 + 5, capture
+    (in_place,) = [r for r in results["ratios"] if r["name"] == "capture10_in_place"]
+    assert in_place["at"]["1"]["value"] > 0 and in_place["at"]["1"]["pairs"] == len(off["points"][0]["segments"])
 
     report = markdown.read_text()
     assert "| ours, 1 variant |" in report and "## Machine" in report

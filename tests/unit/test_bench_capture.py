@@ -85,39 +85,43 @@ def _row(row_id: str, *rps: float, rounds: list[list[float]] | None = None) -> d
     return {"id": row_id, "title": ROWS_BY_ID[row_id].title, "group": "default", "points": points}
 
 
-def test_capture_ratios_the_issue_target_applies_at_c8_only():
+def test_capture_ratios_the_issue_target_applies_to_the_switched_app_at_c8_only():
     rows = [
         _row("ours", 1000, 2000, 2100),
         _row("ours_capture10", 900, 1920, 1500),
         _row("ours_capture100", 800, 1000, 900),
+        _row("ours_capture10_on", 900, 1920, 1500),
+        _row("ours_capture10_off", 1000, 2000, 2100),
     ]
     ratios = {r["name"]: r for r in compute_ratios(rows, (1, 8, 32))}
-    ten = ratios["capture10_vs_plain"]
+    ten = ratios["capture10_in_place"]
     assert (ten["numerator"], ten["denominator"], ten["target"], ten["target_text"]) == (
-        "ours_capture10",
-        "ours",
+        "ours_capture10_on",
+        "ours_capture10_off",
         0.95,
         ">= 0.95x at c=8",
     )
     assert [ten["at"][c]["value"] for c in ("1", "8", "32")] == [0.9, 0.96, pytest.approx(1500 / 2100, abs=1e-4)]
     assert [ten["at"][c]["status"] for c in ("1", "8", "32")] == [None, "met", None]  # c=1 and c=32 reported only
     assert ten["verdict"] == "met"
-    hundred = ratios["capture100_vs_plain"]
-    assert hundred["target"] is None and hundred["target_text"] == "reported" and hundred["verdict"] is None
-    assert hundred["at"]["8"] == {"value": 0.5, "pairs": 1, "status": None}
+    for name in ("capture10_vs_plain", "capture100_vs_plain"):  # two apps: reported, no target
+        assert ratios[name]["target"] is None and ratios[name]["target_text"] == "reported", name
+        assert ratios[name]["verdict"] is None
+    assert ratios["capture10_vs_plain"]["at"]["8"] == {"value": 0.96, "pairs": 1, "status": None}
+    assert ratios["capture100_vs_plain"]["at"]["8"] == {"value": 0.5, "pairs": 1, "status": None}
 
-    rows[1] = _row("ours_capture10", 900, 1880, 1500)
-    missed = next(r for r in compute_ratios(rows, (1, 8, 32)) if r["name"] == "capture10_vs_plain")
+    rows[3] = _row("ours_capture10_on", 900, 1880, 1500)
+    missed = next(r for r in compute_ratios(rows, (1, 8, 32)) if r["name"] == "capture10_in_place")
     assert missed["at"]["8"] == {"value": 0.94, "pairs": 1, "status": "missed"} and missed["verdict"] == "missed"
-    gone = {r["name"] for r in compute_ratios([rows[0], rows[2]], (8,))}
-    assert "capture10_vs_plain" not in gone and "capture100_vs_plain" in gone
+    gone = {r["name"] for r in compute_ratios(rows[:3], (8,))}
+    assert "capture10_in_place" not in gone and "capture10_vs_plain" in gone
 
 
 def test_capture_ratio_pairs_rounds_in_the_order_they_ran():
     # Round 2 was a slow spell for both rows: round by round capture costs 2%, 4% and 3%.
-    ours = _row("ours", 1000, 2000, rounds=[[1000, 2000], [500, 1000], [1000, 2000]])
-    ten = _row("ours_capture10", 980, 1940, rounds=[[980, 1960], [490, 960], [980, 1940]])
-    (ratio,) = [r for r in compute_ratios([ours, ten], (1, 8)) if r["name"] == "capture10_vs_plain"]
+    off = _row("ours_capture10_off", 1000, 2000, rounds=[[1000, 2000], [500, 1000], [1000, 2000]])
+    ten = _row("ours_capture10_on", 980, 1940, rounds=[[980, 1960], [490, 960], [980, 1940]])
+    (ratio,) = [r for r in compute_ratios([ten, off], (1, 8)) if r["name"] == "capture10_in_place"]
     assert ratio["at"]["8"]["value"] == pytest.approx(0.97) and ratio["at"]["8"]["status"] == "met"
 
 
@@ -138,7 +142,7 @@ def test_the_report_shows_the_capture_ratios_and_what_was_captured(tmp_path):
     results = {"mode": "quick", "started_at": "2026-01-01T00:00:00+00:00", "wall_s": 1.0, "settings": settings}
     results.update(rows=rows, ratios=compute_ratios(rows, (1, 8, 32)))
     report = render_markdown(results, None)
-    assert "| capture 10% / ours without capture | >= 0.95x at c=8 | 0.90x | 0.96x (met) | 0.71x | **met** |" in report
+    assert "| capture 10% / ours without capture (two apps) | reported | 0.90x | 0.96x | 0.71x |" in report
     assert "| capture 100% / ours without capture | reported |" in report
     assert "| ours, capture 10% | 0.1 | 10,000 |" in report
 
@@ -151,3 +155,64 @@ def test_each_round_turns_the_order_so_no_row_keeps_its_place():
         first_level = [row for level, row in schedule if level == 1]
         places[round_index] = first_level.index("a")
     assert sorted(places.values()) == [0, 1, 2]
+
+
+# -- one app, capture switched in place -----------------------------------------------------------
+
+TOGGLED = ("ours_capture10_on", "ours_capture10_off")
+
+
+def test_the_switched_rows_are_one_app_whose_options_differ_in_capture_only(tmp_path):
+    from ray_deploy import DeploymentSpec
+
+    plan = _plan(tmp_path, rows=TOGGLED)
+    on, off = groups.toggled_options(plan, True), groups.toggled_options(plan, False)
+    assert on.pop("capture") == {"sample": 0.1, "flush_s": 1.0, "path": str(tmp_path.resolve() / "captures")}
+    assert on == off and "capture" not in off
+    ours = groups.our_spec_options(ROWS_BY_ID["ours"], plan)
+    assert {k: v for k, v in off.items() if k != "app"} == {k: v for k, v in ours.items() if k != "app"}
+    assert off["app"] == groups.TOGGLED_APP != ours["app"]
+    with_capture = DeploymentSpec.from_options(groups.toggled_options(plan, True))
+    without = DeploymentSpec.from_options(off)
+    assert with_capture.capture.sample == 0.1 and without.capture is None
+    assert with_capture.app == without.app
+    assert groups.TOGGLED_ROWS == {"ours_capture10_on": True, "ours_capture10_off": False}
+    for mode in ("quick", "full"):
+        assert set(TOGGLED) <= set(MODES[mode].rows), mode
+    for row_id in TOGGLED:
+        assert ROWS_BY_ID[row_id].group == "default" and row_id not in groups.INTERLEAVED_ROWS
+
+
+def test_two_rows_in_turn_switch_once_per_cycle_and_pair_across_each_switch():
+    # measure_in_cycles turns the order by one row per cycle: on, off | off, on | on, off | ...
+    order = [row for cycle in range(6) for _, row in groups.interleaved(list(TOGGLED), (8,), cycle)]
+    switches = sum(1 for before, after in zip(order, order[1:]) if before != after)
+    assert switches == 6  # one inside each of the 6 cycles, none between cycles
+    cycles = [order[i : i + 2] for i in range(0, len(order), 2)]
+    assert all(sorted(cycle) == sorted(TOGGLED) for cycle in cycles)  # each cycle: one segment of each
+    firsts = [cycle[0] for cycle in cycles[:2]]  # who goes first alternates
+    assert firsts == ["ours_capture10_on", "ours_capture10_off"]
+
+
+def test_the_report_says_whether_one_replica_process_answered_the_switched_rows(tmp_path):
+    on, off = _row("ours_capture10_on", 900, 1920, 1500), _row("ours_capture10_off", 1000, 2000, 2100)
+    toggles = {"switches": 3, "switch_s": [0.6, 0.7, 0.9], "replica_pids": [4242], "requests_capturing": 5000}
+    on.update(toggles=toggles, capture={"root": str(tmp_path), "sample": 0.1, "flush_s": 1.0, "requests": 5000,
+                                        "rows_on_disk": 498})  # fmt: skip
+    off["toggles"] = toggles
+    lines = capture_lines([on, off])
+    assert lines[4] == f"| ours, capture 10%, one app switched | 0.1 | 5,000 | – | – | 498 | `{tmp_path}` |"
+    said = [line for line in lines if "switched 3 times in place" in line]
+    assert said == [
+        "ours, capture 10%, one app switched: one app whose capture was switched 3 times in place "
+        "(median switch 0.70 s); one replica process answered throughout."
+    ]
+    toggles["replica_pids"] = [4242, 4343]
+    (said,) = [line for line in capture_lines([on, off]) if "switched 3 times" in line]
+    assert "**2 replica processes answered**" in said
+    settings = settings_for("quick", rows=TOGGLED).to_dict()
+    results = {"mode": "quick", "started_at": "2026-01-01T00:00:00+00:00", "wall_s": 1.0, "settings": settings}
+    results.update(rows=[on, off], ratios=compute_ratios([on, off], (1, 8, 32)))
+    report = render_markdown(results, None)
+    assert "switched in place are measured the same way on their own, in segments of at least 2 s" in report
+    assert "| capture 10% / the same app with capture switched off | >= 0.95x at c=8 |" in report
