@@ -702,6 +702,7 @@ def save_state(path: Path, layout: Layout, haproxy_pid: int | None) -> None:
     """What a restarted front needs: the layout HAProxy runs with, and that HAProxy (to take it over)."""
     identity = process_identity(haproxy_pid) if haproxy_pid else None
     state = {
+        "version": STATE_VERSION,
         "slots": layout.slots,
         "apps": layout.apps,
         "haproxy_pid": haproxy_pid,
@@ -709,6 +710,12 @@ def save_state(path: Path, layout: Layout, haproxy_pid: int | None) -> None:
     }
     path.with_suffix(".tmp").write_text(json.dumps(state))
     os.replace(path.with_suffix(".tmp"), path)
+
+
+STATE_VERSION = 2
+"""Of the saved state's format: 2 saves slots as ``ip:port`` (replicas on any node), 1 (no
+``version``) as bare loopback ports. A state of a later version (a newer ray-deploy ran this
+front) is not read: the front starts fresh, as with no state."""
 
 
 def _slot(saved: Any) -> str | None:
@@ -723,6 +730,8 @@ def load_state(path: Path) -> tuple[Layout, int | None]:
     (same start time, and its command line names the configuration beside ``path``)."""
     try:
         state = json.loads(path.read_text())
+        if int(state.get("version", 1)) > STATE_VERSION:
+            return Layout.fresh([]), None
         layout = Layout(
             {prefix: [_slot(slot) for slot in slots] for prefix, slots in state["slots"].items()},
             dict(state.get("apps") or {}),

@@ -24,6 +24,7 @@ from ray_deploy.errors import ClusterError
 from ray_deploy.serving.access import HEADER_NAME, FrontGate, app_secret
 from ray_deploy.serving.front import (
     SLOT_BLOCK,
+    STATE_VERSION,
     HAProxyProcess,
     Layout,
     Route,
@@ -283,6 +284,12 @@ def test_layout_and_haproxy_survive_in_the_state_file(tmp_path):
     # A state file from before app names: its routes come back nameless (the next poll reloads).
     (tmp_path / "old.json").write_text(json.dumps({"slots": {"/a": [30000, None]}, "haproxy_pid": None}))
     assert load_state(tmp_path / "old.json")[0].routes() == [Route("/a", at(30000))]
+    # One a later ray-deploy wrote, in a format this one does not know: a fresh start, not a bad HAProxy config.
+    later = {"version": STATE_VERSION + 1, "slots": {"/a": [{"node": "n1", "at": 30000}]}, "haproxy_pid": None}
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    assert load_state(tmp_path / "later.json") == (Layout.fresh([]), None)
+    save_state(tmp_path / "now.json", load_state(tmp_path / "old.json")[0], None)
+    assert json.loads((tmp_path / "now.json").read_text())["version"] == STATE_VERSION
 
 
 def test_exits_and_logs_read_as_sentences():
