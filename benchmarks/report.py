@@ -549,6 +549,10 @@ def render_markdown(results: dict[str, Any], plot_name: str | None) -> str:
         "every round included, are in `docs/benchmarks.json` (`--render docs/benchmarks.json` rewrites this "
         "page from them). Timing on a shared 2-core machine is noisy: compare rows of one run, not runs.",
         "",
+        "The data paths across nodes (the front with secret-checked replica ports, Serve's HAProxy mode and "
+        "Serve's proxy, replicas on simulated worker nodes) have a page of their own, "
+        "`docs/benchmarks-multinode.md` (`python -m benchmarks.multinode`).",
+        "",
         "## Machine",
         "",
         *machine_lines(results.get("machine", {})),

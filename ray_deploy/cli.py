@@ -94,6 +94,11 @@ def _cluster(args: argparse.Namespace) -> None:
     elif args.action == "down":
         stopped = stop_local_cluster()
         print("stopped the local Ray head" if stopped else "no local Ray head was running")
+    elif args.action == "front":
+        from ray_deploy.cluster import serve_front
+
+        status = serve_front(args.address, args.host, args.port, args.proxy_port, watch_s=args.watch)
+        _print(status, args.json)
     else:
         status = cluster_status(args.address)
         _print(status, args.json)
@@ -241,8 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     cluster = commands.add_parser("cluster", parents=[common], help="start, stop or inspect the Ray cluster")
-    cluster.add_argument("action", choices=["up", "down", "status"])
+    cluster.add_argument("action", choices=["up", "down", "status", "front"])
     cluster.add_argument("--config", default=None, help="autoscaler YAML for 'up' (e.g. the fake multi-node provider)")
+    cluster.add_argument(
+        "--host", default="0.0.0.0", help="'front': the address the front listens on (default: every interface)"
+    )
+    cluster.add_argument("--port", type=int, default=8000, help="'front': the port the front listens on")
+    cluster.add_argument(
+        "--proxy-port", type=int, default=8001, help="'front': where Serve's proxy listens behind the front"
+    )
+    cluster.add_argument(
+        "--watch", type=float, default=None, metavar="SECONDS", help="'front': keep repairing it, checking this often"
+    )
     cluster.set_defaults(run=_cluster)
 
     status = commands.add_parser("status", parents=[common], help="state, URL and variants of deployed apps")

@@ -13,7 +13,9 @@ Local head settings come from the environment (defaults in brackets):
 ``RAY_DEPLOY_NUM_CPUS`` [all cores], ``RAY_DEPLOY_NUM_GPUS`` [0],
 ``RAY_DEPLOY_DATA_PATH`` [direct: replicas answer HTTP on loopback behind the ray-deploy front;
 ``proxy`` for Serve's defaults, ``haproxy`` for Serve's HAProxy mode; see ``ray_deploy.serving.front``],
-``RAY_DEPLOY_PROXY_PORT`` [a free port: where Serve's own proxy listens behind the front].
+``RAY_DEPLOY_PROXY_PORT`` [a free port: where Serve's own proxy listens behind the front],
+``RAY_DEPLOY_PROXY_LOCATION`` [Serve's default: a proxy on every node with a replica; ``HeadOnly``
+for simulated nodes on one machine].
 """
 
 from __future__ import annotations
@@ -131,9 +133,10 @@ FORWARDED_ENV = (
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "RAY_DEPLOY_GC_THRESHOLD",
+    "RAY_DEPLOY_PREDICT_THREADS",
 )
 """Forwarded to replicas: where the datastore is, so they read models where the flow wrote them,
-and the replicas' GC threshold. Credentials are never forwarded: nodes bring their own
+the replicas' GC threshold and prediction threads. Credentials are never forwarded: nodes bring their own
 (instance role, or their environment)."""
 
 
@@ -142,9 +145,10 @@ def deployment_runtime_env(code_dir: str | None) -> dict[str, Any] | None:
     runtime_env: dict[str, Any] = {}
     if code_dir:
         runtime_env.update(working_dir=code_dir, excludes=_CODE_EXCLUDES)
-    from ray_deploy.serving.config import gc_threshold_setting
+    from ray_deploy.serving.config import gc_threshold_setting, predict_threads_setting
 
     gc_threshold_setting(os.environ)  # a bad value fails here, not in every replica
+    predict_threads_setting(os.environ)
     forwarded = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     if forwarded:
         runtime_env["env_vars"] = forwarded
@@ -614,7 +618,7 @@ def connect(
             problem = front_problem(front)
             if problem and require_front:
                 raise ClusterError(problem)
-        else:
+        elif not _front_runs():  # a front started by `ray-deploy cluster front` has started Serve behind it
             _start_serve({"host": settings.http_host, "port": _port_of(info.http_url)})
         yield info
     finally:
@@ -622,23 +626,115 @@ def connect(
             ray.shutdown()
 
 
+def _front_runs() -> bool:
+    import ray
+
+    from ray_deploy.serving.autoscale import FRONT_NAME, FRONT_NAMESPACE
+
+    try:
+        ray.get_actor(FRONT_NAME, namespace=FRONT_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+FRONT_PROXY_PORT = 8001
+"""Where Serve's proxy listens behind a front started by ``serve_front`` (KubeRay's export)."""
+
+
+def serve_front(
+    address: str | None, host: str, port: int, proxy_port: int = FRONT_PROXY_PORT, *, watch_s: float | None = None
+) -> dict[str, Any]:
+    """Run the ray-deploy front on a cluster started elsewhere (KubeRay: the head pod's sidecar).
+
+    Connects to the head at ``address`` as a driver on its node (so the front lands there),
+    starts Serve with its proxy on ``proxy_port`` unless Serve runs already, and starts (or
+    repairs) the front on ``host:port``. The cluster's nodes must run with the direct data
+    path's settings (``head_environment("direct", ...)``; ``ray-deploy export --kuberay`` sets
+    them on every node), so that replicas answer on their nodes' addresses; the front then
+    sends each request to a replica on any node, with its app's secret (``serving.access``).
+    With ``watch_s``, keeps checking every ``watch_s`` seconds and repairs a front that is down
+    (returns only when interrupted); else returns the serving front's status.
+
+    Raises:
+        ClusterUnreachable: nothing answers at the address.
+        ClusterError: Serve's proxy already holds ``port``, or the front does not serve (why).
+    """
+    _use_token_auth()
+    import ray
+
+    resolved = resolve_address(address)
+    if resolved is None:
+        raise ClusterError(
+            "`ray-deploy cluster front` is for a cluster started elsewhere: give --address (or RAY_ADDRESS); "
+            "a local head started by ray-deploy runs its front already (`ray-deploy cluster up`)"
+        )
+    check_reachable(resolved)
+    import ray.serve  # noqa: F401  (sets Serve's logger level first; see connect)
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:
+        with _declared_code_only():
+            ray.init(address=resolved, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+    except Exception as exc:
+        raise ClusterUnreachable(f"could not connect to the Ray cluster at {resolved}: {exc}") from exc
+    try:
+        _start_serve({"host": host, "port": proxy_port})
+        serving_port = _serve_proxy_port()
+        if serving_port == port:
+            raise ClusterError(
+                f"Serve's proxy already listens on port {port}, where the front should: deploy with "
+                f"http_options.port {proxy_port} (ray-deploy export --kuberay does), or give --port another port"
+            )
+        workdir = os.path.join(tempfile.gettempdir(), f"ray-deploy-front-{port}")
+        while True:
+            status = ensure_front(host, port, serving_port, workdir, repair=True)
+            problem = front_problem(status)
+            if watch_s is None:
+                if problem:
+                    raise ClusterError(problem)
+                return status
+            report(
+                problem or f"the ray-deploy front serves on {host}:{port} (Serve's proxy behind it on {serving_port})"
+            )
+            time.sleep(watch_s)
+    finally:
+        ray.shutdown()
+
+
+def _serve_proxy_port() -> int:
+    """The port Serve's proxies listen on (its controller's HTTP options)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    return int(ray.get(controller.get_http_config.remote(), timeout=30).port)
+
+
 def _start_serve(http_options: dict[str, Any], attempts: int = 5) -> None:
     """``serve.start``, also when several processes start Serve on a new head at once.
 
     Serve 2.60 creates its controller from the caller, by name but without ``get_if_exists``:
     of processes that start it together, all but one get ``ActorAlreadyExistsError``. Those
-    connect to the controller the first one created.
+    connect to the controller the first one created. ``RAY_DEPLOY_PROXY_LOCATION`` places Serve's
+    proxies (``HeadOnly`` for simulated nodes, which share one address and so cannot each hold the port).
     """
     from ray import serve
     from ray.exceptions import ActorAlreadyExistsError
 
+    location = os.environ.get("RAY_DEPLOY_PROXY_LOCATION") or None
+    if location not in (None, *PROXY_LOCATIONS):
+        raise ClusterError(f"RAY_DEPLOY_PROXY_LOCATION: expected one of {', '.join(PROXY_LOCATIONS)}, got {location!r}")
     for _ in range(attempts - 1):
         try:
-            serve.start(http_options=http_options)
+            serve.start(http_options=http_options, proxy_location=location)
             return
         except ActorAlreadyExistsError:
             time.sleep(0.5)
-    serve.start(http_options=http_options)
+    serve.start(http_options=http_options, proxy_location=location)
+
+
+PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
 
 
 @contextlib.contextmanager

@@ -200,7 +200,7 @@ def wait_until_serving(app: str, url: str, config: ServingConfig, timeout_s: flo
             waiter.update(
                 f"{state}; replicas: " + "; ".join(f"{n} {r or 'none yet'}" for n, r in replicas.items()) + stall.note
             )
-            if state == "RUNNING" and _serves(url, expected):
+            if state == "RUNNING" and _serves(url, expected, _front_headers(app)):
                 return
             stall.check(app, [d.message for d in status.deployments.values()])
         time.sleep(_POLL_S)
@@ -300,11 +300,24 @@ def _fingerprint(config: ServingConfig) -> list[tuple[str, str, float]]:
     return [(v.label, v.model.uri, float(v.weight)) for v in config.variants]
 
 
-def _serves(url: str, expected: list[tuple[str, str, float]]) -> bool:
+def _front_headers(app: str) -> dict[str, str]:
+    """The header a replica behind a front wants on HTTP requests (``serving.access``): ``url`` is
+    Serve's proxy for an app read back from Serve (the front's address is the head's, which this
+    process may not reach), and Serve's proxy passes the header on. Never logged."""
+    from ray_deploy.serving.access import HEADER_NAME, app_secret, cluster_key
+
+    try:
+        key = cluster_key()
+    except Exception:  # no key to be had: replicas that need one answer 503, and the wait goes on
+        return {}
+    return {HEADER_NAME: app_secret(key, app).decode("ascii")} if key else {}
+
+
+def _serves(url: str, expected: list[tuple[str, str, float]], headers: dict[str, str] | None = None) -> bool:
     # Replicas apply a new config one by one; ask a few times so most of them have it.
     for _ in range(3):
         try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as answer:
                 described = json.loads(answer.read())
         except (urllib.error.URLError, OSError, ValueError):
             return False

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ray_deploy.cluster import connect
+from ray_deploy.cluster import FRONT_PROXY_PORT, connect
 from ray_deploy.control.apply import variant_apps
 from ray_deploy.control.live import LiveApp, plain
 from ray_deploy.models.artifacts import without_credentials
@@ -27,8 +27,16 @@ from ray_deploy.serving.config import (
     variant_app_name,
     variant_app_options,
 )
+from ray_deploy.serving.front import head_environment
 
 RAY_VERSION = "2.60.0"
+FRONT_PORT = 8000
+"""The port clients call on the head: the ray-deploy front (KubeRay's ``serve`` port)."""
+FRONT_CHECK_S = 10
+"""How often the head's front sidecar checks the front (and repairs it when it is down)."""
+RAY_TMP = "/tmp/ray"
+"""Ray's session directory on the head, shared with the front's sidecar (a driver on the head's node
+reaches the raylet through sockets there)."""
 DEFAULT_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311"
 DEFAULT_GPU_IMAGE = f"rayproject/ray:{RAY_VERSION}-py311-gpu"
 
@@ -99,18 +107,30 @@ def kuberay_manifest(
     max_cpu_workers: int = 4,
 ) -> dict[str, Any]:
     """A KubeRay ``RayService`` serving the app: serveConfigV2 from the running app, an autoscaling
-    cluster with a CPU worker group and a GPU worker group (both scaling from zero)."""
+    cluster with a CPU worker group and a GPU worker group (both scaling from zero), on the fast
+    data path (``serving.front``):
+
+    - every node runs with the direct data path's settings: ingress replicas answer HTTP on their
+      node's address, and refuse requests without their app's secret (``serving.access``);
+    - Serve's proxy listens on ``FRONT_PROXY_PORT`` (serveConfigV2's ``http_options``), behind the front;
+    - the head pod runs ``ray-deploy cluster front`` as a sidecar: the front (HAProxy, on the
+      ``serve`` port clients call) sends each request to a replica on any node, with the secret,
+      and the sidecar repairs it when it is down. The manifest holds no secret: the cluster makes
+      its key when the front first starts.
+    """
     import yaml
 
-    config = serve_config(app, address)
+    config = {**serve_config(app, address), "http_options": {"host": "0.0.0.0", "port": FRONT_PROXY_PORT}}
     image = image or DEFAULT_IMAGE
     gpu_image = gpu_image or DEFAULT_GPU_IMAGE
     ports = [
         {"containerPort": 6379, "name": "gcs-server"},
         {"containerPort": 8265, "name": "dashboard"},
         {"containerPort": 10001, "name": "client"},
-        {"containerPort": 8000, "name": "serve"},
+        {"containerPort": FRONT_PORT, "name": "serve"},
     ]
+    environment = [{"name": k, "value": v} for k, v in sorted(head_environment("direct", "0.0.0.0").items())]
+    shared_tmp = {"name": "ray-tmp", "mountPath": RAY_TMP}
 
     def container(name: str, image_name: str, cpu: str, memory: str, gpus: int = 0) -> dict[str, Any]:
         limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
@@ -119,9 +139,19 @@ def kuberay_manifest(
         return {
             "name": name,
             "image": image_name,
+            "env": environment,
             "resources": {"limits": limits, "requests": {"cpu": cpu, "memory": memory}},
-            **({"ports": ports} if name == "ray-head" else {}),
+            **({"ports": ports, "volumeMounts": [shared_tmp]} if name == "ray-head" else {}),
         }
+
+    front = {
+        "name": "ray-deploy-front",
+        "image": image,
+        "command": front_command(),
+        "env": environment,
+        "resources": {"limits": {"cpu": "500m", "memory": "1Gi"}, "requests": {"cpu": "100m", "memory": "512Mi"}},
+        "volumeMounts": [shared_tmp],
+    }
 
     return {
         "apiVersion": "ray.io/v1",
@@ -136,7 +166,12 @@ def kuberay_manifest(
                 "headGroupSpec": {
                     # The head schedules no replicas: workers come and go with the load.
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-                    "template": {"spec": {"containers": [container("ray-head", image, "2", "8Gi")]}},
+                    "template": {
+                        "spec": {
+                            "containers": [container("ray-head", image, "2", "8Gi"), front],
+                            "volumes": [{"name": "ray-tmp", "emptyDir": {}}],
+                        }
+                    },
                 },
                 "workerGroupSpecs": [
                     {
@@ -166,3 +201,23 @@ def kuberay_manifest(
             },
         },
     }
+
+
+def front_command(gcs_port: int = 6379) -> list[str]:
+    """The head pod's front sidecar: waits for nothing (Kubernetes restarts it until the head
+    answers), then runs and repairs the front (``ray_deploy.cluster.serve_front``)."""
+    return [
+        "ray-deploy",
+        "cluster",
+        "front",
+        "--address",
+        f"127.0.0.1:{gcs_port}",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(FRONT_PORT),
+        "--proxy-port",
+        str(FRONT_PROXY_PORT),
+        "--watch",
+        str(FRONT_CHECK_S),
+    ]

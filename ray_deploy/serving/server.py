@@ -62,6 +62,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from ray_deploy.errors import RayDeployError
 from ray_deploy.models.predictors.base import RequestError
+from ray_deploy.serving.access import LOOK_AGAIN_S, FrontGate
 from ray_deploy.serving.autoscale import FRONT_LOAD_METRIC, FrontLoad
 from ray_deploy.serving.capture import Captured, CaptureWriter, Labelled, load_quality_function
 from ray_deploy.serving.config import (
@@ -408,6 +409,9 @@ class ModelServer:
         self.reference: LoadedVariant | None = None
         self._candidates: frozenset[str] = frozenset()
         self._front_load = FrontLoad()
+        # Behind a front, HTTP requests must carry this app's secret (serving.access).
+        self._gate = FrontGate()
+        self._gate_watch: asyncio.Task | None = None
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve asks this of autoscaled apps' replicas: the requests the front holds for this app,
@@ -428,6 +432,9 @@ class ModelServer:
         self.shadows = [v for v in variants if v.config.shadow]
         self.config = config
         self._infer_path = f"/v2/models/{config.app}/infer"
+        await asyncio.to_thread(self._gate.configure, config.app)
+        if self._gate.expected is None and self._gate_watch is None:  # no front yet: look again now and then
+            self._gate_watch = asyncio.get_running_loop().create_task(self._watch_gate())
         self.reference, self._candidates = reference_of(config, variants)
         await asyncio.to_thread(self._configure_capture, config)
         local = {v.label: v.describe()["device"] for v in variants if not isinstance(v.predictor, RemoteVariant)}
@@ -467,8 +474,17 @@ class ModelServer:
         if self.capture is not None:
             self.capture.close(timeout_s=5.0)
 
+    async def _watch_gate(self) -> None:
+        """Look for the cluster's front key until there is one (a front started after this replica)."""
+        while self._gate.expected is None:
+            await asyncio.sleep(LOOK_AGAIN_S)
+            await asyncio.to_thread(self._gate.refresh)
+
     async def __call__(self, request: Request) -> Response:
         scope = request.scope
+        if not self._gate.admits(scope):
+            status, body = self._gate.refusal()
+            return JSONAnswer(body, status)
         method = scope["method"]
         path = scope["path"][len(scope.get("root_path", "")) :]
         if method == "POST" and path in _SCORE_PATHS:
@@ -712,7 +728,7 @@ class ModelServer:
                 body = model_input.body
             else:
                 body = parse_body(chunk)
-                model_input = parse_model_input(body)
+                model_input = parse_model_input(body, chunk)
             if (
                 variant.quick
                 and variant.payload_format == "array"
@@ -1256,6 +1272,7 @@ REPLICA_CODE = (
     "serving/payload.py",
     "serving/oip.py",
     "serving/autoscale.py",
+    "serving/access.py",
     "serving/variant.py",
     "serving/metrics.py",
     "serving/capture.py",

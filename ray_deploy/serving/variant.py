@@ -17,7 +17,7 @@ from typing import Any
 
 from ray_deploy.models.artifacts import load_model
 from ray_deploy.models.predictors import RequestError, build_predictor
-from ray_deploy.serving.config import VariantConfig
+from ray_deploy.serving.config import VariantConfig, predict_threads_setting
 from ray_deploy.serving.payload import ModelInput
 
 VARIANT_HEADER = "X-Ray-Deploy-Variant"
@@ -28,6 +28,16 @@ INLINE_PREDICT_S = 0.002
 run on the replica's prediction thread, so that the event loop keeps accepting requests,
 answering health checks and counting ongoing requests for the autoscaler."""
 _PREDICT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-deploy-predict")
+_parallel: ThreadPoolExecutor | None = None
+
+
+def parallel_executor() -> ThreadPoolExecutor:
+    """The threads of thread-safe predictors (``PREDICT_THREADS``), made when the first one loads."""
+    global _parallel
+    if _parallel is None:
+        workers = predict_threads_setting(os.environ)
+        _parallel = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ray-deploy-predict-parallel")
+    return _parallel
 
 
 def _timed(predict: Any, payload: Any) -> tuple[Any, float]:
@@ -57,9 +67,15 @@ class LoadedVariant:
     payload_format: str = field(init=False, repr=False)
     n_features: int | None = field(init=False, repr=False)
     accepts_params: bool = field(init=False, repr=False)
+    # Where predictions that are not quick run: the replica's one prediction thread, or for
+    # predictors that declare ``thread_safe = True``, several (``PREDICT_THREADS``).
+    executor: ThreadPoolExecutor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         config = self.config
+        self.executor = (
+            parallel_executor() if getattr(self.predictor, "thread_safe", False) is True else _PREDICT_THREAD
+        )
         self.payload_format = getattr(self.predictor, "payload_format", "array")
         self.n_features = getattr(self.predictor, "n_features", None)
         self.accepts_params = takes_params(self.predictor)
@@ -86,23 +102,24 @@ class LoadedVariant:
 
     async def predict(self, payload: Any) -> Any:
         """The predictor's answer, computed inline when it is known to be quick, else on the
-        prediction thread (one per replica: predictions stay serialized, as predictors expect)."""
+        prediction thread (one per replica: predictions stay serialized, as predictors expect;
+        thread-safe predictors' on several, ``executor``)."""
         if self.quick:
             return self.predict_inline(payload)
         loop = asyncio.get_running_loop()
-        result, took = await loop.run_in_executor(_PREDICT_THREAD, _timed, self.predictor.predict, payload)
+        result, took = await loop.run_in_executor(self.executor, _timed, self.predictor.predict, payload)
         self.typical_s = took if self.typical_s is None else 0.8 * self.typical_s + 0.2 * took
         return result
 
     async def predict_with_params(self, payload: Any, params: dict[str, Any]) -> Any:
-        """The predictor's answer to a request that sent ``params`` (on the prediction thread)."""
+        """The predictor's answer to a request that sent ``params`` (on the prediction thread, or threads)."""
         if not self.accepts_params:
             raise RequestError(
                 f"variant {self.label!r} (predictor {self.config.predictor!r}) takes no params; "
                 'send the request without "params"'
             )
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_PREDICT_THREAD, lambda: self.predictor.predict(payload, params=params))
+        return await loop.run_in_executor(self.executor, lambda: self.predictor.predict(payload, params=params))
 
     def make_payload(self, model_input: ModelInput) -> Any:
         payload_format = self.payload_format

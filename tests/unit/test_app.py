@@ -198,3 +198,65 @@ def test_invalid_resource_combinations_name_the_reason(options, expected):
     with pytest.raises(SpecError) as raised:
         DeploymentSpec.from_options({"app": "gpu", **options})
     assert expected in str(raised.value)
+
+
+def _overlap_probe(thread_safe):
+    """A predictor that records how many of its predictions run at once; each waits (bounded) for
+    a second one to arrive, so two run together wherever they may."""
+    import threading
+
+    class Probe:
+        payload_format = "array"
+
+        def __init__(self):
+            self.running = self.most = 0
+            self.lock = threading.Lock()
+            self.second = threading.Event()
+
+        def predict(self, payload):
+            with self.lock:
+                self.running += 1
+                self.most = max(self.most, self.running)
+                if self.running > 1:
+                    self.second.set()
+            self.second.wait(1.0)
+            with self.lock:
+                self.running -= 1
+            return [0] * len(payload)
+
+    Probe.thread_safe = thread_safe
+    return Probe()
+
+
+@pytest.mark.parametrize("thread_safe", [True, False])
+def test_only_thread_safe_predictors_predict_several_at_once(thread_safe):
+    import asyncio
+
+    import numpy as np
+
+    (config,) = [v.config for v in _variants(100)]
+    probe = _overlap_probe(thread_safe)
+    variant = LoadedVariant(config=config, predictor=probe)
+
+    async def two():
+        return await asyncio.gather(*(variant.predict(np.zeros((2, 3))) for _ in range(2)))
+
+    assert asyncio.run(two()) == [[0, 0], [0, 0]]
+    assert probe.most == (2 if thread_safe else 1)
+
+
+def test_the_onnx_predictor_is_thread_safe_and_the_thread_count_is_checked(monkeypatch):
+    from ray_deploy.cluster import deployment_runtime_env
+    from ray_deploy.errors import RayDeployError
+    from ray_deploy.models.predictors.onnx_predictor import ONNXPredictor
+    from ray_deploy.serving.config import PREDICT_THREADS, PREDICT_THREADS_ENV, predict_threads_setting
+
+    assert ONNXPredictor.thread_safe is True
+    assert predict_threads_setting({}) == PREDICT_THREADS
+    assert predict_threads_setting({PREDICT_THREADS_ENV: "4"}) == 4
+    monkeypatch.setenv(PREDICT_THREADS_ENV, "3")
+    assert deployment_runtime_env(None)["env_vars"][PREDICT_THREADS_ENV] == "3"
+    for bad in ("0", "two"):
+        monkeypatch.setenv(PREDICT_THREADS_ENV, bad)
+        with pytest.raises(RayDeployError, match=f"{PREDICT_THREADS_ENV}='{bad}': expected a whole number of threads"):
+            deployment_runtime_env(None)

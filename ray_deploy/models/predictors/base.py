@@ -23,6 +23,11 @@ What ``payload`` is depends on ``payload_format``:
 
 Set ``n_features`` (an int) to have rows of the wrong width refused with 400. Raise
 ``RequestError`` from ``predict`` to answer a client mistake with a 4xx.
+
+Predictions that take more than a couple of milliseconds run off the replica's event loop, on one
+thread: one at a time. Set ``thread_safe = True`` when ``predict`` may run on several threads at
+once (the model's own predict is thread-safe, and ideally releases the GIL, as onnxruntime's does):
+a replica then runs up to ``RAY_DEPLOY_PREDICT_THREADS`` (2) such predictions at a time.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Predictor:
     """Base class for predictors; subclassing it is optional (any class with the protocol works)."""
 
     payload_format: ClassVar[str] = "array"
+    thread_safe: ClassVar[bool] = False
     n_features: int | None = None
     device: str = "cpu"
 

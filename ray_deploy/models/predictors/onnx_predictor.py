@@ -26,6 +26,8 @@ class ONNXPredictor(Predictor):
     (``onnxruntime-gpu``), with the CPU provider as fallback; ``device`` says which path ran.
     """
 
+    thread_safe = True  # onnxruntime's InferenceSession.run is thread-safe and releases the GIL
+
     def __init__(self, model: Any, config: dict[str, Any]):
         super().__init__(model, config)
         import onnxruntime
