@@ -126,7 +126,7 @@ def container_env(container: dict) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container.get("env", [])}
 
 
-def test_the_kuberay_export_runs_the_fast_path_across_nodes(exported_cluster):
+def test_the_kuberay_export_runs_the_fast_path_across_nodes(exported_cluster, tmp_path):
     from ray_deploy.cluster import auth_headers
 
     manifest, settings = exported_cluster
@@ -158,6 +158,11 @@ def test_the_kuberay_export_runs_the_fast_path_across_nodes(exported_cluster):
         return env
 
     ray = str(Path(sys.executable).with_name("ray"))
+    # A pod's working directory is not this checkout: started here, the dashboard (which starts
+    # Serve for the PUT below) would put the checkout on its workers' import path, beside the
+    # installed package, and Metaflow refuses two copies of our extension.
+    pod_dir = tmp_path / "pod"
+    pod_dir.mkdir()
     common = [f"--temp-dir={settings.temp_dir}", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     head_params = cluster["headGroupSpec"]["rayStartParams"]
     started = subprocess.run(
@@ -168,6 +173,7 @@ def test_the_kuberay_export_runs_the_fast_path_across_nodes(exported_cluster):
         capture_output=True,
         text=True,
         timeout=180,
+        cwd=pod_dir,
     )
     assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
     joined = subprocess.run(
@@ -176,6 +182,7 @@ def test_the_kuberay_export_runs_the_fast_path_across_nodes(exported_cluster):
         capture_output=True,
         text=True,
         timeout=180,
+        cwd=pod_dir,
     )
     assert joined.returncode == 0, joined.stdout[-2000:] + joined.stderr[-2000:]
 
@@ -220,7 +227,17 @@ def test_the_kuberay_export_runs_the_fast_path_across_nodes(exported_cluster):
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    assert answer is not None and answer.status_code == 200, answer and answer.text
+    if answer is None or answer.status_code != 200:  # why, in Serve's words
+        apps = httpx.get(f"{dashboard}/api/serve/applications/", headers=auth_headers(), timeout=30).json()
+        statuses = {
+            name: (
+                app.get("status"),
+                app.get("message"),
+                {d: (v.get("status"), v.get("message")) for d, v in (app.get("deployments") or {}).items()},
+            )
+            for name, app in (apps.get("applications") or {}).items()
+        }
+        raise AssertionError(f"{answer and answer.status_code} {answer and answer.text}; Serve: {statuses}")
     assert "predictions" in answer.json()
 
     shown = front_of(env=node_env(head), address=address)
