@@ -37,9 +37,9 @@ done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
     '{"wrk": 1, "requests": %d, "duration_us": %d, "status": %d, "connect": %d, "read": %d, "write": %d, ' ..
-    '"timeout": %d, "p50_us": %d, "p99_us": %d}\\n',
+    '"timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, "max_us": %d}\\n',
     summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(99)))
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
 end
 """
 
@@ -189,6 +189,8 @@ def wrk_point(output: str, concurrency: int) -> dict:
         "rps": round(ok / window, 1),
         "p50_ms": round(summary["p50_us"] / 1000, 3) if ok else None,
         "p99_ms": round(summary["p99_us"] / 1000, 3) if ok else None,
+        "p90_ms": round(summary["p90_us"] / 1000, 3) if ok else None,
+        "max_ms": round(summary["max_us"] / 1000, 3) if ok else None,
     }
 
 

@@ -136,7 +136,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "request) run one per worker node, so every request crosses from the head to another node. Heads take "
         "turns, their order turning each round; ratios are taken within a round, the median shown.",
         "",
-        "| data path | " + " | ".join(f"req/s c={c}" for c in levels) + " | p99 ms c=8 | replicas' nodes |",
+        "| data path | "
+        + " | ".join(f"req/s c={c}" for c in levels)
+        + " | c=8 ms: p50 / p90 / p99 / max | replicas' nodes |",
         "|---|" + "---:|" * len(levels) + "---:|---|",
     ]
     for path in PATHS:
@@ -149,12 +151,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         for level in levels:
             values = [v for v in (_rps(run, level) for run in runs) if v]
             cells.append(f"{statistics.median(values):,.0f}" if values else "-")
-        p99 = [
-            p["p99_ms"] for run in runs for p in run.get("points", []) if p.get("concurrency") == 8 and p.get("p99_ms")
-        ]
+        at8 = [p for run in runs for p in run.get("points", []) if p.get("concurrency") == 8]
         nodes = {len(set(run.get("replica_nodes", []))) for run in runs}
         spread = "/".join(str(n) for n in sorted(nodes))
-        latency = f"{statistics.median(p99):.1f}" if p99 else "-"
+        latency = " / ".join(_median_ms(at8, key) for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms"))
         lines.append(f"| {TITLES[path]} | {' | '.join(cells)} | {latency} | {spread} distinct worker nodes |")
     lines += ["", "| ratio | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]
     for other in ("serve_haproxy", "serve_proxy"):
@@ -166,11 +166,17 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| front / {TITLES[other]} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Per round in brackets. Replica ports on the front's path refuse requests without the app's secret; "
+        "Per round in brackets; latencies are each round's, their median shown. Replica ports on the front's path refuse requests without the app's secret; "
         "Serve's HAProxy mode leaves them open (see docs/data-path.md).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _median_ms(points: list[dict[str, Any]], key: str) -> str:
+    """The median over rounds of one latency of the points (older results have no p90 or max)."""
+    values = [p[key] for p in points if p.get(key) is not None]
+    return f"{statistics.median(values):.1f}" if values else "-"
 
 
 # -- one head (a process of its own) ------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The benchmark harness (issue #6) runs end to end in its smallest mode: every row answers, the
 reports are written; with it, the two rows that switch one app's capture on and off in place
-(issue #16). No timing is asserted: numbers on a shared machine say nothing here.
+(issue #16), and the hand-written Serve deployment measured beside ``ours``, segment for segment
+(issue #17). No timing is asserted: numbers on a shared machine say nothing here.
 
 The harness starts and stops its own Ray head on the benchmark's ports (6389/8289/8089/8589/9089),
 not the suite's session head, so the environment it gets names those ports explicitly (the suite's
@@ -20,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-ROWS = ("inprocess", "fastapi", "ours", "ours_capture10_on", "ours_capture10_off")
+ROWS = ("inprocess", "fastapi", "ours", "handwritten_direct", "ours_capture10_on", "ours_capture10_off")
 BENCHMARK_PORTS = {
     "RAY_DEPLOY_GCS_PORT": "6389",
     "RAY_DEPLOY_DASHBOARD_PORT": "8289",
@@ -63,7 +64,21 @@ def test_smoke_run_measures_every_row_and_writes_reports(tmp_path):
     (head,) = results["heads"]
     assert head["state"]["address"] == "127.0.0.1:6389"
     assert results["machine"]["cpu_count"] and results["machine"]["versions"]["ray"]
-    assert {r["name"] for r in results["ratios"]} == {"ours_vs_fastapi", "capture10_in_place"}
+    assert {r["name"] for r in results["ratios"]} == {
+        "ours_vs_fastapi",
+        "capture10_in_place",
+        "ours_vs_handwritten_direct",
+    }
+
+    # The hand-written app is deployed beside ours and measured in the same cycles: the ratio of the
+    # two pairs their segments (not a 2 s point of one with the other's segments, minutes apart).
+    handwritten = rows["handwritten_direct"]
+    assert handwritten["url"] == "http://127.0.0.1:8089/handwritten"
+    assert len(handwritten["answers"]["example"]["predictions"]) == 1  # it answered the one-row request
+    segments = len(rows["ours"]["points"][0]["segments"])
+    assert segments >= 1 and len(handwritten["points"][0]["segments"]) == segments
+    (direct,) = [r for r in results["ratios"] if r["name"] == "ours_vs_handwritten_direct"]
+    assert direct["at"]["1"]["value"] > 0 and direct["at"]["1"]["pairs"] == segments
 
     # One app, its capture switched on and off in place: one replica process answered both rows,
     # each row's segments pair with the other's, and about 10% of the capturing requests are on disk.

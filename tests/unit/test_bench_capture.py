@@ -40,7 +40,14 @@ def test_quick_and_full_measure_both_capture_rows_and_smoke_stays_as_it_was():
         assert ROWS_BY_ID[row_id].group == ROWS_BY_ID["ours"].group == "default"  # the same head as ours
         assert "capture" in ROWS_BY_ID[row_id].description
         assert row_id in groups.INTERLEAVED_ROWS and groups.app_owner(row_id) == row_id  # an app of its own
-    assert groups.app_owner("ours_mlflow") == groups.app_owner("ours_oip") == "ours"
+    assert groups.app_owner("ours_mlflow") == groups.app_owner("ours_oip") == "ours_among"
+    # Their reference is our plain app measured among them; ours itself is measured beside the
+    # hand-written app only, as the rows of other heads are (issue #17): two sets, no row in both.
+    assert "ours_among" in groups.INTERLEAVED_ROWS and groups.OUR_APPS["ours_among"] == groups.OUR_APPS["ours"]
+    assert set(groups.PAIRED_ROWS) == {"ours", "handwritten_direct"}
+    assert not set(groups.PAIRED_ROWS) & set(groups.INTERLEAVED_ROWS)
+    for mode in ("quick", "full"):
+        assert {"ours", "ours_among", "handwritten_direct"} <= set(MODES[mode].rows), mode
 
 
 def test_a_capture_row_is_the_ours_app_plus_capture_into_the_work_dir(tmp_path):
@@ -87,7 +94,7 @@ def _row(row_id: str, *rps: float, rounds: list[list[float]] | None = None) -> d
 
 def test_capture_ratios_the_issue_target_applies_to_the_switched_app_at_c8_only():
     rows = [
-        _row("ours", 1000, 2000, 2100),
+        _row("ours_among", 1000, 2000, 2100),
         _row("ours_capture10", 900, 1920, 1500),
         _row("ours_capture100", 800, 1000, 900),
         _row("ours_capture10_on", 900, 1920, 1500),
@@ -127,7 +134,7 @@ def test_capture_ratio_pairs_rounds_in_the_order_they_ran():
 
 def test_the_report_shows_the_capture_ratios_and_what_was_captured(tmp_path):
     rows = [
-        _row("ours", 1000, 2000, 2100),
+        _row("ours_among", 1000, 2000, 2100),
         _row("ours_capture10", 900, 1920, 1500),
         _row("ours_capture100", 800, 1000, 900),
     ]

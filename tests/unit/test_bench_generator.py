@@ -14,7 +14,7 @@ from benchmarks.measure import WRK_GENERATOR_ENV, load_generator, wrk_point  # n
 
 def test_a_wrk_summary_becomes_a_point():
     summary = {"wrk": 1, "requests": 2000, "duration_us": 2_000_000, "status": 10, "connect": 0, "read": 3}
-    summary.update({"write": 0, "timeout": 2, "p50_us": 1500, "p99_us": 4250})
+    summary.update({"write": 0, "timeout": 2, "p50_us": 1500, "p90_us": 2500, "p99_us": 4250, "max_us": 9100})
     point = wrk_point("Running 2s test\n" + json.dumps(summary) + "\n", concurrency=8)
     assert point == {
         "concurrency": 8,
@@ -26,6 +26,8 @@ def test_a_wrk_summary_becomes_a_point():
         "rps": 995.0,
         "p50_ms": 1.5,
         "p99_ms": 4.25,
+        "p90_ms": 2.5,
+        "max_ms": 9.1,
     }
     with pytest.raises(RuntimeError, match="wrk printed no summary"):
         wrk_point("unable to connect to 127.0.0.1:1 Connection refused\n", concurrency=1)

@@ -60,9 +60,9 @@ def test_ratios_pair_rounds_in_the_order_they_ran():
     # rounds (ours 300, shadow 150) would say the shadow doubles p50; round by round it costs
     # +2.6%, +2.0% and +100%: the median, +2.6%, is what the shadow costs when nothing else interferes.
     rounds = [
-        [_row("ours", 400), _row("handwritten_haproxy", 440), _row("ours_shadow", 390)],
-        [_row("ours", 100), _row("handwritten_haproxy", 110), _row("ours_shadow", 98)],
-        [_row("ours", 300), _row("handwritten_haproxy", 330), _row("ours_shadow", 150)],
+        [_row("ours", 400), _row("ours_among", 400), _row("handwritten_haproxy", 440), _row("ours_shadow", 390)],
+        [_row("ours", 100), _row("ours_among", 100), _row("handwritten_haproxy", 110), _row("ours_shadow", 98)],
+        [_row("ours", 300), _row("ours_among", 300), _row("handwritten_haproxy", 330), _row("ours_shadow", 150)],
     ]
     merged = median_rows(rounds)
     ours = next(row for row in merged if row["id"] == "ours")["points"][0]

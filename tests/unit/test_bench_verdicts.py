@@ -122,28 +122,28 @@ def quick_run(rates: dict[str, float], seed: int) -> dict:
 def test_two_quick_runs_on_a_drifting_machine_agree_on_the_verdict(oip_rate, verdict):
     # 0.96x and 0.80x of the JSON path against a 0.9x target, on a drifting machine: every seed
     # (a run) reaches the same verdict, from the segments of all its rounds.
-    ratios = [quick_run({"ours": 2_860.0, "ours_oip": oip_rate}, seed) for seed in range(8)]
+    ratios = [quick_run({"ours_among": 2_860.0, "ours_oip": oip_rate}, seed) for seed in range(8)]
     assert {ratio["verdict"] for ratio in ratios} == {verdict}
     assert all(ratio["at"]["8"]["pairs"] >= 12 for ratio in ratios)
 
 
 def test_cycles_stop_once_decided_and_go_on_while_too_close_to_call():
-    clear, machine = run_cycles({"ours": 2_860.0, "ours_oip": 1_500.0}, seed=1, min_cycles=4, max_cycles=10)
+    clear, machine = run_cycles({"ours_among": 2_860.0, "ours_oip": 1_500.0}, seed=1, min_cycles=4, max_cycles=10)
     assert {p["cycles"] for row in clear for p in row["points"]} == {4}  # decided at the first check
     assert len(machine.calls) == 8
     # At the target itself nothing can decide: every cycle up to the limit is measured.
-    close, machine = run_cycles({"ours": 2_000.0, "ours_oip": 1_800.0}, seed=1, min_cycles=4, max_cycles=10)
+    close, machine = run_cycles({"ours_among": 2_000.0, "ours_oip": 1_800.0}, seed=1, min_cycles=4, max_cycles=10)
     (ratio,) = [r for r in compute_ratios(close, (8,)) if r["name"] == "oip_path_vs_json"]
     assert ratio["verdict"] == "close" and ratio["at"]["8"]["pairs"] == 10
     assert {p["cycles"] for row in close for p in row["points"]} == {10}
     # Each cycle turns the order, so neither row always goes first.
     firsts = [machine.calls[i][0] for i in range(0, len(machine.calls), 2)]
-    assert set(firsts) == {"ours", "ours_oip"}
+    assert set(firsts) == {"ours_among", "ours_oip"}
 
 
 def test_a_row_that_fails_is_reported_and_the_others_go_on():
     failures = []
-    machine = NoisyMachine({"ours": 2_000.0, "ours_mlflow": 1_900.0}, seed=3)
+    machine = NoisyMachine({"ours_among": 2_000.0, "ours_mlflow": 1_900.0}, seed=3)
 
     def segment(row, level, seconds):
         if row == "ours_mlflow" and len(machine.calls) > 4:
@@ -151,9 +151,9 @@ def test_a_row_that_fails_is_reported_and_the_others_go_on():
         return machine.segment(row, level, seconds)
 
     s = replace(settings_for("quick"), concurrency=(1, 8), warmup_s=0.0, min_cycles=3, max_cycles=3)
-    points = measure_in_cycles(["ours", "ours_mlflow"], s, segment, failed=lambda row, exc: failures.append(row))
+    points = measure_in_cycles(["ours_among", "ours_mlflow"], s, segment, failed=lambda row, exc: failures.append(row))
     assert failures == ["ours_mlflow"]
-    assert [p["concurrency"] for p in points["ours"]] == [1, 8] and points["ours_mlflow"] == []
+    assert [p["concurrency"] for p in points["ours_among"]] == [1, 8] and points["ours_mlflow"] == []
 
 
 def test_a_point_merges_its_segments_and_rounds_keep_them():
