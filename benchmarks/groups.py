@@ -415,9 +415,10 @@ def measure_interleaved_rows(
     specs: list[RowSpec], plan: Plan, http_url: str, *, keep: bool, segment_warmup_s: float = 0.0
 ) -> list[dict[str, Any]]:
     """The ``PAIRED_ROWS`` or the ``INTERLEAVED_ROWS`` of the plan: each app they ask deployed once
-    (the protocol rows ask the ``ours_among`` app; ``handwritten_direct`` is the hand-written app), then every row's points, interleaved level by level (``interleaved``), with a
-    settling wait after each point of a capturing app (``CAPTURE_SETTLE_MARGIN_S``); then what each
-    capturing app captured. A row that fails is recorded with its error; the others go on. The apps
+    (the protocol rows ask the ``ours_among`` app; ``handwritten_direct`` is the hand-written app),
+    then every row's points, interleaved level by level (``interleaved``), each segment after
+    ``segment_warmup_s`` of load, with a settling wait after each point of a capturing app
+    (``CAPTURE_SETTLE_MARGIN_S``); then what each capturing app captured. A row that fails is recorded with its error; the others go on. The apps
     are deleted at the end, unless ``keep``."""
     from ray_deploy import DeploymentSpec, ModelRef, delete_app, deploy
 
@@ -674,8 +675,9 @@ def sample_answers(
 def deploy_handwritten_among(
     plan: Plan, http_url: str, result: dict[str, Any], requests: dict[str, tuple[str, str | bytes, dict[str, str]]]
 ) -> None:
-    """Deploy the hand-written app beside our interleaved apps (``INTERLEAVED_ROWS``): its row's
-    details go into ``result``, its request into ``requests``, a failure into ``result`` alone."""
+    """Deploy the hand-written app beside ``ours`` (``PAIRED_ROWS``), to be measured in the same
+    cycles: its row's details go into ``result``, its request into ``requests``, a failure into
+    ``result`` alone."""
     from benchmarks.handwritten import ROUTE_PREFIX, deploy_handwritten
 
     s = plan.settings
@@ -763,12 +765,10 @@ def run_head_group(group: str, plan: Plan) -> dict[str, Any]:
         head["state"] = head_state()
         with connect() as info:
             head["http_url"] = info.http_url
+            paired = partial(measure_interleaved_rows, http_url=info.http_url, segment_warmup_s=plan.settings.warmup_s)
+            among = partial(measure_interleaved_rows, http_url=info.http_url)
             for index, spec in enumerate(specs):
                 keep = index == len(specs) - 1
-                paired = partial(
-                    measure_interleaved_rows, http_url=info.http_url, segment_warmup_s=plan.settings.warmup_s
-                )
-                among = partial(measure_interleaved_rows, http_url=info.http_url)
                 for kind, measure_together in ((PAIRED_ROWS, paired),
                                                (INTERLEAVED_ROWS, among),
                                                (TOGGLED_ROWS, measure_toggled_rows)):  # fmt: skip

@@ -166,8 +166,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| front / {TITLES[other]} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Per round in brackets; latencies are each round's, their median shown. Replica ports on the front's path refuse requests without the app's secret; "
-        "Serve's HAProxy mode leaves them open (see docs/data-path.md).",
+        "Per round in brackets; latencies are each round's, their median shown. Replica ports on the front's "
+        "path refuse requests without the app's secret; Serve's HAProxy mode leaves them open (see "
+        "docs/data-path.md).",
         "",
     ]
     return "\n".join(lines)
